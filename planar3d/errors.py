@@ -1,0 +1,35 @@
+"""Exceptions raised by planar3d.
+
+Every error about user input names the offending file (or case) and the problem, so a batch job
+can report it and move on to the next case.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class Planar3DError(Exception):
+    """Base class of all errors raised on purpose by planar3d."""
+
+
+class InputError(Planar3DError):
+    """A file or case given by the user cannot be used.
+
+    Args:
+        source: the file path or case id the problem is about.
+        problem: what is wrong, in words a user can act on.
+    """
+
+    def __init__(self, source: str | Path, problem: str):
+        self.source = str(source)
+        self.problem = problem
+        super().__init__(f"{self.source}: {problem}")
+
+
+class WeightsError(InputError):
+    """A weight file is missing, corrupted, fails its hash check or does not fit the model."""
+
+
+class ConfigError(Planar3DError):
+    """A configuration or experiment file has unknown keys or values of the wrong type."""
