@@ -1,0 +1,1 @@
+"""Data sets: manifests, input checks, synthetic phantoms and lesion injection."""
