@@ -71,6 +71,123 @@ def inflate(
 # --- subcommands added by later features go below this line (one import + one function each) ---
 
 
+manifest_app = typer.Typer(help="Build, hash, verify and check data manifests (planar3d-manifest/1).", no_args_is_help=True)
+app.add_typer(manifest_app, name="manifest")
+
+
+def _report_problems(problems: List[str], what: str) -> None:
+    """Print each problem to stderr and exit 1, or print that all is well."""
+    if problems:
+        for problem in problems:
+            typer.echo(problem, err=True)
+        fail(f"{len(problems)} problem(s) found by {what}")
+    typer.echo(f"{what}: no problem found")
+
+
+@manifest_app.command("build")
+def manifest_build(
+    folder: Path = typer.Argument(..., help="Data folder to scan."),
+    out: Path = typer.Option(..., "--out", help="Manifest JSON to write."),
+    layout: str = typer.Option("auto", "--layout", help="auto, msseg (also MSLUB raw), nnunet or bids."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set name (default: the folder's name)."),
+    folds: int = typer.Option(5, "--folds", min=0, help="Number of cross-validation folds (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the stratified fold shuffle."),
+    hash_files: bool = typer.Option(False, "--hash", help="Also record the SHA-256 of every file."),
+) -> None:
+    """Scan FOLDER and write a manifest of its cases with stratified folds."""
+    from planar3d.data.manifest import build_manifest, hash_manifest, save_manifest
+
+    try:
+        manifest = build_manifest(folder, layout, dataset=dataset, num_folds=folds, seed=seed)
+        if hash_files:
+            manifest = hash_manifest(manifest)
+        save_manifest(manifest, out)
+    except (Planar3DError, ValueError) as error:
+        fail(str(error))
+    typer.echo(f"wrote {out}: {len(manifest.cases)} cases, {len(manifest.folds)} folds")
+
+
+@manifest_app.command("hash")
+def manifest_hash(
+    manifest: Path = typer.Argument(..., help="Manifest JSON."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Data folder overriding the manifest's root."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write (default: overwrite MANIFEST)."),
+) -> None:
+    """Record the SHA-256 of every image and label in the manifest."""
+    from planar3d.data.manifest import hash_manifest, load_manifest, save_manifest
+
+    try:
+        hashed = hash_manifest(load_manifest(manifest, root=root))
+        save_manifest(hashed, out or manifest)
+    except Planar3DError as error:
+        fail(str(error))
+    typer.echo(f"wrote {out or manifest}: checksums of {len(hashed.cases)} cases")
+
+
+@manifest_app.command("verify")
+def manifest_verify(
+    manifest: Path = typer.Argument(..., help="Manifest JSON."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Data folder overriding the manifest's root."),
+) -> None:
+    """Check that every file exists and matches its recorded checksum; exit 1 listing problems."""
+    from planar3d.data.manifest import load_manifest, verify_manifest
+
+    try:
+        problems = verify_manifest(load_manifest(manifest, root=root))
+    except Planar3DError as error:
+        fail(str(error))
+    _report_problems(problems, f"verify {manifest}")
+
+
+@manifest_app.command("check")
+def manifest_check(
+    manifest: Path = typer.Argument(..., help="Manifest JSON."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Data folder overriding the manifest's root."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Check only this fold's test cases (0-based)."),
+) -> None:
+    """Read every case (files, checksums, NIfTI, NaN, binary labels, grids); exit 1 listing problems."""
+    from planar3d.data.checks import check_manifest
+    from planar3d.data.manifest import load_manifest
+
+    try:
+        loaded = load_manifest(manifest, root=root)
+        problems = check_manifest(loaded, cases=None if fold is None else loaded.test_cases(fold))
+    except Planar3DError as error:
+        fail(str(error))
+    _report_problems(problems, f"check {manifest}")
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", help="Folder of predicted masks (<image>_mask.nii.gz)."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Folder of reference masks, paired by relative path."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest JSON (instead of --ref)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="With --manifest: data folder overriding its root."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="With --manifest: evaluate this fold's test cases only."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <pred>/evaluation)."),
+    qc: bool = typer.Option(True, "--qc/--no-qc", help="Draw QC pictures into <out>/qc."),
+    min_lesion_size: float = typer.Option(3.0, "--min-lesion-size", help="Lesion-wise metrics ignore components of at most this many mm³."),
+) -> None:
+    """MSSEG-style evaluation: voxel, surface and lesion-wise metrics; exits 1 if any case failed."""
+    if (ref is None) == (manifest is None):
+        fail("give exactly one of --ref and --manifest")
+    if manifest is None and (root is not None or fold is not None):
+        fail("--root and --fold need --manifest")
+    from pipelines.evaluate import evaluate_folder
+
+    try:
+        result = evaluate_folder(
+            pred, ref_dir=ref, manifest=manifest, fold=fold, out_dir=out or pred / "evaluation",
+            root=root, qc=qc, min_lesion_size=min_lesion_size,
+        )
+    except Planar3DError as error:
+        fail(str(error))
+    typer.echo(result.markdown_summary())
+    typer.echo(f"wrote {result.out_dir / 'report.md'}")
+    if result.failed:
+        fail(f"{len(result.failed)} of {len(result.cases)} cases failed (see above and {result.out_dir / 'summary.json'})")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``planar3d`` console script."""
     app(args=argv, prog_name="planar3d")

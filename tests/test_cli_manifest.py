@@ -1,0 +1,90 @@
+"""Tests of the ``planar3d manifest`` subcommands through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from typer.testing import CliRunner
+
+from planar3d.cli import app
+from planar3d.data.manifest import load_manifest
+from planar3d.io import sha256_file
+
+runner = CliRunner()
+
+
+def _nifti(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.full((2, 3, 4), value, np.uint8), np.eye(4)), path)
+
+
+def _msseg(folder: Path) -> Path:
+    for case_id in ("01016SACH", "01038PAGU", "07001MOEL", "07003SATH"):
+        _nifti(folder / case_id / "3DFLAIR.nii.gz", 7)
+        _nifti(folder / case_id / "Consensus.nii.gz", 1)
+    return folder
+
+
+def test_build_hash_verify_check(tmp_path):
+    data = _msseg(tmp_path / "data")
+    out = tmp_path / "m.json"
+    result = runner.invoke(app, ["manifest", "build", str(data), "--out", str(out), "--folds", "2", "--dataset", "toy"])
+    assert result.exit_code == 0, result.output
+    assert "4 cases, 2 folds" in result.output
+    manifest = load_manifest(out)
+    assert manifest.dataset == "toy"
+    assert manifest.case("01016SACH").sha256 == {"image": None, "label": None}
+
+    hashed = tmp_path / "hashed.json"
+    result = runner.invoke(app, ["manifest", "hash", str(out), "--out", str(hashed)])
+    assert result.exit_code == 0, result.output
+    image = data / "07001MOEL" / "3DFLAIR.nii.gz"
+    assert load_manifest(hashed).case("07001MOEL").sha256["image"] == sha256_file(image)
+
+    assert runner.invoke(app, ["manifest", "verify", str(hashed)]).exit_code == 0
+    result = runner.invoke(app, ["manifest", "check", str(hashed), "--fold", "1"])
+    assert result.exit_code == 0, result.output
+
+    _nifti(image, 8)
+    _nifti(data / "01016SACH" / "Consensus.nii.gz", 2)
+    result = runner.invoke(app, ["manifest", "verify", str(hashed)])
+    assert result.exit_code == 1
+    assert "case 07001MOEL: image" in result.output and "sha256 mismatch" in result.output
+    result = runner.invoke(app, ["manifest", "check", str(hashed)])
+    assert result.exit_code == 1
+    assert "not binary (values found: 2)" in result.output
+    assert "3 problem(s)" in result.output
+
+
+def test_build_with_hash_and_root_override(tmp_path):
+    data = _msseg(tmp_path / "data")
+    out = tmp_path / "m.json"
+    result = runner.invoke(app, ["manifest", "build", str(data), "--out", str(out), "--folds", "2", "--hash", "--layout", "msseg"])
+    assert result.exit_code == 0, result.output
+    assert all(case.sha256["label"] for case in load_manifest(out).cases)
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    assert runner.invoke(app, ["manifest", "verify", str(out)]).exit_code == 1
+    result = runner.invoke(app, ["manifest", "verify", str(out), "--root", str(moved)])
+    assert result.exit_code == 0, result.output
+
+
+def test_errors_are_one_line(tmp_path):
+    result = runner.invoke(app, ["manifest", "build", str(tmp_path), "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 1
+    assert "no case found" in result.output and "Traceback" not in result.output
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "other"}))
+    for command in ("verify", "check", "hash"):
+        result = runner.invoke(app, ["manifest", command, str(bad)])
+        assert result.exit_code == 1
+        assert "bad.json: the manifest is missing key(s)" in result.output
+    data = _msseg(tmp_path / "data")
+    out = tmp_path / "m.json"
+    assert runner.invoke(app, ["manifest", "build", str(data), "--out", str(out), "--folds", "2"]).exit_code == 0
+    result = runner.invoke(app, ["manifest", "check", str(out), "--fold", "7"])
+    assert result.exit_code == 1
+    assert "fold 7 does not exist" in result.output
