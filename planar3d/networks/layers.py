@@ -1,0 +1,56 @@
+"""Axis-aware 3D layer helpers: kernels, dilations and pools expressed relative to the plane axis."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from torch import nn
+
+Triple = Tuple[int, int, int]
+
+
+def along_plane(plane_value: int, in_plane_value: int, plane_axis: int) -> Triple:
+    """A 3-tuple holding ``plane_value`` at ``plane_axis`` and ``in_plane_value`` elsewhere.
+
+    Example:
+        >>> along_plane(1, 3, plane_axis=2)
+        (3, 3, 1)
+    """
+    values = [in_plane_value] * 3
+    values[plane_axis] = plane_value
+    return tuple(values)  # type: ignore[return-value]
+
+
+def same_padding(kernel: Triple, dilation: Triple = (1, 1, 1)) -> Triple:
+    """Symmetric padding that keeps the size for odd kernels."""
+    for k in kernel:
+        if k % 2 == 0:
+            raise ValueError(f"symmetric 'same' padding needs odd kernel sizes, got {kernel}")
+    return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))  # type: ignore[return-value]
+
+
+def conv3d(in_channels: int, out_channels: int, kernel: Triple, dilation: Triple = (1, 1, 1)) -> nn.Conv3d:
+    """A stride-1 conv3d that keeps the spatial size ("same" padding, odd or even kernels)."""
+    if all(k % 2 == 1 for k in kernel):
+        return nn.Conv3d(in_channels, out_channels, kernel, padding=same_padding(kernel, dilation), dilation=dilation)
+    return nn.Conv3d(in_channels, out_channels, kernel, padding="same", dilation=dilation)
+
+
+def activation(name: str) -> nn.Module:
+    """``"relu"`` or ``"elu"`` (the authors' batch-norm variants use ELU)."""
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "elu":
+        return nn.ELU(inplace=True)
+    raise ValueError(f"activation must be 'relu' or 'elu', got {name!r}")
+
+
+def normalization(name: str | None, channels: int) -> nn.Module:
+    """``None`` (as published), ``"batch"`` or ``"instance"`` normalisation."""
+    if name is None or name == "none":
+        return nn.Identity()
+    if name == "batch":
+        return nn.BatchNorm3d(channels)
+    if name == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    raise ValueError(f"norm must be None, 'batch' or 'instance', got {name!r}")
