@@ -45,3 +45,34 @@ def load_checkpoint(path: str | Path, expected_format: Optional[str] = None) -> 
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise WeightsError(path, f"not a {expected_format} checkpoint (found {found!r})")
     return checkpoint
+
+
+MODEL_FORMAT = "planar3d-model/1"
+"""A trained model checkpoint. Keys:
+
+- ``format``: this string; ``state_dict``: the network's weights;
+- ``network``: :class:`planar3d.networks.PlanarResUNetConfig` as a dict;
+- ``normalization``: :class:`planar3d.preprocess.NormalizationConfig` as a dict;
+- ``orientation``: axis codes the network saw (``"RAS"``: see :class:`planar3d.preprocess.Reorientation`);
+- ``threshold``: probability threshold chosen on validation;
+- ``inference``: ``{"roi_size": [x, y, z] or None (whole volume), "overlap": float}``;
+- ``training``: the training config, ``epoch``, ``metrics``, ``encoder_source``,
+  ``manifest_sha256``, ``seed``, ``versions`` (package versions).
+"""
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """Build the network stored in a ``planar3d-model/1`` checkpoint and load its weights.
+
+    Returns:
+        ``(model in eval mode on device, checkpoint dict)``.
+    """
+    from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
+
+    checkpoint = load_checkpoint(path, expected_format=MODEL_FORMAT)
+    try:
+        model = PlanarResUNet(PlanarResUNetConfig.from_dict(checkpoint["network"]))
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise WeightsError(path, f"checkpoint does not describe a loadable network ({error})") from None
+    return model.to(device).eval(), checkpoint
