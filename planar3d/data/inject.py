@@ -153,7 +153,8 @@ def inject_lesions(
     target = np.float32(level) * (1 + texture)
     ratio = np.maximum(target / np.maximum(local, np.float32(1e-3 * max(level, 1e-6))), 1.0)
     factor = 1 + soft * (ratio - 1)
-    out[box] = np.where(region, host[box] * factor, host[box])
+    # Negative host values (interpolation undershoot in processed scans) are left as they are.
+    out[box] = np.where(region & (host[box] > 0), host[box] * factor, host[box])
     return out, label
 
 

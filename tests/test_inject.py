@@ -1,0 +1,119 @@
+"""Tests of planar3d.data.inject."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from planar3d.data.inject import head_mask, inject_lesions, lesion_masks_from_folder, white_matter_level
+from planar3d.data.phantom import make_phantom_parts
+from planar3d.errors import InputError
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mslub_mni"
+
+
+@pytest.fixture(scope="module")
+def host():
+    p = make_phantom_parts(np.random.default_rng(11), size="small", lesion_load=0.002)
+    rng = np.random.default_rng(0)
+    masks = []
+    for center in [(30, 28, 26), (36, 36, 22)]:
+        m = np.zeros(p.flair.shape, np.uint8)
+        m[tuple(slice(c - 2, c + 2) for c in center)] = 1
+        masks.append(m)
+    return p, masks
+
+
+def test_label_is_union_and_outside_unchanged(host):
+    p, masks = host
+    flair, label = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(1), host_label=p.lesions)
+    union = (masks[0] | masks[1] | p.lesions).astype(np.uint8)
+    np.testing.assert_array_equal(label, union)
+    assert label.dtype == np.uint8
+    injected = (masks[0] | masks[1]) > 0
+    np.testing.assert_array_equal(flair[~injected], p.flair[~injected])
+    assert np.all(flair[injected] >= p.flair[injected])
+    assert flair[injected].mean() > 1.2 * p.flair[injected].mean()
+
+
+def test_auto_intensity_from_white_matter(host):
+    p, masks = host
+    flair, label = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(2))
+    wm, _ = white_matter_level(p.flair)
+    assert abs(wm - p.info["wm_level"]) < 0.15 * p.info["wm_level"]
+    core = np.zeros_like(label, bool)
+    core[29:31, 27:29, 25:27] = True
+    assert 1.2 * wm < flair[core].mean() < 2.0 * wm
+    np.testing.assert_array_equal(flair[label == 0], p.flair[label == 0])
+
+
+def test_deterministic_per_seed(host):
+    p, masks = host
+    a = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(3))
+    b = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(3))
+    c = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(4))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_background_never_gets_lesions(host):
+    p, _ = host
+    mask = np.zeros(p.flair.shape, np.uint8)
+    mask[:3, :3, :3] = 1  # air corner
+    flair, label = inject_lesions(p.flair, p.affine, [mask], np.random.default_rng(0))
+    assert label.sum() == 0
+    np.testing.assert_array_equal(flair, p.flair)
+    assert not head_mask(p.flair)[:3, :3, :3].any()
+
+
+def test_shape_mismatch_raises(host):
+    p, _ = host
+    with pytest.raises(ValueError, match="shape"):
+        inject_lesions(p.flair, p.affine, [np.zeros((3, 3, 3))], np.random.default_rng(0))
+
+
+def test_masks_from_folder_resamples_through_affines(tmp_path, host):
+    p, masks = host
+    ras_affine = np.diag([3.3, 3.3, 3.3, 1.0])
+    ras_affine[:3, 3] = -50
+    nib.save(nib.Nifti1Image(masks[0], ras_affine), tmp_path / "a_lesions.nii.gz")
+    # host on the same world grid but stored LAS (first axis flipped)
+    flip = np.diag([-1.0, 1, 1, 1])
+    flip[0, 3] = masks[0].shape[0] - 1
+    las_affine = ras_affine @ flip
+    host_img = nib.Nifti1Image(p.flair[::-1].copy(), las_affine)
+    (loaded,) = lesion_masks_from_folder(tmp_path, host_img)
+    np.testing.assert_array_equal(loaded, masks[0][::-1])
+    same = lesion_masks_from_folder(tmp_path, nib.Nifti1Image(p.flair, ras_affine))[0]
+    np.testing.assert_array_equal(same, masks[0])
+
+
+def test_masks_from_folder_errors(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    with pytest.raises(InputError, match="does not exist"):
+        lesion_masks_from_folder(tmp_path / "nope", img)
+    with pytest.raises(InputError, match="no .nii"):
+        lesion_masks_from_folder(tmp_path, img)
+    (tmp_path / "bad.nii.gz").write_bytes(b"not nifti")
+    with pytest.raises(InputError, match="bad.nii.gz"):
+        lesion_masks_from_folder(tmp_path, img)
+
+
+@pytest.mark.skipif(not (DATA / "patient26_flair.nii.gz").exists(), reason="shared MSLUB data absent")
+def test_real_mslub_masks_into_patient26():
+    host_img = nib.load(str(DATA / "patient26_flair.nii.gz"))
+    flair = np.asarray(host_img.dataobj, dtype=np.float32)
+    own = np.asarray(nib.load(str(DATA / "patient26_lesions.nii.gz")).dataobj) > 0
+    folder = DATA / "lesion_masks"
+    names = sorted(p.name for p in folder.glob("*.nii.gz"))[:2]
+    masks = [np.asarray(nib.load(str(folder / n)).dataobj) > 0 for n in names]
+    out, label = inject_lesions(flair, host_img.affine, masks, np.random.default_rng(0), host_label=own)
+    brain = head_mask(flair)
+    placed = (masks[0] | masks[1]) & brain
+    np.testing.assert_array_equal(label > 0, placed | own)
+    np.testing.assert_array_equal(out[~placed], flair[~placed])
+    assert np.all(out[placed] >= flair[placed])
+    new = placed & ~own
+    assert out[new].mean() > flair[new].mean() * 1.1
