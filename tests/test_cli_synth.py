@@ -1,0 +1,88 @@
+"""Tests of `planar3d synth` and planar3d.data.synth."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from typer.testing import CliRunner
+
+from planar3d.cli import app
+from planar3d.data.phantom import make_phantom_parts
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, ["synth", *map(str, args)])
+
+
+def test_synth_writes_manifest_files_and_is_byte_deterministic(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    result = _run("--out", a, "--cases", 4, "--seed", 3)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(a / "manifest.json")
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert manifest["format"] == "planar3d-manifest/1"
+    assert manifest["dataset"] == "synthetic" and manifest["root"] == "."
+    assert manifest["description"].startswith("planar3d synth seed=3")
+    assert [e["id"] for e in manifest["cases"]] == ["case_000", "case_001", "case_002", "case_003"]
+    assert [e["group"] for e in manifest["cases"]] == ["3d-RAS", "thick-RAS", "3d-LPS", "thick-LPS"]
+    assert manifest["folds"] == [["case_000"], ["case_001"], ["case_002"], ["case_003"]]
+    for entry in manifest["cases"]:
+        for key in ("image", "label"):
+            data = (a / entry[key]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"][key]
+        image, label = nib.load(str(a / entry["image"])), nib.load(str(a / entry["label"]))
+        axcodes = "".join(nib.aff2axcodes(image.affine))
+        assert entry["group"].endswith(axcodes)
+        assert image.header["qform_code"] == 1 and image.header["sform_code"] == 1
+        assert label.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(image.affine, label.affine)
+        assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
+    assert not list(a.rglob(".*tmp"))
+    assert _run("--out", b, "--cases", 4, "--seed", 3).exit_code == 0
+    assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
+    assert _run("--out", c, "--cases", 4, "--seed", 4).exit_code == 0
+    other = json.loads((c / "manifest.json").read_text())
+    assert other["cases"][0]["sha256"] != manifest["cases"][0]["sha256"]
+
+
+def test_synth_folds_round_robin_five(tmp_path):
+    result = _run("--out", tmp_path, "--cases", 7, "--seed", 0, "--geometry", "3d", "--orientation", "LAS")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["folds"] == [["case_000", "case_005"], ["case_001", "case_006"], ["case_002"], ["case_003"], ["case_004"]]
+    assert {e["group"] for e in manifest["cases"]} == {"3d-LAS"}
+
+
+def test_synth_with_host_injects_mask_subsets(tmp_path):
+    p = make_phantom_parts(np.random.default_rng(5), size="small", orientation="LAS", lesion_load=0.002)
+    host, label = tmp_path / "host.nii.gz", tmp_path / "host_lesions.nii.gz"
+    nib.save(nib.Nifti1Image(p.flair, p.affine), host)
+    nib.save(nib.Nifti1Image(p.lesions, p.affine), label)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for n, center in enumerate([(30, 28, 26), (36, 36, 22), (26, 36, 30)]):
+        m = np.zeros(p.flair.shape, np.uint8)
+        m[tuple(slice(c - 2, c + 2) for c in center)] = 1
+        nib.save(nib.Nifti1Image(m, p.affine), masks / f"p{n}_lesions.nii.gz")
+    out = tmp_path / "out"
+    result = _run("--out", out, "--cases", 3, "--seed", 1, "--host", host, "--host-label", label, "--lesion-masks", masks)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["cases"]:
+        assert entry["group"] == "host-LAS"
+        lab = np.asarray(nib.load(str(out / entry["label"])).dataobj)
+        assert np.all(lab[p.lesions > 0] == 1) and lab.sum() > p.lesions.sum()
+        img = np.asarray(nib.load(str(out / entry["image"])).dataobj)
+        np.testing.assert_array_equal(img[lab == 0], p.flair[lab == 0])
+
+
+def test_synth_errors_exit_1_with_message(tmp_path):
+    result = _run("--out", tmp_path, "--cases", 2, "--geometry", "2d")
+    assert result.exit_code == 1
+    assert "geometries" in result.output and str(tmp_path) in result.output
+    result = _run("--out", tmp_path, "--cases", 2, "--host", tmp_path / "missing.nii.gz", "--lesion-masks", tmp_path)
+    assert result.exit_code == 1 and "missing.nii.gz" in result.output
