@@ -183,6 +183,7 @@ class PlanarResUNet(nn.Module):
             parameter.requires_grad_(not frozen)
 
     @property
+    @torch.jit.unused
     def encoder_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.encoder.parameters())
 
@@ -194,10 +195,10 @@ class PlanarResUNet(nn.Module):
         size = x.shape[2:]
         pad: List[int] = []
         for axis in (2, 1, 0):  # F.pad lists the last axis first
-            missing = (-int(size[axis])) % self._multiple[axis]
-            pad += [0, missing]
-        padded = F.pad(x, pad) if any(pad) else x
-        skips, x = self.encoder(padded)
+            # Sizes stay symbolic (no int()) so torch.export keeps them dynamic; zero padding
+            # is one copy of the 1-channel input, negligible next to the first conv.
+            pad += [0, (-size[axis]) % self._multiple[axis]]
+        skips, x = self.encoder(F.pad(x, pad))
         x = torch.cat([x, self.bottleneck(x)], dim=1)
         for level, decoder_level in enumerate(self.decoder):
             x = decoder_level(x, skips[len(skips) - 1 - level])
