@@ -72,6 +72,51 @@ def inflate(
 
 
 @app.command()
+def predict(
+    inputs: Path = typer.Option(..., "-i", "--input", help="Folder (searched recursively), one .nii/.nii.gz file, or a manifest JSON."),
+    out: Path = typer.Option(..., "-o", "--output", help="Output folder; masks mirror the inputs' relative paths (<name>_mask.nii.gz)."),
+    model: Path = typer.Option(..., "--model", help="planar3d-model/1 checkpoint, or a run folder (best.pt, else last.pt)."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="With a manifest: this fold's test cases only (0-based)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="With a manifest: data folder overriding its root."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Probability threshold (default: the checkpoint's)."),
+    min_lesion_size: float = typer.Option(3.0, "--min-lesion-size", help="Remove 6-connected components of at most this many mm³ (0: keep all)."),
+    tta: bool = typer.Option(False, "--tta", help="Average with flips of the two in-plane axes (3x the time)."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write <name>_prob.nii.gz (float32)."),
+    overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap (default: the checkpoint's)."),
+    roi_size: Optional[str] = typer.Option(None, "--roi-size", help="Window 'x,y,z' (-1: whole axis; default: the checkpoint's, else 16-plane slabs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo scans whose outputs exist (default: skip them)."),
+    num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the sorted scans into this many parts..."),
+    part_id: int = typer.Option(0, "--part-id", min=0, help="...and predict only part I (scan i goes to part i % N)."),
+    qc: bool = typer.Option(False, "--qc", help="Also write a <name>_qc.png overlay next to each mask."),
+) -> None:
+    """Segment lesions in raw FLAIR scans; exits 1 if any scan failed (see predictions.json)."""
+    if device not in ("cpu", "cuda"):
+        fail(f"--device must be cpu or cuda, got {device!r}")
+    if part_id >= num_parts:
+        fail(f"--part-id must be below --num-parts ({num_parts}), got {part_id}")
+    roi: Optional[List[int]] = None
+    if roi_size is not None:
+        try:
+            roi = [int(v) for v in roi_size.split(",")]
+        except ValueError:
+            fail(f"--roi-size must be three integers like '-1,-1,16', got {roi_size!r}")
+    from pipelines.predict import predict_folder
+
+    try:
+        summary = predict_folder(
+            inputs, out, model, fold=fold, root=root, device=device, threshold=threshold,
+            min_lesion_size=min_lesion_size, tta=tta, save_probabilities=save_probabilities, overlap=overlap,
+            roi_size=roi, overwrite=overwrite, num_parts=num_parts, part_id=part_id, qc=qc,
+        )
+    except (Planar3DError, ValueError) as error:
+        fail(str(error))
+    typer.echo(summary.text())
+    if summary.failed:
+        fail(f"{len(summary.failed)} of {len(summary.results)} scans failed: " + ", ".join(r.input for r in summary.failed))
+
+
+@app.command()
 def synth(
     out: Path = typer.Option(..., "--out", help="Output folder (images/, labels/, manifest.json)."),
     cases: int = typer.Option(..., "--cases", min=1, help="Number of cases."),

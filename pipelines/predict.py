@@ -1,0 +1,618 @@
+"""Predict lesion masks for a folder, a file or a manifest fold with a trained planar res-u-net.
+
+Each scan goes through the steps training used, recorded in the ``planar3d-model/1`` checkpoint:
+
+1. **load**: :func:`planar3d.io.read_volume` (missing, truncated, 4D, NaN files are refused);
+2. **preprocess**: exact RAS reorientation (:class:`planar3d.preprocess.Reorientation`) and
+   head-percentile intensity normalisation with the checkpoint's parameters;
+3. **model**: :func:`planar3d.inference.predict_probabilities` with the checkpoint's window size
+   and overlap (``roi_size``/``overlap`` override them; a checkpoint without a window size gets
+   slabs of :data:`DEFAULT_SLAB_PLANES` whole planes along the network's plane axis, which keeps
+   memory bounded on any scan), optional flip TTA over the two in-plane axes;
+4. **postprocess**: threshold (the checkpoint's, or ``threshold``), then removal of 6-connected
+   components of volume ≤ ``min_lesion_size`` mm³ (the MSSEG rule of
+   :func:`planar3d.metrics.lesion.label_lesions`, so evaluation counts exactly the lesions kept);
+5. **write**: back to the scan's own voxel order and written with :func:`planar3d.io.write_like`:
+   the mask has the input's shape, affine, qform/sform and codes, voxel for voxel (uint8, 0/1).
+
+Outputs mirror the inputs' relative paths (:func:`planar3d.naming.output_path`):
+``OUT/sub-01/flair_mask.nii.gz``, ``_prob.nii.gz`` (float32) with ``save_probabilities``,
+``_qc.png`` with ``qc``. Every file is written atomically, so an existing output is complete: it
+is skipped unless ``overwrite``. ``num_parts``/``part_id`` shard the sorted scan list (scan ``i``
+goes to part ``i % num_parts``) for several processes or machines.
+
+Reading the next scan and writing the previous one run in background threads while the model
+runs on the current one (at most one scan ahead, so memory stays bounded). A scan that fails is
+recorded with its path and reason and the others go on; ``predictions.json`` (or
+``predictions_part<I>of<N>.json`` when sharded) lists every scan's input, output, status,
+seconds, per-step timings and error.
+
+Example:
+    >>> summary = predict_folder("scans/", "preds/", "runs/fold0")   # doctest: +SKIP
+    >>> print(summary.text())                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from planar3d.errors import InputError, Planar3DError, WeightsError
+from planar3d.io import atomic_save_json, read_volume, voxel_spacing, write_like
+from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3
+from planar3d.naming import MASK_SUFFIX, PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
+from planar3d.preprocess import NormalizationConfig, Reorientation, normalize_intensity
+
+#: Slab thickness (planes along the network's plane axis) used when the checkpoint gives no window.
+DEFAULT_SLAB_PLANES = 16
+#: Window overlap used when the checkpoint gives none.
+DEFAULT_OVERLAP = 0.25
+QC_SUFFIX = "_qc"
+STEPS = ("load", "preprocess", "model", "postprocess", "write")
+#: Per-scan errors a batch records and goes past (anything else is a bug and propagates).
+SCAN_ERRORS = (Planar3DError, ValueError, OSError, RuntimeError, MemoryError)
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Everything :func:`predict_scan` needs besides the model, from a checkpoint and overrides.
+
+    Attributes:
+        normalization: intensity scaling parameters (as in training).
+        plane_axis: the network's plane axis (in RAS array order).
+        in_channels: input channels of the network (3: the grey volume repeated).
+        threshold: probability threshold.
+        roi_size: window per axis (-1 = whole axis).
+        overlap: window overlap fraction.
+        flip_axes: axes flipped for TTA (empty: no TTA).
+        min_lesion_size: components of at most this volume (mm³) are removed.
+        sw_batch_size: windows per forward pass.
+        device: torch device string.
+    """
+
+    normalization: NormalizationConfig = NormalizationConfig()
+    plane_axis: int = 2
+    in_channels: int = 1
+    threshold: float = 0.5
+    roi_size: Tuple[int, int, int] = (-1, -1, DEFAULT_SLAB_PLANES)
+    overlap: float = DEFAULT_OVERLAP
+    flip_axes: Tuple[int, ...] = ()
+    min_lesion_size: float = MIN_LESION_SIZE_MM3
+    sw_batch_size: int = 1
+    device: str = "cpu"
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: Dict[str, Any],
+        threshold: Optional[float] = None,
+        roi_size: Optional[Sequence[int]] = None,
+        overlap: Optional[float] = None,
+        tta: bool = False,
+        min_lesion_size: float = MIN_LESION_SIZE_MM3,
+        sw_batch_size: int = 1,
+        device: str = "cpu",
+    ) -> "InferenceSettings":
+        """Settings of a ``planar3d-model/1`` checkpoint dict; arguments not None override it.
+
+        Raises:
+            ValueError: a value out of range (threshold outside (0, 1), roi_size not 3 values...).
+        """
+        network = checkpoint.get("network") or {}
+        plane_axis = int(network.get("plane_axis", 2))
+        inference = checkpoint.get("inference") or {}
+        if roi_size is None:
+            roi_size = inference.get("roi_size")
+        if roi_size is None:
+            roi_size = tuple(DEFAULT_SLAB_PLANES if axis == plane_axis else -1 for axis in range(3))
+        roi_size = tuple(int(r) for r in roi_size)
+        if len(roi_size) != 3 or any(r == 0 or r < -1 for r in roi_size):
+            raise ValueError(f"roi_size must be 3 positive sizes or -1 (whole axis), got {roi_size}")
+        if overlap is None:
+            overlap = inference.get("overlap", DEFAULT_OVERLAP)
+        if not 0.0 <= float(overlap) < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if threshold is None:
+            threshold = checkpoint.get("threshold", 0.5)
+        if not 0.0 < float(threshold) < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        if min_lesion_size < 0:
+            raise ValueError(f"min_lesion_size must be >= 0 mm³, got {min_lesion_size}")
+        return cls(
+            normalization=NormalizationConfig.from_dict(checkpoint.get("normalization") or {}),
+            plane_axis=plane_axis,
+            in_channels=int(network.get("in_channels", 1)),
+            threshold=float(threshold),
+            roi_size=roi_size,  # type: ignore[arg-type]
+            overlap=float(overlap),
+            flip_axes=tuple(axis for axis in range(3) if axis != plane_axis) if tta else (),
+            min_lesion_size=float(min_lesion_size),
+            sw_batch_size=int(sw_batch_size),
+            device=str(device),
+        )
+
+
+def resolve_checkpoint(model_path: str | os.PathLike) -> Path:
+    """A checkpoint file, or ``RUN/best.pt`` (else ``RUN/last.pt``) of a run folder.
+
+    Raises:
+        WeightsError: nothing usable at ``model_path``.
+    """
+    path = Path(model_path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise WeightsError(path, "run folder has neither best.pt nor last.pt")
+    if not path.is_file():
+        raise WeightsError(path, "no such checkpoint file or run folder")
+    return path
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanInput:
+    """One scan to predict: its file and its path relative to the input root (for the outputs)."""
+
+    path: Path
+    relative: PurePosixPath
+
+
+def find_inputs(
+    inputs: str | os.PathLike,
+    fold: Optional[int] = None,
+    root: Optional[str | os.PathLike] = None,
+    exclude: Optional[str | os.PathLike] = None,
+) -> List[ScanInput]:
+    """The scans of a folder (recursive, sorted), a single NIfTI file, or a manifest JSON.
+
+    Args:
+        inputs: folder, ``.nii``/``.nii.gz`` file, or ``planar3d-manifest/1`` JSON.
+        fold: with a manifest, only that fold's test cases (0-based); else all cases.
+        root: with a manifest, the data folder overriding its root.
+        exclude: a folder whose files are never inputs (the output folder, if inside ``inputs``).
+
+    Raises:
+        InputError: missing input, no scans found, ``fold``/``root`` without a manifest.
+    """
+    path = Path(inputs)
+    is_manifest = path.is_file() and path.name.lower().endswith(".json")
+    if (fold is not None or root is not None) and not is_manifest:
+        raise InputError(path, "--fold and --root need a manifest JSON as input")
+    if is_manifest:
+        from planar3d.data.manifest import load_manifest
+
+        manifest = load_manifest(path, root=root)
+        cases = manifest.cases if fold is None else manifest.test_cases(fold)
+        found = [ScanInput(case.image, PurePosixPath(case.image.relative_to(manifest.root).as_posix())) for case in cases]
+    elif path.is_dir():
+        skip = Path(exclude).resolve() if exclude is not None else None
+        found = []
+        for file in path.rglob("*"):
+            if not is_nifti(file) or file.name.startswith(".") or not file.is_file():
+                continue
+            if skip is not None and skip in file.resolve().parents:
+                continue
+            found.append(ScanInput(file, PurePosixPath(file.relative_to(path).as_posix())))
+    elif path.is_file():
+        if not is_nifti(path):
+            raise InputError(path, "not a NIfTI file (.nii or .nii.gz), a folder or a manifest JSON")
+        found = [ScanInput(path, PurePosixPath(path.name))]
+    else:
+        raise InputError(path, "no such file or folder")
+    if not found:
+        raise InputError(path, "no scans found (.nii or .nii.gz)")
+    return sorted(found, key=lambda scan: str(scan.relative))
+
+
+def shard(items: Sequence[Any], num_parts: int = 1, part_id: int = 0) -> List[Any]:
+    """Items ``part_id, part_id + num_parts, ...``: the parts partition the list."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"need num_parts >= 1 and 0 <= part_id < num_parts, got {num_parts}, {part_id}")
+    return list(items[part_id::num_parts])
+
+
+# --- one scan, step by step -------------------------------------------------------------------
+
+
+def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_size: float) -> np.ndarray:
+    """Drop the 6-connected components of ``mask`` of volume ≤ ``min_size`` mm³ (MSSEG rule).
+
+    Example:
+        >>> m = np.zeros((5, 5, 5), bool); m[0, 0, :3] = True; m[3, 3, 3] = True
+        >>> int(remove_small_components(m, (1, 1, 1), 2.0).sum())
+        3
+    """
+    mask = np.asarray(mask).astype(bool, copy=False)
+    if min_size <= 0 or not mask.any():
+        return mask.copy()
+    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 1))
+    volumes = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(np.asarray(spacing, dtype=float)))
+    keep = volumes > min_size
+    keep[0] = False
+    return keep[labels]
+
+
+@dataclass
+class PreparedScan:
+    """A scan read and preprocessed (RAS order), waiting for the model."""
+
+    scan: ScanInput
+    image: Any  # nibabel.Nifti1Image, the geometry to write on
+    reorientation: Reorientation
+    volume: np.ndarray  # normalised, RAS order
+    raw_ras: Optional[np.ndarray]  # raw intensities in RAS order (for QC), else None
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def prepare_scan(scan: ScanInput, settings: InferenceSettings, keep_raw: bool = False) -> PreparedScan:
+    """Steps 1-2: read with input checks, reorient to RAS, normalise.
+
+    Raises:
+        InputError: the file cannot be used (unreadable, truncated, not 3D, NaN, constant).
+    """
+    start = time.perf_counter()
+    data, image = read_volume(scan.path)
+    loaded = time.perf_counter()
+    reorientation = Reorientation.of_image(image)
+    ras = reorientation.forward(data)
+    try:
+        volume = normalize_intensity(ras, settings.normalization)
+    except ValueError as error:
+        raise InputError(scan.path, str(error)) from None
+    done = time.perf_counter()
+    return PreparedScan(
+        scan, image, reorientation, volume, ras if keep_raw else None,
+        {"load": loaded - start, "preprocess": done - loaded},
+    )
+
+
+def run_model(model: Any, prepared: PreparedScan, settings: InferenceSettings) -> np.ndarray:
+    """Step 3: lesion probabilities in RAS order (the prepared volume is released)."""
+    from planar3d.inference import predict_probabilities
+
+    start = time.perf_counter()
+    probability = predict_probabilities(
+        model, prepared.volume, roi_size=settings.roi_size, overlap=settings.overlap,
+        sw_batch_size=settings.sw_batch_size, device=settings.device, flip_axes=settings.flip_axes,
+        in_channels=settings.in_channels,
+    )
+    prepared.volume = None  # type: ignore[assignment]
+    prepared.timings["model"] = time.perf_counter() - start
+    return probability
+
+
+@dataclass
+class OutputPaths:
+    """Files written for one scan (``probability``/``qc`` None when not asked for)."""
+
+    mask: Path
+    probability: Optional[Path] = None
+    qc: Optional[Path] = None
+
+    @classmethod
+    def of(cls, out_dir: Path, relative: PurePath, probability: bool = False, qc: bool = False) -> "OutputPaths":
+        stem = strip_nifti_extension(relative)
+        return cls(
+            out_dir / output_path(relative, MASK_SUFFIX),
+            out_dir / output_path(relative, PROBABILITY_SUFFIX) if probability else None,
+            out_dir / stem.with_name(stem.name + QC_SUFFIX + ".png") if qc else None,
+        )
+
+    def all(self) -> List[Path]:
+        return [p for p in (self.mask, self.probability, self.qc) if p is not None]
+
+    def exist(self) -> bool:
+        return all(p.is_file() for p in self.all())
+
+
+def finish_scan(
+    prepared: PreparedScan, probability: np.ndarray, outputs: OutputPaths, settings: InferenceSettings
+) -> Dict[str, Any]:
+    """Steps 4-5: threshold, remove small components, write in the scan's own grid.
+
+    Returns:
+        ``{"lesions": number kept, "lesion_volume_mm3": total}``.
+    """
+    start = time.perf_counter()
+    spacing = voxel_spacing(prepared.image)
+    mask_ras = remove_small_components(probability > settings.threshold, spacing, settings.min_lesion_size)
+    mask = prepared.reorientation.inverse(mask_ras)
+    lesions = int(ndimage.label(mask_ras, structure=ndimage.generate_binary_structure(3, 1))[1]) if mask_ras.any() else 0
+    postprocessed = time.perf_counter()
+    outputs.mask.parent.mkdir(parents=True, exist_ok=True)
+    write_like(mask.astype(np.uint8), prepared.image, outputs.mask, np.uint8)
+    if outputs.probability is not None:
+        write_like(prepared.reorientation.inverse(probability).astype(np.float32), prepared.image, outputs.probability, np.float32)
+    if outputs.qc is not None:
+        from planar3d.qc import save_overlay_png
+
+        raw = prepared.raw_ras if prepared.raw_ras is not None else prepared.reorientation.forward(np.asarray(prepared.image.dataobj))
+        save_overlay_png(raw, {"prediction": mask_ras}, prepared.reorientation.spacing, settings.plane_axis, outputs.qc)
+    prepared.timings["postprocess"] = postprocessed - start
+    prepared.timings["write"] = time.perf_counter() - postprocessed
+    return {"lesions": lesions, "lesion_volume_mm3": float(mask.sum()) * float(np.prod(spacing))}
+
+
+@dataclass
+class ScanResult:
+    """What happened to one scan. ``status``: ``"done"``, ``"skipped"`` (output existed) or ``"failed"``."""
+
+    input: str
+    output: str
+    status: str
+    seconds: float = 0.0
+    error: Optional[str] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+    lesions: Optional[int] = None
+    lesion_volume_mm3: Optional[float] = None
+
+
+def predict_scan(
+    model: Any,
+    checkpoint: Dict[str, Any],
+    path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    settings: Optional[InferenceSettings] = None,
+    probability_path: Optional[str | os.PathLike] = None,
+    qc_path: Optional[str | os.PathLike] = None,
+) -> ScanResult:
+    """Predict one scan with a model object (any module returning logits), all steps in order.
+
+    Args:
+        model: the network (or any ``nn.Module`` mapping (N, C, X, Y, Z) to logits (N, 1, X, Y, Z)).
+        checkpoint: the checkpoint dict (or just its ``network``, ``normalization``,
+            ``threshold`` and ``inference`` entries).
+        path: the input NIfTI file.
+        out_path: the mask to write.
+        settings: default ``InferenceSettings.from_checkpoint(checkpoint)``.
+        probability_path, qc_path: also write the probability map / a QC picture there.
+
+    Returns:
+        A ``"done"`` :class:`ScanResult` with per-step ``timings`` (seconds).
+
+    Raises:
+        InputError: the scan cannot be used (the batch in :func:`predict_folder` records it).
+    """
+    settings = settings or InferenceSettings.from_checkpoint(checkpoint)
+    outputs = OutputPaths(Path(out_path), None if probability_path is None else Path(probability_path),
+                          None if qc_path is None else Path(qc_path))
+    start = time.perf_counter()
+    prepared = prepare_scan(ScanInput(Path(path), PurePosixPath(Path(path).name)), settings, keep_raw=qc_path is not None)
+    probability = run_model(model, prepared, settings)
+    stats = finish_scan(prepared, probability, outputs, settings)
+    return ScanResult(str(path), str(out_path), "done", time.perf_counter() - start, None, dict(prepared.timings), **stats)
+
+
+# --- a batch ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictionSummary:
+    """Results of a batch, in input order, and where they were recorded."""
+
+    results: List[ScanResult]
+    out_dir: Path
+    summary_path: Path
+    wall_seconds: float
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    def _with(self, status: str) -> List[ScanResult]:
+        return [r for r in self.results if r.status == status]
+
+    @property
+    def done(self) -> List[ScanResult]:
+        return self._with("done")
+
+    @property
+    def skipped(self) -> List[ScanResult]:
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> List[ScanResult]:
+        return self._with("failed")
+
+    def step_totals(self) -> Dict[str, float]:
+        """Seconds spent in each step, summed over the scans done."""
+        return {step: sum(r.timings.get(step, 0.0) for r in self.done) for step in STEPS}
+
+    def text(self) -> str:
+        """A few lines: counts, time per scan, failures with their reasons."""
+        done = self.done
+        lines = [
+            f"{len(done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed "
+            f"of {len(self.results)} scans in {self.wall_seconds:.1f} s"
+            + (f" ({self.wall_seconds / len(done):.1f} s per scan done)" if done else "")
+        ]
+        if done:
+            totals = self.step_totals()
+            lines.append("time per scan: " + ", ".join(f"{step} {totals[step] / len(done):.2f} s" for step in STEPS))
+        lines += [f"FAILED {r.input}: {r.error}" for r in self.failed]
+        lines.append(f"wrote {self.summary_path}")
+        return "\n".join(lines)
+
+    def to_json_dict(self) -> Dict[str, Any]:
+        return {
+            "format": "planar3d-predictions/1",
+            "out_dir": str(self.out_dir),
+            "wall_seconds": self.wall_seconds,
+            "counts": {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed)},
+            "settings": self.settings,
+            "scans": [asdict(r) for r in self.results],
+        }
+
+
+def summary_file(out_dir: Path, num_parts: int = 1, part_id: int = 0) -> Path:
+    """``predictions.json``, or ``predictions_part<I>of<N>.json`` for one shard."""
+    return out_dir / ("predictions.json" if num_parts == 1 else f"predictions_part{part_id}of{num_parts}.json")
+
+
+def _error(error: BaseException) -> str:
+    text = str(error)
+    return text if isinstance(error, Planar3DError) else f"{type(error).__name__}: {text}"
+
+
+def predict_with_model(
+    model: Any,
+    checkpoint: Dict[str, Any],
+    scans: Sequence[ScanInput],
+    out_dir: str | os.PathLike,
+    settings: InferenceSettings,
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+    qc: bool = False,
+    summary_path: Optional[Path] = None,
+    progress: bool = True,
+) -> PredictionSummary:
+    """Predict ``scans`` with a ready model, reading ahead and writing behind in threads.
+
+    See :func:`predict_folder` for the arguments; ``scans`` are already found and sharded.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = summary_path or summary_file(out_dir)
+    start = time.perf_counter()
+    results: Dict[int, ScanResult] = {}
+    todo: List[Tuple[int, ScanInput, OutputPaths]] = []
+    for index, scan in enumerate(scans):
+        outputs = OutputPaths.of(out_dir, scan.relative, save_probabilities, qc)
+        if outputs.exist() and not overwrite:
+            results[index] = ScanResult(str(scan.path), str(outputs.mask), "skipped")
+        else:
+            todo.append((index, scan, outputs))
+
+    def failed(index: int, scan: ScanInput, outputs: OutputPaths, error: BaseException, timings=None) -> None:
+        results[index] = ScanResult(str(scan.path), str(outputs.mask), "failed", sum((timings or {}).values()), _error(error), dict(timings or {}))
+
+    bar = tqdm(total=len(todo), desc="predict", unit="scan", disable=not progress or not todo, dynamic_ncols=True)
+    with ThreadPoolExecutor(1, thread_name_prefix="planar3d-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="planar3d-write") as writer:
+        read_next: Optional[Future] = reader.submit(prepare_scan, todo[0][1], settings, qc) if todo else None
+        writing: Optional[Tuple[int, ScanInput, OutputPaths, PreparedScan, Future]] = None
+
+        def collect(entry) -> None:
+            index, scan, outputs, prepared, future = entry
+            try:
+                stats = future.result()
+            except SCAN_ERRORS as error:
+                failed(index, scan, outputs, error, prepared.timings)
+            else:
+                results[index] = ScanResult(str(scan.path), str(outputs.mask), "done", sum(prepared.timings.values()), None, dict(prepared.timings), **stats)
+            bar.set_postfix_str(f"{scan.relative}: {results[index].seconds:.1f} s")
+            bar.update(1)
+
+        for position, (index, scan, outputs) in enumerate(todo):
+            assert read_next is not None
+            current, read_next = read_next, None
+            try:
+                prepared = current.result()
+            except SCAN_ERRORS as error:
+                prepared = None
+                failed(index, scan, outputs, error)
+            # read one scan ahead while the model runs on this one
+            if position + 1 < len(todo):
+                read_next = reader.submit(prepare_scan, todo[position + 1][1], settings, qc)
+            if prepared is None:
+                bar.write(f"FAILED {scan.path}: {results[index].error}")
+                bar.update(1)
+                continue
+            try:
+                probability = run_model(model, prepared, settings)
+            except SCAN_ERRORS as error:
+                failed(index, scan, outputs, error, prepared.timings)
+                bar.write(f"FAILED {scan.path}: {results[index].error}")
+                bar.update(1)
+                continue
+            if writing is not None:  # at most one scan being written
+                collect(writing)
+            writing = (index, scan, outputs, prepared, writer.submit(finish_scan, prepared, probability, outputs, settings))
+            del probability, prepared
+        if writing is not None:
+            collect(writing)
+    bar.close()
+    summary = PredictionSummary(
+        [results[i] for i in range(len(scans))], out_dir, summary_path, time.perf_counter() - start,
+        settings={**asdict(settings), "normalization": settings.normalization.to_dict()},
+    )
+    atomic_save_json(summary_path, summary.to_json_dict())
+    return summary
+
+
+def predict_folder(
+    inputs: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model_path: str | os.PathLike,
+    fold: Optional[int] = None,
+    root: Optional[str | os.PathLike] = None,
+    device: str = "cpu",
+    threshold: Optional[float] = None,
+    min_lesion_size: float = MIN_LESION_SIZE_MM3,
+    tta: bool = False,
+    save_probabilities: bool = False,
+    overlap: Optional[float] = None,
+    roi_size: Optional[Sequence[int]] = None,
+    overwrite: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    qc: bool = False,
+    sw_batch_size: int = 1,
+    progress: bool = True,
+) -> PredictionSummary:
+    """Predict lesion masks for every scan of ``inputs`` (see the module docstring).
+
+    Args:
+        inputs: a folder (searched recursively), one NIfTI file, or a manifest JSON.
+        out_dir: output folder; outputs mirror the inputs' relative paths.
+        model_path: a ``planar3d-model/1`` checkpoint, or a run folder (``best.pt``, else ``last.pt``).
+        fold, root: with a manifest: that fold's test cases only; data folder overriding its root.
+        device: ``"cpu"`` or ``"cuda"`` (bf16 autocast and channels_last_3d there).
+        threshold: probability threshold (default: the checkpoint's).
+        min_lesion_size: components of at most this many mm³ are removed (0: keep all).
+        tta: average with flips of the two in-plane axes.
+        save_probabilities: also write ``_prob.nii.gz`` (float32).
+        overlap, roi_size: override the checkpoint's sliding-window settings (-1: whole axis).
+        overwrite: redo scans whose outputs exist (else they are skipped).
+        num_parts, part_id: predict only scans ``part_id, part_id + num_parts, ...``.
+        qc: also write ``_qc.png`` overlays (planes normal to the network's plane axis).
+        sw_batch_size: windows per forward pass.
+        progress: show a tqdm progress bar on stderr.
+
+    Returns:
+        The :class:`PredictionSummary` (also written to ``predictions.json`` in ``out_dir``).
+
+    Raises:
+        InputError: no inputs, bad manifest or fold; WeightsError: bad checkpoint; ValueError:
+            bad settings. A failing *scan* does not raise: it is in ``summary.failed``.
+    """
+    import torch
+
+    from planar3d.checkpoint import load_model
+    from planar3d.inference import prepare_model
+
+    out_dir = Path(out_dir)
+    scans = shard(find_inputs(inputs, fold, root, exclude=out_dir), num_parts, part_id)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    model, checkpoint = load_model(resolve_checkpoint(model_path), device)
+    settings = InferenceSettings.from_checkpoint(
+        checkpoint, threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta,
+        min_lesion_size=min_lesion_size, sw_batch_size=sw_batch_size, device=device,
+    )
+    model = prepare_model(model, torch.device(device))
+    return predict_with_model(
+        model, checkpoint, scans, out_dir, settings, save_probabilities=save_probabilities,
+        overwrite=overwrite, qc=qc, summary_path=summary_file(out_dir, num_parts, part_id), progress=progress,
+    )
