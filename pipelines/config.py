@@ -1,0 +1,216 @@
+"""Typed training configuration (pydantic v2), loaded from YAML with ``key.sub=value`` overrides.
+
+Every section forbids unknown keys, so a typo (``optim.lr_rate``) or a wrong type
+(``optim.epochs: ten``) stops the run before anything is done, with the key named. The packaged
+configs (``default``, ``paper``, ``demo_cpu``) live in ``pipelines/configs/`` and are found by
+name; see ``docs/training.md`` for the reference of every key.
+
+Example:
+    >>> config = load_config("demo_cpu", ["optim.epochs=3", "loss.name=bce_dice"])
+    >>> config.optim.epochs, config.loss.name
+    (3, 'bce_dice')
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from planar3d.errors import ConfigError
+
+PACKAGED_CONFIGS = ("default", "paper", "demo_cpu")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NetworkSection(_Section):
+    """Network shape (see :class:`planar3d.networks.PlanarResUNetConfig`)."""
+
+    width: float = Field(1.0, gt=0)
+    norm: Optional[Literal["batch", "instance"]] = None
+    dropout: float = Field(0.0, ge=0, lt=1)
+    act: Literal["relu", "elu"] = "relu"
+    deepest_kernel_depth: int = Field(3, ge=1)
+    in_channels: Literal[1, 3] = 1
+    encoder_mode: Literal["planar", "i3d"] = "planar"
+    i3d_depth: int = Field(3, ge=1)
+    plane_axis: Union[Literal["auto"], Literal[0, 1, 2]] = "auto"
+    pool_across_planes: Union[Literal["auto"], List[bool]] = "auto"
+
+    @field_validator("pool_across_planes")
+    @classmethod
+    def _four_levels(cls, value):
+        if value != "auto" and len(value) != 4:
+            raise ValueError("must be 'auto' or a list of 4 booleans (one per encoder level)")
+        return value
+
+
+class EncoderSection(_Section):
+    """Transferred encoder: weight source and freezing schedule."""
+
+    weights: str = "imagenet"
+    freeze_epochs: int = Field(-1, ge=-1)
+
+
+class DataSection(_Section):
+    """Sampling of training patches and data loading."""
+
+    sampling: Literal["slabs", "lesion"] = "lesion"
+    slab_planes: int = Field(16, ge=1)
+    patch_size: List[int] = [96, 96, 48]
+    pos_neg_ratio: float = Field(1.0, ge=0)
+    samples_per_volume: int = Field(2, ge=1)
+    batch_size: int = Field(2, ge=1)
+    cache: Literal["memory", "disk", "none"] = "memory"
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _three_sizes(cls, value):
+        if len(value) != 3 or any(v == 0 or v < -1 for v in value):
+            raise ValueError("must be 3 sizes (positive, or -1 for the whole axis)")
+        return value
+
+
+class AugmentationSection(_Section):
+    """Random augmentation (MONAI ``Rand*d`` transforms); a probability of 0 disables one."""
+
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    affine_prob: float = Field(0.2, ge=0, le=1)
+    rotate_degrees: float = Field(10.0, ge=0)
+    scale: float = Field(0.1, ge=0, lt=1)
+    gamma_prob: float = Field(0.2, ge=0, le=1)
+    gamma_range: List[float] = [0.7, 1.5]
+    bias_field_prob: float = Field(0.2, ge=0, le=1)
+    bias_field_coeff: float = Field(0.3, ge=0)
+    noise_prob: float = Field(0.1, ge=0, le=1)
+    noise_std: float = Field(0.05, ge=0)
+
+
+class OptimSection(_Section):
+    """Optimiser, epochs and learning-rate schedule."""
+
+    name: Literal["adam", "adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(100, ge=1)
+    scheduler: Literal["constant", "cosine", "poly"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    poly_power: float = Field(0.9, gt=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+
+
+class LossSection(_Section):
+    """Loss by name (see :mod:`planar3d.losses`) and its options."""
+
+    name: Literal["bce_dice", "dice", "dice_ce", "dice_focal", "tversky", "generalized_dice"] = "dice_ce"
+    batch_dice: bool = True
+    options: Dict[str, Any] = {}
+
+
+class ValidationSection(_Section):
+    """Whole-volume validation on held-out training cases, with a threshold search."""
+
+    every: int = Field(1, ge=1)
+    roi_size: List[int] = [-1, -1, -1]
+    overlap: float = Field(0.25, ge=0, lt=1)
+    thresholds: List[float] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_unit_interval(cls, value):
+        if not value or any(not 0 < t < 1 for t in value):
+            raise ValueError("must be a non-empty list of numbers strictly between 0 and 1")
+        return value
+
+
+class TrainConfig(_Section):
+    """The whole training configuration."""
+
+    seed: int = 0
+    deterministic: bool = False
+    amp: bool = True
+    channels_last: bool = True
+    val_cases: int = Field(1, ge=0)
+    network: NetworkSection = NetworkSection()
+    encoder: EncoderSection = EncoderSection()
+    data: DataSection = DataSection()
+    augmentation: AugmentationSection = AugmentationSection()
+    optim: OptimSection = OptimSection()
+    loss: LossSection = LossSection()
+    validation: ValidationSection = ValidationSection()
+
+    def to_dict(self) -> dict:
+        """Plain JSON-compatible dict (for run.json and checkpoints)."""
+        return self.model_dump(mode="json")
+
+
+def _read_source(source: str | Path) -> tuple[str, dict]:
+    """``(description, data)`` of a YAML file path or a packaged config name."""
+    path = Path(source)
+    if path.is_file():
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    else:
+        name = str(source)[:-5] if str(source).endswith(".yaml") else str(source)
+        packaged = resources.files("pipelines").joinpath("configs", f"{name}.yaml")
+        if "/" in name or not packaged.is_file():
+            raise ConfigError(
+                f"{source}: no such config file, nor a packaged config (packaged: {', '.join(PACKAGED_CONFIGS)})"
+            )
+        text, where = packaged.read_text(encoding="utf-8"), f"packaged config {name!r}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping, got {type(data).__name__}")
+    return where, data
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Set ``key.sub=value`` overrides (values parsed as YAML) in a copy of ``data``."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {override!r}: value is not valid YAML ({error})") from None
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def validate_config(data: dict, where: str = "config") -> TrainConfig:
+    """Validate a dict; :class:`ConfigError` names the source and each bad key."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def load_config(source: str | Path = "default", overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load a YAML config (a file path or a packaged name) and apply ``key.sub=value`` overrides.
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown keys or wrong types (the key is named).
+    """
+    where, data = _read_source(source)
+    if overrides:
+        where = f"{where} with overrides {list(overrides)}"
+    return validate_config(apply_overrides(data, overrides), where)
