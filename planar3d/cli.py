@@ -71,6 +71,36 @@ def inflate(
 # --- subcommands added by later features go below this line (one import + one function each) ---
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    manifest: Path = typer.Option(..., "--manifest", help="planar3d-manifest/1 file."),
+    fold: int = typer.Option(..., "--fold", min=0, help="0-based fold (its test cases are left out)."),
+    out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics, logs)."),
+    config: str = typer.Option("default", "--config", help="YAML file or packaged name: default, paper, demo_cpu."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Data root overriding the manifest's."),
+    encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none or a VGG-16 .pth file."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from RUN/last.pt."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms (slower on CUDA)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    check: bool = typer.Option(False, "--check", help="Only check the fold's training data, then exit."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides KEY=VALUE, e.g. optim.lr=1e-4."),
+) -> None:
+    """Train the planar 3D res-u-net on one fold of a manifest; print the best checkpoint's path."""
+    from pipelines.config import load_config
+    from pipelines.train import check_only, train as run_training
+
+    try:
+        settings = load_config(config, (overrides or []) + (["deterministic=true"] if deterministic else []))
+        if check:
+            typer.echo(check_only(manifest, fold, settings, root=root))
+            return
+        best = run_training(manifest, fold, out, settings, root=root, resume=resume, device=device,
+                            encoder_weights=encoder_weights)
+    except Planar3DError as error:
+        fail(str(error))
+    typer.echo(str(best))
+
+
 @app.command()
 def predict(
     inputs: Path = typer.Option(..., "-i", "--input", help="Folder (searched recursively), one .nii/.nii.gz file, or a manifest JSON."),

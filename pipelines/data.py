@@ -1,0 +1,272 @@
+"""Training data: manifest checks, loading with the exact prediction preprocessing, augmentation,
+patch sampling and reproducible data loaders (MONAI dictionary transforms).
+
+Loading is :class:`LoadPreprocessd`, which calls the same functions as ``planar3d predict``
+(:func:`planar3d.io.read_volume`, :meth:`planar3d.preprocess.Reorientation.forward`,
+:func:`planar3d.preprocess.normalize_intensity`), so a network never sees data prepared in a way
+prediction does not repeat. Arrays come out channel-first, ``(1, X, Y, Z)`` in RAS order.
+
+Randomness: every epoch's augmentation and sampling is a function of ``(seed, epoch, rank)``
+only (:func:`make_loader` reseeds the transforms and the loader's generator each epoch), so a
+resumed run draws exactly the patches an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import MapTransform, Randomizable
+
+from planar3d.data.checks import check_manifest
+from planar3d.data.manifest import Case, Manifest
+from planar3d.errors import InputError
+from planar3d.io import read_volume
+from planar3d.planes import is_thick_slice, plane_axis_from_spacing
+from planar3d.preprocess import NormalizationConfig, Reorientation, normalize_intensity
+
+from pipelines.config import TrainConfig
+
+log = logging.getLogger("planar3d.train")
+
+
+def load_case_arrays(image_path: str | Path, label_path: Optional[str | Path] = None,
+                     normalization: NormalizationConfig = NormalizationConfig()) -> Dict[str, np.ndarray]:
+    """Read, reorient to RAS and normalise one case; label binarised (> 0). Arrays are (1, X, Y, Z)."""
+    data, image = read_volume(image_path)
+    orientation = Reorientation.of_image(image)
+    try:
+        volume = normalize_intensity(orientation.forward(data), normalization)
+    except ValueError as error:
+        raise InputError(image_path, str(error)) from None
+    out = {"image": np.ascontiguousarray(volume[None], dtype=np.float32)}
+    if label_path is not None:
+        label, _ = read_volume(label_path, dtype=None)
+        out["label"] = np.ascontiguousarray(orientation.forward(np.asarray(label) > 0)[None], dtype=np.float32)
+    return out
+
+
+class LoadPreprocessd(MapTransform):
+    """Load ``image`` (and ``label``) paths into preprocessed channel-first tensors.
+
+    Same semantics as ``LoadImaged`` + ``EnsureChannelFirstd``, but the preprocessing is the one
+    prediction uses, exactly.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "label"), normalization: NormalizationConfig = NormalizationConfig()):
+        super().__init__(keys, allow_missing_keys=True)
+        self.normalization = normalization
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        arrays = load_case_arrays(data["image"], data.get("label"), self.normalization)
+        for key, array in arrays.items():
+            out[key] = torch.from_numpy(array)
+        return out
+
+
+def case_spacing(case: Case) -> Tuple[float, float, float]:
+    """Voxel spacing of a case's image along the RAS-ordered axes (header only)."""
+    image = nib.load(str(case.image))
+    return Reorientation(image.affine, image.shape).spacing
+
+
+def case_shape(case: Case) -> Tuple[int, int, int]:
+    """Shape of a case's image after reorientation to RAS (header only)."""
+    image = nib.load(str(case.image))
+    return tuple(Reorientation(image.affine, image.shape).shape[:3])  # type: ignore[return-value]
+
+
+def resolve_geometry(config: TrainConfig, cases: Sequence[Case]) -> Tuple[int, Tuple[bool, bool, bool, bool]]:
+    """``(plane_axis, pool_across_planes)``, resolving ``auto`` from the first training case.
+
+    ``plane_axis: auto`` takes :func:`plane_axis_from_spacing` of that case's RAS spacing;
+    ``pool_across_planes: auto`` pools in-plane only at the first two levels for a thick-slice
+    scan, 2x2x2 at every level otherwise.
+    """
+    spacing = case_spacing(cases[0])
+    network = config.network
+    axis = plane_axis_from_spacing(spacing) if network.plane_axis == "auto" else int(network.plane_axis)
+    if network.pool_across_planes == "auto":
+        pools = (False, False, True, True) if is_thick_slice(spacing, axis) else (True, True, True, True)
+    else:
+        pools = tuple(bool(v) for v in network.pool_across_planes)
+    log.info("geometry from %s (RAS spacing %s): plane_axis=%d, pool_across_planes=%s",
+             cases[0].id, tuple(round(s, 3) for s in spacing), axis, pools)
+    return axis, pools  # type: ignore[return-value]
+
+
+def check_cases(manifest: Manifest, cases: Sequence[Case]) -> None:
+    """Run the input checks (files, hashes, 3D, NaN, binary labels, grids) on ``cases``.
+
+    Raises:
+        InputError: naming the manifest, with every problem found (one per line).
+    """
+    problems = check_manifest(manifest, cases, verify_hashes=True)
+    if problems:
+        where = manifest.source or manifest.dataset
+        raise InputError(where, f"{len(problems)} problem(s) in the training cases:\n" + "\n".join(problems))
+
+
+def split_validation(cases: Sequence[Case], val_cases: int, seed: int) -> Tuple[List[Case], List[Case]]:
+    """``(train, validation)``: ``val_cases`` cases drawn by ``seed``, at least one left to train."""
+    cases = list(cases)
+    count = min(val_cases, max(len(cases) - 1, 0))
+    chosen = set(random.Random(seed).sample(range(len(cases)), count))
+    return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
+
+
+def _patch_size(size: Sequence[int], shapes: Sequence[Sequence[int]]) -> List[int]:
+    """``-1`` entries become the largest extent of that axis over ``shapes``."""
+    return [max(s[a] for s in shapes) if int(v) < 0 else int(v) for a, v in enumerate(size)]
+
+
+def sampling_transforms(config: TrainConfig, plane_axis: int, shapes: Sequence[Sequence[int]]) -> list:
+    """Patch sampling: ``slabs`` (published) or ``lesion`` (positive/negative centred crops).
+
+    ``slabs``: ``slab_planes`` consecutive planes along ``plane_axis`` over the whole in-plane
+    extent (padded to the largest training scan, so patches batch), at random positions.
+    """
+    from monai.transforms import RandCropByPosNegLabeld, RandSpatialCropSamplesd, SpatialPadd
+
+    data = config.data
+    keys = ("image", "label")
+    if data.sampling == "slabs":
+        size = [max(s[a] for s in shapes) for a in range(3)]
+        size[plane_axis] = data.slab_planes
+        return [
+            SpatialPadd(keys, size, mode="edge"),
+            RandSpatialCropSamplesd(keys, size, num_samples=data.samples_per_volume, random_size=False),
+        ]
+    size = _patch_size(data.patch_size, shapes)
+    ratio = data.pos_neg_ratio
+    return [
+        SpatialPadd(keys, size, mode="edge"),
+        RandCropByPosNegLabeld(keys, "label", size, pos=ratio, neg=1.0 if ratio > 0 else 1.0,
+                               num_samples=data.samples_per_volume, allow_smaller=False),
+    ]
+
+
+def augmentation_transforms(config: TrainConfig, plane_axis: int) -> list:
+    """In-plane flips, small in-plane affine, gamma, bias field and Gaussian noise."""
+    from monai.transforms import (RandAdjustContrastd, RandAffined, RandBiasFieldd, RandFlipd,
+                                  RandGaussianNoised)
+
+    aug = config.augmentation
+    keys = ("image", "label")
+    in_plane = [a for a in range(3) if a != plane_axis]
+    out: list = []
+    if aug.flip_prob > 0:
+        out += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=a) for a in in_plane]
+    if aug.affine_prob > 0 and (aug.rotate_degrees > 0 or aug.scale > 0):
+        rotate = [0.0, 0.0, 0.0]
+        rotate[plane_axis] = math.radians(aug.rotate_degrees)  # rotation about the plane axis = in the plane
+        scale = [aug.scale if a != plane_axis else 0.0 for a in range(3)]
+        out.append(RandAffined(keys, prob=aug.affine_prob, rotate_range=rotate, scale_range=scale,
+                               mode=("bilinear", "nearest"), padding_mode="border"))
+    if aug.gamma_prob > 0:
+        out.append(RandAdjustContrastd("image", prob=aug.gamma_prob, gamma=tuple(aug.gamma_range), retain_stats=True))
+    if aug.bias_field_prob > 0:
+        out.append(RandBiasFieldd("image", prob=aug.bias_field_prob, coeff_range=(0.0, aug.bias_field_coeff)))
+    if aug.noise_prob > 0:
+        out.append(RandGaussianNoised("image", prob=aug.noise_prob, std=aug.noise_std))
+    return out
+
+
+def training_transform(config: TrainConfig, plane_axis: int, shapes: Sequence[Sequence[int]]):
+    """The whole training chain: load (cached) -> sample -> augment -> tensors."""
+    from monai.transforms import Compose, EnsureTyped
+
+    return Compose(
+        [LoadPreprocessd()]
+        + sampling_transforms(config, plane_axis, shapes)
+        + augmentation_transforms(config, plane_axis)
+        + [EnsureTyped(("image", "label"), dtype=torch.float32, track_meta=False)]
+    )
+
+
+def case_items(cases: Sequence[Case]) -> List[dict]:
+    return [{"image": str(c.image), "label": str(c.label), "id": c.id} for c in cases]
+
+
+def build_dataset(config: TrainConfig, cases: Sequence[Case], transform, run_dir: Path):
+    """``CacheDataset`` (memory), ``PersistentDataset`` (``run_dir/cache``) or plain ``Dataset``."""
+    from monai.data import CacheDataset, Dataset, PersistentDataset
+
+    items = case_items(cases)
+    if config.data.cache == "memory":
+        return CacheDataset(items, transform, num_workers=1, progress=False)
+    if config.data.cache == "disk":
+        return PersistentDataset(items, transform, cache_dir=run_dir / "cache")
+    return Dataset(items, transform)
+
+
+def _seed_everything_in(transform, seed: int) -> None:
+    if isinstance(transform, Randomizable):
+        transform.set_random_state(seed=seed % (2**32))
+
+
+def make_loader(dataset, config: TrainConfig, epoch: int, rank: int = 0, world_size: int = 1):
+    """A DataLoader for one epoch whose randomness depends only on ``(seed, epoch, rank)``.
+
+    The transforms are reseeded (used directly when ``num_workers == 0``); workers are reseeded
+    by MONAI's ``worker_init_fn`` from the loader's seeded generator.
+    """
+    from monai.data import DataLoader
+    from monai.data.utils import worker_init_fn
+    from torch.utils.data import DistributedSampler
+
+    epoch_seed = (config.seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
+    _seed_everything_in(dataset.transform, epoch_seed)
+    generator = torch.Generator().manual_seed(epoch_seed)
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed)
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=1,  # one volume's patches at a time; patch_batches() forms the steps
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=config.data.num_workers,
+        generator=generator,
+        worker_init_fn=worker_init_fn if config.data.num_workers > 0 else None,
+        drop_last=False,
+    )
+
+
+def patch_batches(loader, batch_size: int):
+    """Regroup the loader's per-volume patch batches into steps of ``batch_size`` patches.
+
+    ``data.batch_size`` counts patches (slabs), as in the paper (3 slabs per step), whatever
+    ``samples_per_volume`` is; the last step of an epoch may be smaller.
+    """
+    images: List[torch.Tensor] = []
+    labels: List[torch.Tensor] = []
+    count = 0
+    for item in loader:
+        images.append(item["image"])
+        labels.append(item["label"])
+        count += item["image"].shape[0]
+        while count >= batch_size:
+            image, label = torch.cat(images), torch.cat(labels)
+            yield image[:batch_size], label[:batch_size]
+            images, labels = [image[batch_size:]], [label[batch_size:]]
+            count -= batch_size
+    if count:
+        yield torch.cat(images), torch.cat(labels)
+
+
+def load_validation_volumes(cases: Sequence[Case]) -> List[Tuple[str, np.ndarray, np.ndarray]]:
+    """``(case id, image (X, Y, Z), label (X, Y, Z) bool)`` for each validation case."""
+    out = []
+    for case in cases:
+        arrays = load_case_arrays(case.image, case.label)
+        out.append((case.id, arrays["image"][0], arrays["label"][0] > 0))
+    return out

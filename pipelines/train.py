@@ -1,0 +1,544 @@
+"""Train the planar 3D res-u-net on one fold of a manifest.
+
+The loop is a handful of small functions: :func:`train` prepares (checks the data, resolves the
+geometry, builds model/optimiser/schedule, writes ``run.json``), then per epoch
+:func:`train_one_epoch`, :func:`validate` (whole volumes, threshold search) and
+:func:`save_checkpoints` (``best.pt``/``last.pt``, atomic, ``weights_only``-loadable).
+
+Outputs in the run folder: ``run.json`` (provenance), ``metrics.csv``, ``best.pt``, ``last.pt``,
+``train.log``, ``tensorboard/`` (if tensorboard is installed).
+
+Multi-process: started by ``torchrun`` (``WORLD_SIZE`` > 1), it uses DDP (nccl on CUDA, gloo on
+the CPU), shards the volumes with ``DistributedSampler``; only rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from planar3d.checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint
+from planar3d.errors import ConfigError, InputError
+from planar3d.io import atomic_save_json, atomic_write_text, sha256_file
+from planar3d.preprocess import NormalizationConfig
+
+from pipelines.config import TrainConfig
+from pipelines import data as data_module
+
+log = logging.getLogger("planar3d.train")
+
+LAST_FORMAT = MODEL_FORMAT
+"""``last.pt`` is a ``planar3d-model/1`` checkpoint with a ``resume`` entry added."""
+
+
+# --- set-up --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """Process group facts (``world_size == 1``: no DDP)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def choose_device(device: Optional[str], dist: Optional[Dist] = None) -> torch.device:
+    """``device`` or CUDA when available, else CPU; under torchrun one GPU per local rank."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: CUDA is not available on this machine")
+        if chosen.index is None:
+            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(chosen)
+    return chosen
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch; with ``deterministic`` also force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def setup_logging(out_dir: Path, main: bool) -> None:
+    """Log INFO to stderr and (rank 0) to ``out_dir/train.log``."""
+    log.setLevel(logging.INFO)
+    if not any(getattr(h, "_planar3d", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler._planar3d = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    for handler in list(log.handlers):
+        if isinstance(handler, logging.FileHandler):
+            log.removeHandler(handler)
+            handler.close()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(out_dir / "train.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file_handler)
+
+
+# --- model, optimiser, schedule -----------------------------------------------------------------
+
+
+def network_config(config: TrainConfig, plane_axis: int, pools: Sequence[bool]):
+    from planar3d.networks import PlanarResUNetConfig
+
+    n = config.network
+    return PlanarResUNetConfig(
+        in_channels=n.in_channels, out_channels=1, plane_axis=plane_axis, pool_across_planes=tuple(pools),
+        width=n.width, norm=n.norm, dropout=n.dropout, act=n.act, deepest_kernel_depth=n.deepest_kernel_depth,
+        encoder_mode=n.encoder_mode, i3d_depth=n.i3d_depth,
+    )
+
+
+def build_model(config: TrainConfig, plane_axis: int, pools: Sequence[bool], weights: str) -> Tuple[nn.Module, str]:
+    """The network with its encoder initialised from ``weights``; returns ``(model, source description)``."""
+    from planar3d.inflate import vgg16_to_planar_encoder
+    from planar3d.networks import PlanarResUNet
+    from planar3d.vgg import load_vgg16_state_dict
+
+    model = PlanarResUNet(network_config(config, plane_axis, pools))
+    if str(weights) == "none":
+        log.warning("encoder weights: none -- random initialisation, no transfer learning")
+        return model, "none (random initialisation)"
+    state, description = load_vgg16_state_dict(weights)
+    encoder_state = vgg16_to_planar_encoder(
+        state, plane_axis=plane_axis, in_channels=config.network.in_channels,
+        mode=config.network.encoder_mode, i3d_depth=config.network.i3d_depth,
+    )
+    if config.network.width != 1.0:
+        raise ConfigError(
+            f"network.width={config.network.width}: transferred VGG-16 weights need width 1.0 "
+            "(use encoder.weights=none for reduced widths)"
+        )
+    model.load_encoder_state(encoder_state)
+    log.info("encoder weights: %s", description)
+    return model, description
+
+
+def encoder_frozen_at(config: TrainConfig, epoch: int) -> bool:
+    """Whether the encoder is frozen during ``epoch`` (0-based); ``freeze_epochs: -1`` = always."""
+    n = config.encoder.freeze_epochs
+    return n == -1 or epoch < n
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam or AdamW over all parameters (frozen ones get no gradient and are skipped)."""
+    o = config.optim
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def lr_factor(config: TrainConfig, epoch: int) -> float:
+    """Multiplier of ``optim.lr`` during ``epoch``: linear warm-up then constant/cosine/poly."""
+    o = config.optim
+    if epoch < o.warmup_epochs:
+        return (epoch + 1) / (o.warmup_epochs + 1)
+    progress = (epoch - o.warmup_epochs) / max(1, o.epochs - o.warmup_epochs)
+    progress = min(max(progress, 0.0), 1.0)
+    if o.scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) * 0.99 + 0.01
+    if o.scheduler == "poly":
+        return max((1.0 - progress) ** o.poly_power, 0.01)
+    return 1.0
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    """Epoch-wise ``LambdaLR`` of :func:`lr_factor` (stepped after each epoch)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(config, epoch))
+
+
+# --- RNG state as weights_only-loadable values --------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Torch (CPU, CUDA), numpy and python RNG states as tensors and lists."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": list(internal),
+                   "gauss_next": None if gauss_next is None else float(gauss_next)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- one epoch ----------------------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def wrap_model(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
+    """DDP wrapper for the current set of trainable parameters (rebuilt when freezing changes)."""
+    model = _unwrap(model)
+    if dist.world_size <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConfig, device, dist: Dist, epoch: int) -> Dict[str, float]:
+    """One pass over the training patches; returns mean loss, seconds and voxels per second."""
+    from tqdm import tqdm
+
+    from planar3d.inference import autocast_context
+
+    model.train()
+    memory_format = torch.channels_last_3d if device.type == "cuda" and config.channels_last else torch.contiguous_format
+    total_loss, steps, voxels = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader_batches, desc=f"epoch {epoch + 1}/{config.optim.epochs}", disable=not dist.main, leave=False, unit="step")
+    for image, label in bar:
+        image = image.to(device, non_blocking=True)
+        label = label.to(device, non_blocking=True)
+        if config.network.in_channels > 1:
+            image = image.expand(-1, config.network.in_channels, -1, -1, -1)
+        image = image.contiguous(memory_format=memory_format)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, config.amp):
+            logits = model(image)
+        loss = loss_fn(logits, label)
+        loss.backward()
+        if config.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.optim.grad_clip)
+        optimizer.step()
+        total_loss += float(loss.detach())
+        steps += 1
+        voxels += label.numel()
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{total_loss / steps:.4f}", vox_s=f"{voxels / max(elapsed, 1e-9):.3g}")
+    seconds = time.perf_counter() - start
+    if steps == 0:
+        raise InputError("training data", "no training patch was produced (no training cases on this rank?)")
+    return {"train_loss": total_loss / steps, "seconds": seconds, "voxels_per_second": voxels * dist.world_size / max(seconds, 1e-9)}
+
+
+def validate(model, volumes, config: TrainConfig, device) -> Tuple[float, float, Dict[str, float]]:
+    """Mean Dice over the validation volumes at each threshold: ``(best dice, its threshold, all)``."""
+    from planar3d.inference import predict_probabilities
+    from planar3d.metrics.voxel import dice
+
+    model = _unwrap(model)
+    model.eval()
+    thresholds = config.validation.thresholds
+    scores = np.zeros(len(thresholds))
+    for _, image, label in volumes:
+        probability = predict_probabilities(
+            model, image, roi_size=config.validation.roi_size, overlap=config.validation.overlap,
+            device=device, amp=config.amp, in_channels=config.network.in_channels,
+        )
+        scores += [dice(probability >= t, label) for t in thresholds]
+    scores /= max(len(volumes), 1)
+    order = sorted(range(len(thresholds)), key=lambda i: (-scores[i], abs(thresholds[i] - 0.5)))
+    best = order[0]
+    return float(scores[best]), float(thresholds[best]), {f"{t:g}": float(s) for t, s in zip(thresholds, scores)}
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """What ``last.pt`` carries from one epoch to the next."""
+
+    epoch: int = 0  # epochs completed
+    best_metric: float = -1.0
+    best_threshold: float = 0.5
+    best_epoch: int = 0
+    history: List[dict] = field(default_factory=list)
+
+
+def model_checkpoint(model, config: TrainConfig, net_config, threshold: float, epoch: int, metrics: dict, info: dict) -> dict:
+    """A ``planar3d-model/1`` checkpoint dict (see :mod:`planar3d.checkpoint`)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    roi = config.validation.roi_size
+    return {
+        "format": MODEL_FORMAT,
+        "state_dict": state,
+        "network": net_config.to_dict(),
+        "normalization": NormalizationConfig().to_dict(),
+        "orientation": "RAS",
+        "threshold": float(threshold),
+        "inference": {"roi_size": None if all(int(r) < 0 for r in roi) else [int(r) for r in roi],
+                      "overlap": float(config.validation.overlap)},
+        "training": {
+            "config": config.to_dict(), "epoch": int(epoch), "metrics": metrics,
+            "encoder_source": info["encoder_source"], "manifest_sha256": info["manifest_sha256"],
+            "seed": int(config.seed), "versions": info["versions"],
+        },
+    }
+
+
+def save_checkpoints(out_dir: Path, checkpoint: dict, optimizer, scheduler, state: RunState, improved: bool) -> None:
+    """``best.pt`` when improved, and ``last.pt`` (with the resume state) every epoch, atomically."""
+    if improved:
+        save_checkpoint(checkpoint, out_dir / "best.pt")
+    last = dict(checkpoint)
+    last["resume"] = {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": state.epoch,
+        "best_metric": state.best_metric, "best_threshold": state.best_threshold, "best_epoch": state.best_epoch,
+        "history": state.history, "rng": rng_state(),
+    }
+    save_checkpoint(last, out_dir / "last.pt")
+
+
+METRIC_COLUMNS = ("epoch", "train_loss", "val_dice", "val_threshold", "lr", "seconds", "voxels_per_second")
+
+
+def write_metrics_csv(out_dir: Path, history: List[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
+
+
+def open_tensorboard(out_dir: Path):
+    """A ``SummaryWriter`` in ``out_dir/tensorboard``, or ``None`` (with a note) without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("tensorboard is not installed: no TensorBoard logs (pip install planar3d[tensorboard])")
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def data_record(manifest, train_cases, val_cases) -> List[dict]:
+    """Per-file sha256 of every case used (recorded hashes were verified by the checks)."""
+    records = []
+    for role, cases in (("train", train_cases), ("validation", val_cases)):
+        for case in cases:
+            entry = {"case": case.id, "role": role}
+            for key in ("image", "label"):
+                path = getattr(case, key)
+                entry[key] = str(path)
+                entry[f"{key}_sha256"] = case.sha256.get(key) or sha256_file(path)
+            records.append(entry)
+    return records
+
+
+def write_run_json(out_dir: Path, name: str, config: TrainConfig, info: dict, extra: dict) -> None:
+    from planar3d.provenance import git_state, machine_info
+
+    atomic_save_json(out_dir / name, {
+        "seed": config.seed, "config": config.to_dict(), "versions": info["versions"],
+        "git": git_state(), "machine": machine_info(), **extra,
+    })
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def prepare_cases(manifest_path: str | Path, fold: int, root, config: TrainConfig):
+    """Load the manifest, check the fold's training cases, split off validation cases."""
+    from planar3d.data.manifest import load_manifest
+
+    manifest = load_manifest(manifest_path, root=root)
+    cases = manifest.train_cases(fold)
+    if not cases:
+        raise InputError(manifest_path, f"fold {fold} has no labeled training case")
+    data_module.check_cases(manifest, cases)
+    train_cases, val_cases = data_module.split_validation(cases, config.val_cases, config.seed)
+    return manifest, train_cases, val_cases
+
+
+def check_only(manifest_path: str | Path, fold: int, config: TrainConfig, root=None) -> str:
+    """Run the pre-training checks only; returns a one-line summary (raises on a problem)."""
+    _, train_cases, val_cases = prepare_cases(manifest_path, fold, root, config)
+    return f"fold {fold}: {len(train_cases)} training and {len(val_cases)} validation cases, no problem found"
+
+
+def _resume_state(out_dir: Path, model, optimizer, scheduler, config: TrainConfig) -> RunState:
+    checkpoint = load_checkpoint(out_dir / "last.pt", expected_format=LAST_FORMAT)
+    if "resume" not in checkpoint:
+        raise InputError(out_dir / "last.pt", "has no resume state")
+    resume = checkpoint["resume"]
+    if checkpoint["training"]["config"] != config.to_dict():
+        log.warning("the config differs from the one in last.pt; continuing with the new one")
+    _unwrap(model).load_state_dict(checkpoint["state_dict"])
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    set_rng_state(resume["rng"])
+    log.info("resuming after epoch %d (best val Dice %.4f)", resume["epoch"], resume["best_metric"])
+    return RunState(resume["epoch"], resume["best_metric"], resume["best_threshold"], resume["best_epoch"], list(resume["history"]))
+
+
+def train(
+    manifest_path: str | Path,
+    fold: int,
+    out_dir: str | Path,
+    config: TrainConfig,
+    root: Optional[str | Path] = None,
+    resume: bool = False,
+    device: Optional[str] = None,
+    encoder_weights: Optional[str] = None,
+    max_epochs_this_run: Optional[int] = None,
+) -> Path:
+    """Train on fold ``fold`` of a manifest; returns the path of ``best.pt``.
+
+    Args:
+        manifest_path: a ``planar3d-manifest/1`` file.
+        fold: 0-based fold; its test cases are left out, ``config.val_cases`` of the rest validate.
+        out_dir: run folder (created).
+        config: a validated :class:`pipelines.config.TrainConfig`.
+        root: data root overriding the manifest's.
+        resume: continue from ``out_dir/last.pt`` (exactly: optimiser, schedule and RNG states).
+        device: ``"cpu"``, ``"cuda"`` (default: CUDA when available).
+        encoder_weights: overrides ``config.encoder.weights`` (``imagenet``, ``none`` or a file).
+        max_epochs_this_run: stop after this many epochs in this call (the schedule still spans
+            ``optim.epochs``; continue with ``resume``).
+
+    Raises:
+        InputError: a problem in the data (all problems listed), before the first epoch.
+        ConfigError: an impossible configuration.
+    """
+    out_dir = Path(out_dir)
+    if encoder_weights is not None:
+        config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"weights": str(encoder_weights)})})
+    dev = choose_device(device)
+    dist = setup_distributed(dev)
+    setup_logging(out_dir, dist.main)
+    set_determinism(config.seed, config.deterministic)
+    if resume and not (out_dir / "last.pt").is_file():
+        raise InputError(out_dir, "--resume: no last.pt in the run folder")
+
+    manifest, train_cases, val_cases = prepare_cases(manifest_path, fold, root, config)
+    plane_axis, pools = data_module.resolve_geometry(config, train_cases)
+    shapes = [data_module.case_shape(c) for c in train_cases]
+    model, encoder_source = build_model(config, plane_axis, pools, config.encoder.weights)
+    net_config = network_config(config, plane_axis, pools)
+    info = {"encoder_source": encoder_source, "manifest_sha256": sha256_file(manifest_path),
+            "versions": __import__("planar3d.provenance", fromlist=["x"]).package_versions()}
+
+    from planar3d.inference import prepare_model
+
+    model = prepare_model(model, dev) if config.channels_last else model.to(dev)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer)
+    state = _resume_state(out_dir, model, optimizer, scheduler, config) if resume else RunState()
+
+    from planar3d.losses import build_loss
+
+    loss_fn = build_loss(config.loss.name, config.loss.batch_dice, **config.loss.options)
+    transform = data_module.training_transform(config, plane_axis, shapes)
+    dataset = data_module.build_dataset(config, train_cases, transform, out_dir)
+    val_volumes = data_module.load_validation_volumes(val_cases) if dist.main else []
+
+    writer = None
+    if dist.main:
+        run_name = "run.json" if not resume else f"run-resume-epoch{state.epoch}.json"
+        write_run_json(out_dir, run_name, config, info, {
+            "manifest": {"path": str(Path(manifest_path).resolve()), "sha256": info["manifest_sha256"]},
+            "fold": fold, "device": str(dev), "world_size": dist.world_size, "encoder_source": encoder_source,
+            "plane_axis": plane_axis, "pool_across_planes": list(pools), "resumed_from_epoch": state.epoch if resume else None,
+            "data": data_record(manifest, train_cases, val_cases),
+        })
+        writer = open_tensorboard(out_dir)
+
+    wrapped, frozen = None, None
+    last_epoch = config.optim.epochs if max_epochs_this_run is None else min(config.optim.epochs, state.epoch + max_epochs_this_run)
+    for epoch in range(state.epoch, last_epoch):
+        if encoder_frozen_at(config, epoch) != frozen:
+            frozen = encoder_frozen_at(config, epoch)
+            _unwrap(model).freeze_encoder(frozen)
+            wrapped = wrap_model(model, dist, dev)
+            log.info("epoch %d: encoder %s", epoch + 1, "frozen" if frozen else "trainable")
+        lr = optimizer.param_groups[0]["lr"]
+        loader = data_module.make_loader(dataset, config, epoch, dist.rank, dist.world_size)
+        result = train_one_epoch(wrapped, data_module.patch_batches(loader, config.data.batch_size),
+                                 loss_fn, optimizer, config, dev, dist, epoch)
+        scheduler.step()
+        state.epoch = epoch + 1
+        val_dice, threshold, per_threshold = float("nan"), state.best_threshold, {}
+        is_last = state.epoch == config.optim.epochs
+        if dist.main and val_volumes and (state.epoch % config.validation.every == 0 or is_last):
+            val_dice, threshold, per_threshold = validate(model, val_volumes, config, dev)
+        improved = (not val_volumes and is_last) or (val_volumes and not math.isnan(val_dice) and val_dice > state.best_metric)
+        if improved:
+            state.best_metric = val_dice if val_volumes else state.best_metric
+            state.best_threshold, state.best_epoch = threshold, state.epoch
+        row = {"epoch": state.epoch, "train_loss": result["train_loss"], "val_dice": val_dice, "val_threshold": threshold,
+               "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
+        state.history.append(row)
+        if dist.main:
+            log.info("epoch %d/%d loss %.4f val Dice %.4f (t=%.2f) lr %.2e %.1f s %.3g vox/s", state.epoch,
+                     config.optim.epochs, row["train_loss"], val_dice, threshold, lr, row["seconds"], row["voxels_per_second"])
+            metrics = {"val_dice": val_dice, "val_dice_by_threshold": per_threshold, "train_loss": result["train_loss"]}
+            checkpoint = model_checkpoint(model, config, net_config, threshold if improved else state.best_threshold,
+                                          state.epoch, metrics, info)
+            save_checkpoints(out_dir, checkpoint, optimizer, scheduler, state, bool(improved))
+            write_metrics_csv(out_dir, state.history)
+            if writer is not None:
+                for key in ("train_loss", "val_dice", "lr", "voxels_per_second"):
+                    if not (isinstance(row[key], float) and math.isnan(row[key])):
+                        writer.add_scalar(key, row[key], state.epoch)
+                writer.flush()
+        if dist.world_size > 1:
+            torch.distributed.barrier()
+    if writer is not None:
+        writer.close()
+    if dist.main and not (out_dir / "best.pt").is_file() and (out_dir / "last.pt").is_file():
+        # no validation improvement was recorded yet (e.g. stopped early without validation cases)
+        best = load_checkpoint(out_dir / "last.pt", expected_format=MODEL_FORMAT)
+        best.pop("resume", None)
+        save_checkpoint(best, out_dir / "best.pt")
+    return out_dir / "best.pt"

@@ -1,0 +1,203 @@
+"""Training end to end on tiny synthetic data: outputs, exact resume, input checks, CLI, DDP."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import socket
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from planar3d.checkpoint import MODEL_FORMAT, load_model
+from planar3d.cli import app
+from planar3d.data.manifest import load_manifest, save_manifest
+from planar3d.errors import InputError
+from pipelines.config import load_config
+from pipelines.train import train
+
+TINY = [
+    "network.width=0.0625", "network.norm=null", "data.patch_size=[32, 32, 16]", "data.samples_per_volume=1", "data.batch_size=2",
+    "optim.epochs=2", "validation.every=1", "validation.thresholds=[0.3, 0.5]", "val_cases=1",
+    "augmentation.affine_prob=0.5", "augmentation.bias_field_prob=0.5",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory):
+    """Four small 3D phantoms (64x64x48, 3.3 mm), one test case per fold."""
+    from planar3d.data.synth import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), 4, 0, size="small", geometries=("3d",))
+
+
+def tiny_config(*extra):
+    return load_config("demo_cpu", TINY + list(extra))
+
+
+def test_train_writes_loadable_outputs(tiny_manifest, tmp_path):
+    run = tmp_path / "run"
+    best = train(tiny_manifest, 0, run, tiny_config("optim.epochs=1"), device="cpu")
+    assert best == run / "best.pt" and best.is_file() and (run / "last.pt").is_file()
+    raw = torch.load(best, weights_only=True)
+    assert raw["format"] == MODEL_FORMAT and raw["threshold"] in (0.3, 0.5)
+    assert raw["training"]["encoder_source"] == "none (random initialisation)"
+    assert raw["training"]["manifest_sha256"] and raw["orientation"] == "RAS"
+    model, checkpoint = load_model(best)
+    assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "rng", "epoch", "best_metric"} <= set(last["resume"])
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 1 and {"epoch", "train_loss", "val_dice", "lr", "seconds", "voxels_per_second"} <= set(rows[0])
+    info = json.loads((run / "run.json").read_text())
+    assert info["seed"] == 0 and info["config"]["network"]["width"] == 0.0625
+    assert {"versions", "git", "machine", "manifest", "data"} <= set(info)
+    assert len(info["data"]) == 3 and all(len(d["image_sha256"]) == 64 for d in info["data"])
+    assert (run / "tensorboard").is_dir()
+
+
+def test_resume_is_bit_identical(tiny_manifest, tmp_path):
+    config = tiny_config("network.dropout=0.2")
+    straight = train(tiny_manifest, 0, tmp_path / "a", config, device="cpu")
+    train(tiny_manifest, 0, tmp_path / "b", config, device="cpu", max_epochs_this_run=1)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["training"]["epoch"] == 1
+    resumed = train(tiny_manifest, 0, tmp_path / "b", config, device="cpu", resume=True)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["resume"]["history"][-1]["train_loss"] == b["resume"]["history"][-1]["train_loss"]
+    assert torch.load(straight, weights_only=True)["threshold"] == torch.load(resumed, weights_only=True)["threshold"]
+
+
+def test_resume_without_last_checkpoint_fails(tiny_manifest, tmp_path):
+    with pytest.raises(InputError, match="no last.pt"):
+        train(tiny_manifest, 0, tmp_path / "run", tiny_config(), device="cpu", resume=True)
+
+
+def test_encoder_weights_from_file_are_recorded(tiny_manifest, tmp_path, vgg16_file):
+    config = tiny_config("network.width=1.0", "optim.epochs=1", "val_cases=0", "encoder.freeze_epochs=-1",
+                         "data.patch_size=[16, 16, 16]")
+    best = train(tiny_manifest, 0, tmp_path / "run", config, device="cpu", encoder_weights=str(vgg16_file))
+    source = torch.load(best, weights_only=True)["training"]["encoder_source"]
+    assert source.startswith("file ") and "sha256" in source
+
+
+# --- bad input: raised before the first epoch, naming the case and the problem -----------------
+
+
+def _write(path, array, affine=np.eye(4)):
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+def _break(kind, case, tmp_path):
+    """Write a broken file for ``case`` and return the field to replace and the new path."""
+    image = nib.load(str(case.image))
+    data = np.asarray(image.dataobj)
+    if kind == "truncated":
+        raw = case.image.read_bytes()
+        path = tmp_path / "truncated.nii.gz"
+        path.write_bytes(raw[: len(raw) // 2])
+        return "image", path, "not a readable NIfTI"
+    if kind == "4d":
+        path = tmp_path / "four_d.nii.gz"
+        _write(path, np.stack([data, data], -1).astype(np.float32), image.affine)
+        return "image", path, "expected a 3D volume"
+    if kind == "nan":
+        path = tmp_path / "nan.nii.gz"
+        bad = data.astype(np.float32)
+        bad[0, 0, 0] = np.nan
+        _write(path, bad, image.affine)
+        return "image", path, "NaN"
+    if kind == "non_binary":
+        path = tmp_path / "label3.nii.gz"
+        label = np.asarray(nib.load(str(case.label)).dataobj).astype(np.uint8)
+        label[0, 0, 0] = 3
+        _write(path, label, image.affine)
+        return "label", path, "not binary"
+    if kind == "grid":
+        path = tmp_path / "label_grid.nii.gz"
+        _write(path, np.zeros((32, 32, 24), np.uint8), image.affine)
+        return "label", path, "shape"
+    if kind == "missing":
+        return "label", tmp_path / "nowhere.nii.gz", "file not found"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "4d", "nan", "non_binary", "grid", "missing", "checksum"])
+def test_bad_input_is_rejected_before_training(tiny_manifest, tmp_path, kind):
+    import dataclasses
+
+    import shutil
+
+    shutil.copytree(tiny_manifest.parent, tmp_path / "data")
+    tmp_path = tmp_path / "data"
+    manifest = load_manifest(tmp_path / "manifest.json")
+    victim = manifest.train_cases(0)[1]
+    if kind == "checksum":
+        replaced = dataclasses.replace(victim, sha256={"image": "0" * 64, "label": victim.sha256["label"]})
+        expected = "sha256 mismatch"
+    else:
+        field, path, expected = _break(kind, victim, tmp_path)
+        replaced = dataclasses.replace(victim, **{field: path}, sha256={"image": None, "label": None})
+    cases = [replaced if c.id == victim.id else c for c in manifest.cases]
+    broken = dataclasses.replace(manifest, cases=cases)
+    broken_path = tmp_path / "broken.json"
+    save_manifest(broken, broken_path)
+    run = tmp_path.parent / "run"
+    with pytest.raises(InputError) as caught:
+        train(broken_path, 0, run, tiny_config(), device="cpu")
+    assert f"case {victim.id}" in str(caught.value) and expected in str(caught.value)
+    assert not (run / "last.pt").exists()
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_train_with_overrides_and_check(tiny_manifest, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--manifest", str(tiny_manifest), "--fold", "1", "--out", str(run),
+                                 "--config", "demo_cpu", "--check"])
+    assert result.exit_code == 0, result.output
+    assert "no problem found" in result.output and not (run / "last.pt").exists()
+    result = runner.invoke(app, ["train", "--manifest", str(tiny_manifest), "--fold", "1", "--out", str(run),
+                                 "--device", "cpu", "--encoder-weights", "none", *TINY, "optim.epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert (run / "best.pt").is_file()
+    assert json.loads((run / "run.json").read_text())["config"]["optim"]["epochs"] == 1
+
+
+def test_cli_reports_config_errors(tiny_manifest, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--manifest", str(tiny_manifest), "--fold", "0", "--out",
+                                      str(tmp_path / "run"), "optim.lr_rate=1"])
+    assert result.exit_code == 1 and "lr_rate" in result.output
+
+
+# --- DDP on the CPU: two gloo processes ---------------------------------------------------------
+
+
+def _ddp_worker(rank, port, manifest, out, overrides):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(manifest, 0, out, load_config("demo_cpu", overrides), device="cpu")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes(tiny_manifest, tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_worker, args=(port, str(tiny_manifest), str(out), TINY + ["optim.epochs=1"]), nprocs=2, join=True)
+    assert (out / "best.pt").is_file()
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2
+    load_model(out / "best.pt")
