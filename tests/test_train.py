@@ -201,3 +201,16 @@ def test_ddp_two_gloo_processes(tiny_manifest, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["world_size"] == 2
     load_model(out / "best.pt")
+
+
+def test_slab_sampling_takes_whole_planes(tiny_manifest):
+    from pipelines import data as D
+
+    manifest = load_manifest(tiny_manifest)
+    cases = manifest.train_cases(0)
+    config = load_config("paper", ["data.samples_per_volume=2", "data.cache=none"])
+    shapes = [D.case_shape(c) for c in cases]
+    dataset = D.build_dataset(config, cases[:1], D.training_transform(config, 2, shapes), None)
+    batches = list(D.patch_batches(D.make_loader(dataset, config, 0), 3))
+    assert [tuple(b[0].shape) for b in batches] == [(2, 1, 64, 64, 16)]
+    assert set(torch.unique(batches[0][1]).tolist()) <= {0.0, 1.0}
