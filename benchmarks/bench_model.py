@@ -1,0 +1,377 @@
+"""Speed, FLOPs and peak memory of the full-width planar res-u-net against MONAI peers.
+
+One run measures, on the current device (CUDA if available, else the CPU):
+
+* a matrix-multiply peak (fp32 on the CPU; fp32 and bf16 on CUDA), best of several;
+* for each model (planar res-u-net width 1.0, MONAI DynUNet nnU-Net-like, MONAI UNet):
+  - a training slab 1x1x16x256x256: forward (under ``torch.inference_mode()``) and
+    forward+backward (loss = mean of the outputs, no optimiser step);
+  - a whole-head volume 1x1x176x256x256: forward under ``torch.inference_mode()``;
+  time (median of the timed repeats after warm-up), FLOPs (``FlopCounterMode``), GFLOP/s,
+  % of the matmul peak and peak memory.
+
+Every case runs in a fresh subprocess so peak memory (``ru_maxrss`` on the CPU,
+``torch.cuda.max_memory_allocated`` on CUDA) belongs to that case alone. On CUDA every case runs
+twice: fp32 (NCDHW) and bf16 autocast + ``channels_last_3d``.
+
+The planar net is built with ``plane_axis=0``: input (N, C, planes, H, W) with (1,3,3) kernels,
+the 16 slab planes along the first spatial axis. DynUNet needs every spatial size divisible by
+32 (five stride-2 levels), so its input is zero-padded at the far end up to a multiple of 32
+(16 -> 32 planes for the slab, 176 -> 192 for the whole head) inside the timed region and the
+output cropped back; the table shows the padded size.
+
+Usage::
+
+    python benchmarks/bench_model.py                      # full run (CPU: ~10 minutes)
+    python benchmarks/bench_model.py --quick              # smoke run on small inputs
+    python benchmarks/bench_model.py --models planar,unet --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODELS = ("planar", "dynunet", "unet")
+FULL_INPUTS = {"slab": (16, 256, 256), "head": (176, 256, 256)}
+QUICK_INPUTS = {"slab": (16, 64, 64), "head": (32, 64, 64)}
+# (input name, pass) in the order they run
+CASES = (("slab", "fwd"), ("slab", "fwd+bwd"), ("head", "fwd"))
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+
+
+class PadToMultiple(nn.Module):
+    """Zero-pad the spatial axes at the far end up to a multiple, run ``net``, crop back."""
+
+    def __init__(self, net: nn.Module, multiple: int):
+        super().__init__()
+        self.net = net
+        self.multiple = multiple
+
+    def padded_shape(self, spatial: Sequence[int]) -> List[int]:
+        return [s + (-s) % self.multiple for s in spatial]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
+        pad: List[int] = []
+        for s in reversed(size):
+            pad += [0, (-int(s)) % self.multiple]
+        if any(pad):
+            x = F.pad(x, pad)
+        out = self.net(x)
+        return out[:, :, : size[0], : size[1], : size[2]]
+
+
+def build_model(name: str) -> nn.Module:
+    """The benchmarked networks, all 1 input and 1 output channel."""
+    if name == "planar":
+        from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
+
+        return PlanarResUNet(PlanarResUNetConfig(in_channels=1, out_channels=1, plane_axis=0, width=1.0))
+    if name == "dynunet":
+        from monai.networks.nets import DynUNet
+
+        strides = [[1, 1, 1]] + [[2, 2, 2]] * 5
+        net = DynUNet(
+            spatial_dims=3, in_channels=1, out_channels=1,
+            kernel_size=[[3, 3, 3]] * 6, strides=strides, upsample_kernel_size=strides[1:],
+            filters=(32, 64, 128, 256, 320, 320),
+            norm_name=("INSTANCE", {"affine": True}),
+            act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+            res_block=False, deep_supervision=False,
+        )
+        return PadToMultiple(net, 32)
+    if name == "unet":
+        from monai.networks.nets import UNet
+
+        return UNet(
+            spatial_dims=3, in_channels=1, out_channels=1,
+            channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2,
+        )
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def effective_shape(name: str, spatial: Sequence[int]) -> List[int]:
+    """The spatial size the network really computes on (after its padding)."""
+    if name == "dynunet":
+        return [s + (-s) % 32 for s in spatial]
+    if name == "planar":
+        return [s + (-s) % 16 for s in spatial]  # 4 pools of 2 along every axis
+    return list(spatial)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# one case (runs in its own subprocess)
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(model_name: str, spatial: Sequence[int], pass_: str, device: torch.device) -> float:
+    """FLOPs of one pass via FlopCounterMode on the meta device (no compute; falls back to real)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def run(dev: torch.device) -> float:
+        with torch.device(dev):
+            model = build_model(model_name)
+        x = torch.zeros((1, 1, *spatial), device=dev)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            if pass_ == "fwd":
+                with torch.inference_mode():
+                    model(x)
+            else:
+                model(x).float().mean().backward()
+        return float(counter.get_total_flops())
+
+    try:
+        return run(torch.device("meta"))
+    except Exception as exc:  # pragma: no cover - depends on operator meta support
+        print(f"  meta FLOP count failed ({exc!r}); counting on {device}", file=sys.stderr)
+        return run(device)
+
+
+def run_case(
+    model_name: str, spatial: Sequence[int], pass_: str, variant: str, warmup: int, repeats: int,
+    slow_s: float, matmul_n: int,
+) -> Dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    flops = count_flops(model_name, spatial, pass_, device)
+    # the same matmul peak again in this process, right before timing: on a shared CPU the
+    # ratio to this one is less sensitive to other load than the ratio to the run-wide peak
+    local_peak = matmul_peak(device, torch.bfloat16 if variant == "bf16-cl" else torch.float32, matmul_n, 2)
+
+    model = build_model(model_name).to(device)
+    params = count_params(model)
+    x = torch.randn((1, 1, *spatial), device=device)
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    if variant == "bf16-cl":
+        model = model.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    if pass_ == "fwd":
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), autocast():
+                model(x)
+    else:
+        model.train()
+
+        def step() -> None:
+            with autocast():
+                loss = model(x).float().mean()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times: List[float] = []
+    warmup_times: List[float] = []
+    single_run = False
+    for i in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(elapsed)
+        else:
+            warmup_times.append(elapsed)
+            if elapsed > slow_s:  # one pass takes minutes: report that pass alone
+                times, single_run = [elapsed], True
+                break
+    seconds = statistics.median(times)
+    if device.type == "cuda":
+        peak_bytes = torch.cuda.max_memory_allocated(device)
+        peak_kind = "cuda max allocated"
+    else:
+        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peak_kind = "peak RSS"
+    return {
+        "model": model_name, "input": list(spatial), "computed_input": effective_shape(model_name, spatial),
+        "pass": pass_, "variant": variant, "params": params, "flops": flops,
+        "seconds": seconds, "times": times, "warmup_times": warmup_times, "single_run": single_run,
+        "local_peak_flops": local_peak, "pct_local_peak": 100 * flops / seconds / local_peak, "flops_per_s": flops / seconds,
+        "peak_bytes": peak_bytes, "peak_kind": peak_kind, "rss_before_timing_bytes": rss_before_kib * 1024,
+        "device": str(device),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# matmul peak
+# --------------------------------------------------------------------------------------------
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """Best FLOP/s of an n x n x n matrix product over ``repeats`` runs (after one warm-up)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def markdown_table(rows: List[Dict], peaks: Dict[str, float]) -> str:
+    lines = [
+        "| model | input (computed as) | pass | variant | params | GFLOP | time | GFLOP/s | % of peak | % of in-process peak | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        shape = "x".join(map(str, r["input"]))
+        if r.get("computed_input") and r["computed_input"] != r["input"]:
+            shape += " (" + "x".join(map(str, r["computed_input"])) + ")"
+        if "error" in r:
+            lines.append(f"| {r['model']} | {shape} | {r['pass']} | {r['variant']} | | | {r['error']} | | | | |")
+            continue
+        peak = peaks["bf16" if r["variant"] == "bf16-cl" else "fp32"]
+        lines.append(
+            f"| {r['model']} | {shape} | {r['pass']} | {r['variant']} | {r['params'] / 1e6:.1f} M "
+            f"| {r['flops'] / 1e9:.0f} | {fmt_time(r['seconds'])}{' ¹' if r.get('single_run') else ''} "
+            f"| {r['flops_per_s'] / 1e9:.0f} | {100 * r['flops_per_s'] / peak:.0f} % | {r['pct_local_peak']:.0f} % "
+            f"| {fmt_bytes(r['peak_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small inputs for a fast smoke run")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma list of planar,dynunet,unet")
+    parser.add_argument("--json", dest="json_out", help="write all results to this JSON file")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per case")
+    parser.add_argument("--slow", type=float, default=45.0,
+                        help="CPU: if the warm-up pass takes longer than this (s), report it as the only run")
+    parser.add_argument("--_case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+
+    if args._case:
+        spec = json.loads(args._case)
+        result = run_case(spec["model"], spec["spatial"], spec["pass"], spec["variant"], spec["warmup"],
+                          spec["repeats"], spec["slow_s"], spec["matmul_n"])
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            parser.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    inputs = QUICK_INPUTS if args.quick else FULL_INPUTS
+    variants = ["fp32", "bf16-cl"] if cuda else ["fp32"]
+
+    load_start = os.getloadavg()[0]
+    n = 1024 if args.quick else (8192 if cuda else 4096)
+    peaks = {"fp32": matmul_peak(device, torch.float32, n, 5 if cuda or args.quick else 4)}
+    if cuda:
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16, n, 5)
+    device_name = torch.cuda.get_device_name(device) if cuda else f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+    print(f"# bench_model.py  {datetime.datetime.now().isoformat(timespec='seconds')}  {device_name}  torch {torch.__version__}")
+    print("# matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s ({n}x{n})" for k, v in peaks.items()), flush=True)
+
+    rows: List[Dict] = []
+    for model in models:
+        for input_name, pass_ in CASES:
+            spatial = inputs[input_name]
+            big = not cuda and not args.quick and (input_name == "head" or pass_ == "fwd+bwd")
+            warmup, repeats = (1, 2) if big else ((2, 5) if cuda or args.quick else (1, 3))
+            for variant in variants:
+                spec = {"model": model, "spatial": list(spatial), "pass": pass_, "variant": variant,
+                        "warmup": warmup, "repeats": repeats, "slow_s": args.slow if not cuda else 1e9,
+                        "matmul_n": n}
+                t0 = time.perf_counter()
+                try:
+                    proc = subprocess.run(
+                        [sys.executable, os.path.abspath(__file__), "--_case", json.dumps(spec)],
+                        capture_output=True, text=True, timeout=args.timeout,
+                    )
+                    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                    if proc.returncode != 0 or not line:
+                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                        reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else tail[:120]
+                        row = dict(spec, input=list(spatial), error=f"failed: {reason}")
+                    else:
+                        row = json.loads(line[-1][len("RESULT "):])
+                except subprocess.TimeoutExpired:
+                    row = dict(spec, input=list(spatial), error=f"over {args.timeout:.0f} s, stopped")
+                row["wall_s"] = time.perf_counter() - t0
+                rows.append(row)
+                status = row.get("error") or f"{fmt_time(row['seconds'])}, {row['flops_per_s'] / 1e9:.0f} GFLOP/s, {fmt_bytes(row['peak_bytes'])}"
+                print(f"  {model:8s} {input_name} {pass_:8s} {variant:8s} {status}  (case wall {row['wall_s']:.0f} s)",
+                      file=sys.stderr, flush=True)
+
+    print()
+    print(markdown_table(rows, peaks))
+    if any(r.get("single_run") for r in rows):
+        print(f"\n¹ one pass only (the warm-up pass took over {args.slow:.0f} s), so it includes first-call overheads.")
+    print(f"\nPeak memory: {'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of a fresh process per row (includes ~0.5 GiB of torch/MONAI and the weights)'}."
+          f" Load average at the end: {os.getloadavg()[0]:.1f} (at the start {load_start:.1f}).")
+    planar = [r for r in rows if r["model"] == "planar" and r["pass"] == "fwd" and "error" not in r and r["variant"] == "fp32"]
+    if planar and not cuda:
+        best = max(100 * r["flops_per_s"] / peaks["fp32"] for r in planar)
+        best_local = max(r["pct_local_peak"] for r in planar)
+        verdict = "meets" if max(best, best_local) >= 60 else "misses"
+        print(f"\nPlanar inference reaches {best:.0f} % of the run-wide fp32 matmul peak ({best_local:.0f} % of the"
+              f" in-process one): {verdict} the 60 % goal.")
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump({"device": device_name, "torch": torch.__version__, "date": datetime.datetime.now().isoformat(),
+                       "matmul_peak_flops": peaks, "matmul_n": n, "quick": args.quick, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
