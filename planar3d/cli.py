@@ -290,6 +290,64 @@ def evaluate(
         fail(f"{len(result.failed)} of {len(result.cases)} cases failed (see above and {result.out_dir / 'summary.json'})")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for data, run, predictions and report."),
+    cases: int = typer.Option(12, "--cases", min=6, help="Synthetic cases to generate."),
+    seed: int = typer.Option(0, "--seed"),
+    encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none (default of the demo config) or FILE."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+) -> None:
+    """Synthetic data -> train -> predict held-out cases -> evaluate -> report (about 10 min on 2 CPU cores)."""
+    from pipelines.demo import run_demo
+
+    try:
+        result = run_demo(out, cases=cases, seed=seed, encoder_weights=encoder_weights, device=device)
+    except Planar3DError as error:
+        fail(str(error))
+    typer.echo(result.table)
+    timing = ", ".join(f"{step} {seconds:.0f} s" for step, seconds in result.seconds.items())
+    typer.echo(f"time: {timing}; report: {result.report}")
+
+
+@app.command()
+def rerun(
+    experiment: Path = typer.Argument(..., help="Experiment YAML (e.g. pipelines/experiments/msseg2016_paper.yaml)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/<experiment name>)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Data folder overriding the manifest's root."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="Reference results JSON; exit 1 when outside its tolerances."),
+) -> None:
+    """Train, predict and evaluate every fold x seed (resumable); write the reproducibility checklist."""
+    from pipelines.rerun import rerun as run_experiment
+
+    try:
+        report = run_experiment(experiment, out_dir=out, root=root, compare_with=compare)
+    except Planar3DError as error:
+        fail(str(error))
+    from pipelines.reproducibility import markdown
+
+    typer.echo(markdown(report).split("## Checklist")[0].rstrip())
+    disagreements = (report.get("comparison") or {}).get("disagreements")
+    if disagreements:
+        fail("results disagree with the reference:\n  " + "\n  ".join(disagreements))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run folder (best.pt) or planar3d-model checkpoint."),
+    format: str = typer.Option(..., "--format", help="torchscript, onnx or bundle (a MONAI bundle)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (torchscript, onnx) or folder (bundle); default <run>/export/."),
+) -> None:
+    """Export a trained model as TorchScript, ONNX or a MONAI bundle."""
+    from pipelines.export import export_model
+
+    try:
+        written = export_model(run, format, out)
+    except Planar3DError as error:
+        fail(str(error))
+    typer.echo(f"wrote {written}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``planar3d`` console script."""
     app(args=argv, prog_name="planar3d")
