@@ -41,7 +41,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=5, help="epochs between test evaluations")
     parser.add_argument("--config", default="demo_cpu")
-    parser.add_argument("--geometry", default="3d,thick")
+    parser.add_argument("--geometry", default="3d", help="synthetic geometries, e.g. 3d,thick")
+    parser.add_argument("--size", default="full", help="synthetic size preset: full (1 mm) or small (3.3 mm)")
+    parser.add_argument("--also-test", default=None,
+                        help="manifest of other labeled cases (e.g. data_manifests/mslub_mni_patient26.json) scored with best.pt")
     parser.add_argument("--work", default=None, help="folder for data and run (default: a temp folder)")
     parser.add_argument("--manifest", default=None, help="use this manifest instead of synthetic data")
     parser.add_argument("overrides", nargs="*")
@@ -56,7 +59,7 @@ def main() -> None:
     if args.manifest:
         manifest_path = Path(args.manifest)
     else:
-        manifest_path = write_synthetic_dataset(work / "data", args.cases, args.seed, size="small",
+        manifest_path = write_synthetic_dataset(work / "data", args.cases, args.seed, size=args.size,
                                                 geometries=tuple(args.geometry.split(",")))
     config = load_config(args.config, args.overrides)
     test_cases = load_manifest(manifest_path).test_cases(0)
@@ -72,13 +75,16 @@ def main() -> None:
         rows.append((done, wall, float(last["val_dice"]), score, float(last["voxels_per_second"])))
         print(f"epoch {done}: wall {wall:.0f} s, test Dice {score:.3f}", flush=True)
     best = test_dice(run / "best.pt", test_cases)
-    print(f"\nconfig {args.config} {' '.join(args.overrides)}; {args.cases} synthetic cases (small, {args.geometry}), "
+    print(f"\nconfig {args.config} {' '.join(args.overrides)}; {args.cases} synthetic cases ({args.size}, {args.geometry}), "
           f"fold 0: {len(test_cases)} test cases; run folder {run}")
     print("| epochs | wall s | val Dice (last) | test Dice (last.pt) | train voxels/s |")
     print("|---|---|---|---|---|")
     for epochs, wall, val, score, speed in rows:
         print(f"| {epochs} | {wall:.0f} | {val:.3f} | {score:.3f} | {speed:.3g} |")
     print(f"\nbest.pt: test Dice {best:.3f}")
+    if args.also_test:
+        other = [case for case in load_manifest(args.also_test).cases if case.label is not None]
+        print(f"best.pt on {args.also_test} ({', '.join(c.id for c in other)}): Dice {test_dice(run / 'best.pt', other):.3f}")
 
 
 if __name__ == "__main__":

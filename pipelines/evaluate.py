@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from planar3d.errors import InputError
+from planar3d.planes import plane_axis_from_spacing
 from planar3d.io import atomic_save_json, atomic_write_text, read_volume, voxel_spacing
 from planar3d.metrics import DEFINITIONS, METRIC_NAMES, case_metrics
 from planar3d.metrics.lesion import DetectionParameters
@@ -173,12 +174,6 @@ def _pairs_from_manifest(
 # --- one case -----------------------------------------------------------------------------------
 
 
-def _qc_axis(spacing: Sequence[float]) -> int:
-    """Slices normal to the coarsest axis when it is > 1.2 x the finest, else axis 2."""
-    spacing = np.asarray(spacing, dtype=float)
-    return int(np.argmax(spacing)) if spacing.max() > 1.2 * spacing.min() else 2
-
-
 def _evaluate_case(case: CaseResult, params: DetectionParameters, qc_dir: Optional[Path]) -> None:
     try:
         ref, ref_image = read_volume(case.reference, dtype=None)
@@ -205,7 +200,7 @@ def _evaluate_case(case: CaseResult, params: DetectionParameters, qc_dir: Option
             if flair is not None and flair.shape != ref.shape:
                 flair = None
         name = case.id.replace("/", "__") + ".png"
-        save_overlay_png(flair, {"reference": ref_mask, "prediction": pred_mask}, spacing, _qc_axis(spacing), qc_dir / name)
+        save_overlay_png(flair, {"reference": ref_mask, "prediction": pred_mask}, spacing, plane_axis_from_spacing(spacing), qc_dir / name)
         case.qc = f"qc/{name}"
 
 

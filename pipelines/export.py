@@ -24,6 +24,9 @@ import shutil
 from pathlib import Path
 from typing import Dict
 
+import monai
+import nibabel
+import numpy
 import torch
 
 from planar3d.checkpoint import load_model
@@ -100,10 +103,10 @@ def export_bundle(model_path: str | Path, out_dir: str | Path) -> Path:
     metadata = {
         "version": "0.1.0",
         "changelog": {"0.1.0": f"exported by planar3d {__version__}"},
-        "monai_version": versions.get("monai") or __import__("monai").__version__,
+        "monai_version": versions.get("monai") or monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": __import__("numpy").__version__,
-        "required_packages_version": {"planar3d": __version__, "nibabel": __import__("nibabel").__version__},
+        "numpy_version": numpy.__version__,
+        "required_packages_version": {"planar3d": __version__, "nibabel": nibabel.__version__},
         "name": "planar3d MS lesion segmentation (planar 3D res-u-net)",
         "task": "Segmentation of multiple-sclerosis lesions in raw FLAIR MRI",
         "description": "Planar 3D transfer learning (VGG-16 encoder with planar kernels). Runs planar3d's predict pipeline: exact RAS reorientation, head-percentile normalisation, sliding window, threshold, small-lesion removal; masks in each scan's own geometry.",

@@ -33,6 +33,7 @@ from planar3d.checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint
 from planar3d.errors import ConfigError, InputError
 from planar3d.io import atomic_save_json, atomic_write_text, sha256_file
 from planar3d.preprocess import NormalizationConfig
+from planar3d.provenance import package_versions
 
 from pipelines.config import TrainConfig
 from pipelines import data as data_module
@@ -139,6 +140,8 @@ def build_model(config: TrainConfig, plane_axis: int, pools: Sequence[bool], wei
     from planar3d.vgg import load_vgg16_state_dict
 
     model = PlanarResUNet(network_config(config, plane_axis, pools))
+    # CUDA's max-pool backward is non-deterministic; the network swaps in an exact equivalent.
+    model.use_deterministic_pooling(config.deterministic)
     if str(weights) == "none":
         log.warning("encoder weights: none -- random initialisation, no transfer learning")
         return model, "none (random initialisation)"
@@ -467,7 +470,7 @@ def train(
     model, encoder_source = build_model(config, plane_axis, pools, config.encoder.weights)
     net_config = network_config(config, plane_axis, pools)
     info = {"encoder_source": encoder_source, "manifest_sha256": sha256_file(manifest_path),
-            "versions": __import__("planar3d.provenance", fromlist=["x"]).package_versions()}
+            "versions": package_versions()}
 
     from planar3d.inference import prepare_model
 

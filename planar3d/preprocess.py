@@ -58,6 +58,8 @@ class NormalizationConfig:
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of ``values`` (maximises the between-class variance of a histogram)."""
     values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        return 0.0
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return low

@@ -85,3 +85,21 @@ def test_torchscript_matches_eager_on_any_size():
     x = torch.randn(1, 1, 11, 16, 9)
     with torch.no_grad():
         assert torch.allclose(scripted(x), net(x), atol=1e-6)
+
+
+def test_deterministic_pooling_path_equals_max_pool():
+    """The reshape + amax path used for deterministic CUDA training gives max-pool's values."""
+    import torch.nn.functional as F
+
+    from planar3d.networks.layers import block_max_pool
+
+    x = torch.randn(2, 3, 8, 6, 4, requires_grad=True)
+    for kernel in [(2, 2, 2), (1, 2, 2), (2, 2, 1)]:
+        assert torch.equal(block_max_pool(x, kernel), F.max_pool3d(x, kernel, kernel))
+    block_max_pool(x, (2, 2, 2)).sum().backward()
+    assert torch.equal(x.grad.sum(), torch.tensor(2 * 3 * 4 * 3 * 2.0))  # one unit per window (no ties)
+    net = PlanarResUNet(PlanarResUNetConfig(**TINY))
+    net.use_deterministic_pooling()
+    assert all(pool.deterministic for pool in net.encoder.pools)
+    scripted = torch.jit.script(net)  # the flag keeps the network scriptable
+    assert scripted(torch.randn(1, 1, 8, 8, 8)).shape == (1, 1, 8, 8, 8)

@@ -19,22 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from planar3d.errors import InputError
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1D sample (maximises the between-class variance)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    if values.size == 0 or values.min() == values.max():
-        return float(values.min()) if values.size else 0.0
-    hist, edges = np.histogram(values, bins=bins)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centers[int(np.argmax(between[:-1]))])
+from planar3d.preprocess import otsu_threshold
 
 
 def head_mask(flair: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from planar3d.networks.layers import Triple, along_plane, conv3d
+from planar3d.networks.layers import BlockMaxPool3d, Triple, along_plane, conv3d
 
 VGG16_BLOCK_WIDTHS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512))
 
@@ -61,7 +61,7 @@ class PlanarVGGEncoder(nn.Module):
                 layers += [conv3d(channels, scaled(w, width), kernel), nn.ReLU(inplace=True)]
                 channels = scaled(w, width)
             self.blocks.append(nn.Sequential(*layers))
-            self.pools.append(nn.MaxPool3d(tuple(pool), stride=tuple(pool)))
+            self.pools.append(BlockMaxPool3d(pool))
             self.out_channels.append(channels)
 
     def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 Triple = Tuple[int, int, int]
@@ -54,3 +56,33 @@ def normalization(name: str | None, channels: int) -> nn.Module:
     if name == "instance":
         return nn.InstanceNorm3d(channels, affine=True)
     raise ValueError(f"norm must be None, 'batch' or 'instance', got {name!r}")
+
+
+class BlockMaxPool3d(nn.Module):
+    """Max-pool with kernel = stride, deterministic on CUDA when determinism is requested.
+
+    CUDA's ``max_pool3d`` backward has no deterministic kernel, so with
+    ``torch.use_deterministic_algorithms(True)`` PyTorch refuses it. Windows that tile the
+    input (kernel = stride, sizes divisible, which :class:`PlanarResUNet` guarantees by padding)
+    can instead be computed as a reshape and ``amax``: the same forward values exactly, and a
+    backward without atomics (ties share the gradient equally instead of going to one voxel).
+    That path is taken on CUDA when ``deterministic`` is set (see
+    ``PlanarResUNet.use_deterministic_pooling``); elsewhere the usual kernel runs.
+    """
+
+    def __init__(self, kernel: Triple, deterministic: bool = False):
+        super().__init__()
+        self.kernel = tuple(int(k) for k in kernel)
+        self.deterministic = deterministic
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deterministic and x.is_cuda:
+            return block_max_pool(x, self.kernel)
+        return F.max_pool3d(x, self.kernel, self.kernel)
+
+
+def block_max_pool(x: torch.Tensor, kernel: Tuple[int, int, int]) -> torch.Tensor:
+    """Max over non-overlapping ``kernel`` blocks as reshape + ``amax`` (sizes must divide)."""
+    n, c, d, h, w = x.shape
+    kd, kh, kw = kernel
+    return x.reshape(n, c, d // kd, kd, h // kh, kh, w // kw, kw).amax(dim=(3, 5, 7))

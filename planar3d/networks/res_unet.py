@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planar3d.networks.encoder import PlanarVGGEncoder, scaled
-from planar3d.networks.layers import Triple, activation, along_plane, conv3d, normalization
+from planar3d.networks.layers import BlockMaxPool3d, Triple, activation, along_plane, conv3d, normalization
 
 DECODER_WIDTHS = (256, 128, 64, 32)
 BOTTLENECK_WIDTH = 512
@@ -181,6 +181,12 @@ class PlanarResUNet(nn.Module):
         """Stop (or restart) training the transferred VGG-16 weights."""
         for parameter in self.encoder.parameters():
             parameter.requires_grad_(not frozen)
+
+    def use_deterministic_pooling(self, enabled: bool = True) -> None:
+        """Pool with a deterministic backward on CUDA (for ``--deterministic`` training)."""
+        for module in self.modules():
+            if isinstance(module, BlockMaxPool3d):
+                module.deterministic = enabled
 
     @property
     @torch.jit.unused
