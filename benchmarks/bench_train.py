@@ -18,11 +18,13 @@ from pathlib import Path
 
 
 def test_dice(checkpoint_path: Path, cases) -> float:
-    """Mean Dice of a checkpoint on cases (its stored threshold, whole-volume inference)."""
+    """Mean Dice of a checkpoint on cases, post-processed as ``planar3d predict`` does by default
+    (its stored threshold, whole-volume inference, components of <= 3 mm³ removed)."""
     from planar3d.checkpoint import load_model
     from planar3d.inference import predict_probabilities
     from planar3d.metrics.voxel import dice
-    from pipelines.data import load_case_arrays
+    from pipelines.data import case_spacing, load_case_arrays
+    from pipelines.predict import remove_small_components
 
     model, checkpoint = load_model(checkpoint_path)
     scores = []
@@ -31,7 +33,8 @@ def test_dice(checkpoint_path: Path, cases) -> float:
         probability = predict_probabilities(model, arrays["image"][0], roi_size=checkpoint["inference"]["roi_size"],
                                             overlap=checkpoint["inference"]["overlap"],
                                             in_channels=checkpoint["network"]["in_channels"])
-        scores.append(dice(probability >= checkpoint["threshold"], arrays["label"][0] > 0))
+        mask = remove_small_components(probability >= checkpoint["threshold"], case_spacing(case), 3.0)
+        scores.append(dice(mask, arrays["label"][0] > 0))
     return sum(scores) / len(scores)
 
 

@@ -106,7 +106,7 @@ def markdown(report: Dict[str, object]) -> str:
         f"- **Runs**: {report['runs']['count']} (folds {report['runs']['folds']} x seeds {report['runs']['seeds']}); mean runtime per run this rerun: {report['runs']['mean_runtime_seconds_this_rerun'] and round(report['runs']['mean_runtime_seconds_this_rerun'], 1)} s.",
         f"- **Metrics**: {', '.join(report['metrics']['definitions'])}; definitions in the JSON and docs/metrics.md; variation: {report['metrics']['variation']}.",
         f"- **Hardware**: {report['hardware']['processor']}, {report['hardware']['cpu_count']} CPUs, {report['hardware'].get('memory_gib')} GiB, GPU: {report['hardware']['gpu'] or 'none'}.",
-        f"- **Software**: " + ", ".join(f"{k} {v}" for k, v in software["packages"].items()) + ".",
+        "- **Software**: " + ", ".join(f"{k} {v}" for k, v in software["packages"].items()) + ".",
         f"- **Code version**: commit {software['code']['commit']}{' (dirty tree)' if software['code']['dirty'] else ''}.",
         f"- **Dataset**: {dataset['dataset']}, {dataset['cases']} cases ({dataset['labeled_cases']} labeled), groups {dataset['groups']}, lesion load (mm³) {dataset['lesion_load_mm3']}; voxel sizes per case in the JSON.",
         f"- **Splits**: {len(dataset['folds'])} folds from `{report['splits']['manifest']}`: {dataset['folds']}.",

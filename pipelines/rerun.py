@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from planar3d.errors import ConfigError, InputError
-from planar3d.io import atomic_save_json, atomic_write_text, load_image, sha256_file, voxel_spacing
+from planar3d.io import atomic_save_json, load_image, sha256_file, voxel_spacing
 from pipelines.experiment import Experiment, load_experiment, resolve
 
 COMPLETE = "complete.json"

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

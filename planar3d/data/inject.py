@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from planar3d.errors import InputError
+from planar3d.io import read_volume
 from planar3d.preprocess import otsu_threshold
 
 
@@ -168,15 +169,7 @@ def lesion_masks_from_folder(folder: str | Path, host_img: nib.Nifti1Image) -> l
     shape = host_img.shape[:3]
     masks = []
     for path in files:
-        try:
-            img = nib.load(str(path))
-            data = np.asarray(img.dataobj)
-        except Exception as error:
-            raise InputError(path, f"cannot read lesion mask: {error}") from None
-        if data.ndim == 4 and data.shape[3] == 1:
-            data = data[..., 0]
-        if data.ndim != 3:
-            raise InputError(path, f"lesion mask must be 3D, has shape {data.shape}")
+        data, img = read_volume(path, dtype=None)
         binary = (data > 0).astype(np.uint8)
         if binary.shape == shape and np.allclose(img.affine, host_img.affine, atol=1e-4):
             masks.append(binary)

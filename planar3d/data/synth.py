@@ -15,28 +15,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from planar3d.errors import InputError
+from planar3d.io import atomic_write, atomic_write_text, read_volume
 
 MANIFEST_FORMAT = "planar3d-manifest/1"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_nifti_deterministic(array: np.ndarray, affine: np.ndarray, path: Path, header=None, code: int = 1) -> str:
@@ -49,7 +36,8 @@ def save_nifti_deterministic(array: np.ndarray, affine: np.ndarray, path: Path, 
     img.set_sform(affine, code=code)
     img.header.set_xyzt_units("mm", "sec")
     raw = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-    _write_atomic(path, raw)
+    with atomic_write(path, "wb") as stream:
+        stream.write(raw)
     return hashlib.sha256(raw).hexdigest()
 
 
@@ -114,10 +102,10 @@ def write_synthetic_dataset(
     if host is not None:
         from planar3d.data.inject import inject_lesions, lesion_masks_from_folder
 
-        host_img, host_data = _load(host)
+        host_data, host_img = read_volume(host)
         own = None
         if host_label is not None:
-            label_img, own = _load(host_label)
+            own, label_img = read_volume(host_label)
             if own.shape != host_data.shape:
                 raise InputError(host_label, f"host label shape {own.shape} differs from the host's {host_data.shape}")
         masks = lesion_masks_from_folder(lesion_masks_dir, host_img)
@@ -175,21 +163,5 @@ def write_synthetic_dataset(
         "folds": folds,
     }
     manifest_path = out_dir / "manifest.json"
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest_path
-
-
-def _load(path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file does not exist")
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as error:
-        raise InputError(path, f"cannot read NIfTI image: {error}") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(path, f"image must be 3D, has shape {data.shape}")
-    return img, data
