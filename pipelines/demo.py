@@ -64,7 +64,7 @@ def run_demo(
 
     start = time.perf_counter()
     evaluation = evaluate_folder(out_dir / "predictions", manifest=manifest, fold=0, out_dir=out_dir / "evaluation")
-    plot_training_curves(run_dir / "metrics.csv", out_dir / "evaluation" / "training_curves.png")
+    plot_training_curves(run_dir / "metrics.csv", out_dir / "evaluation" / "training_curves.png")  # beside the report
     seconds["evaluate"] = time.perf_counter() - start
     dice = (evaluation.overall.get("dice") or {}).get("mean")
     return DemoResult(out_dir, out_dir / "evaluation" / "report.md", evaluation.markdown_summary(), seconds, dice)

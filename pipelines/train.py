@@ -544,4 +544,8 @@ def train(
         best = load_checkpoint(out_dir / "last.pt", expected_format=MODEL_FORMAT)
         best.pop("resume", None)
         save_checkpoint(best, out_dir / "best.pt")
+    if dist.main:
+        from planar3d.qc import plot_training_curves
+
+        plot_training_curves(out_dir / "metrics.csv", out_dir / "training_curves.png")
     return out_dir / "best.pt"

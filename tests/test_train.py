@@ -58,6 +58,7 @@ def test_train_writes_loadable_outputs(tiny_manifest, tmp_path):
     assert {"versions", "git", "machine", "manifest", "data"} <= set(info)
     assert len(info["data"]) == 3 and all(len(d["image_sha256"]) == 64 for d in info["data"])
     assert (run / "tensorboard").is_dir()
+    assert (run / "training_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_resume_is_bit_identical(tiny_manifest, tmp_path):
