@@ -46,7 +46,7 @@ from scipy import ndimage
 
 from planar3d.errors import InputError, Planar3DError, WeightsError
 from planar3d.io import atomic_save_json, read_volume, voxel_spacing, write_like
-from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3
+from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3, label_lesions
 from planar3d.naming import MASK_SUFFIX, PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
 from planar3d.preprocess import NormalizationConfig, Reorientation, normalize_intensity
 
@@ -236,13 +236,10 @@ def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_size
         3
     """
     mask = np.asarray(mask).astype(bool, copy=False)
-    if min_size <= 0 or not mask.any():
+    if min_size <= 0:
         return mask.copy()
-    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 1))
-    volumes = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(np.asarray(spacing, dtype=float)))
-    keep = volumes > min_size
-    keep[0] = False
-    return keep[labels]
+    labels, _ = label_lesions(mask, spacing, min_size)  # the rule evaluation counts lesions with
+    return labels > 0
 
 
 @dataclass
