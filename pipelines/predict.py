@@ -42,7 +42,6 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import ndimage
 
 from planar3d.errors import InputError, Planar3DError, WeightsError
 from planar3d.io import atomic_save_json, read_volume, voxel_spacing, write_like
@@ -325,9 +324,11 @@ def finish_scan(
     """
     start = time.perf_counter()
     spacing = voxel_spacing(prepared.image)
-    mask_ras = remove_small_components(probability > settings.threshold, spacing, settings.min_lesion_size)
+    # One labelling gives both the kept components (the MSSEG rule, as evaluation counts them)
+    # and their number; a size of 0 keeps every component.
+    labels, lesions = label_lesions(probability > settings.threshold, spacing, max(settings.min_lesion_size, 0.0))
+    mask_ras = labels > 0
     mask = prepared.reorientation.inverse(mask_ras)
-    lesions = int(ndimage.label(mask_ras, structure=ndimage.generate_binary_structure(3, 1))[1]) if mask_ras.any() else 0
     postprocessed = time.perf_counter()
     outputs.mask.parent.mkdir(parents=True, exist_ok=True)
     write_like(mask.astype(np.uint8), prepared.image, outputs.mask, np.uint8)
