@@ -157,6 +157,9 @@ def synth(
     host: Optional[Path] = typer.Option(None, "--host", help="Real FLAIR to inject lesions into (instead of phantoms)."),
     host_label: Optional[Path] = typer.Option(None, "--host-label", help="Lesion mask of the host FLAIR."),
     lesion_masks: Optional[Path] = typer.Option(None, "--lesion-masks", help="Folder of lesion masks to inject into the host."),
+    brain_extracted: float = typer.Option(0.0, "--brain-extracted", min=0.0, max=1.0,
+                                          help="Fraction of cases written skull-stripped (0 outside the brain); with --host needs --template."),
+    template: Optional[Path] = typer.Option(None, "--template", help="With --host: brain-extracted image in the masks' space, registered to the host to place the masks."),
 ) -> None:
     """Write synthetic FLAIR cases with lesion labels and a manifest; print the manifest path."""
     from planar3d.data.synth import write_synthetic_dataset
@@ -166,7 +169,8 @@ def synth(
             out, cases, seed, size=size,
             geometries=tuple(g.strip() for g in geometry.split(",") if g.strip()),
             orientations=tuple(o.strip() for o in orientation.split(",") if o.strip()),
-            host=host, host_label=host_label, lesion_masks_dir=lesion_masks,
+            host=host, host_label=host_label, lesion_masks_dir=lesion_masks, brain_extracted=brain_extracted,
+            template=template,
         )
     except Planar3DError as error:
         fail(str(error))
@@ -207,6 +211,23 @@ def manifest_build(
     except (Planar3DError, ValueError) as error:
         fail(str(error))
     typer.echo(f"wrote {out}: {len(manifest.cases)} cases, {len(manifest.folds)} folds")
+
+
+@manifest_app.command("merge")
+def manifest_merge(
+    manifests: List[Path] = typer.Argument(..., help="Manifests to merge (e.g. phantoms and lesion-injected scans)."),
+    out: Path = typer.Option(..., "--out", help="Manifest JSON to write."),
+    dataset: str = typer.Option("merged", "--dataset", help="Name of the merged data set."),
+) -> None:
+    """Write one manifest with the cases of several; ids become <dataset>_<id>, fold k joins every fold k."""
+    from planar3d.data.manifest import load_manifest, merge_manifests, save_manifest
+
+    try:
+        merged = merge_manifests([load_manifest(path) for path in manifests], dataset)
+        save_manifest(merged, out)
+    except Planar3DError as error:
+        fail(str(error))
+    typer.echo(f"wrote {out}: {len(merged.cases)} cases, {len(merged.folds)} folds")
 
 
 @manifest_app.command("hash")

@@ -88,3 +88,23 @@ def test_errors_are_one_line(tmp_path):
     result = runner.invoke(app, ["manifest", "check", str(out), "--fold", "7"])
     assert result.exit_code == 1
     assert "fold 7 does not exist" in result.output
+
+
+def test_merge_prefixes_ids_joins_folds_and_keeps_files(tmp_path):
+    a = tmp_path / "phantoms" / "a.json"
+    b = tmp_path / "injected" / "deep" / "b.json"
+    assert runner.invoke(app, ["manifest", "build", str(_msseg(tmp_path / "msseg")), "--out", str(a), "--folds", "2", "--hash"]).exit_code == 0
+    assert runner.invoke(app, ["manifest", "build", str(_msseg(tmp_path / "other")), "--out", str(b), "--folds", "1"]).exit_code == 0
+    out = tmp_path / "merged.json"
+    result = runner.invoke(app, ["manifest", "merge", str(a), str(b), "--out", str(out), "--dataset", "mix"])
+    assert result.exit_code == 0, result.output
+    merged, first, second = load_manifest(out), load_manifest(a), load_manifest(b)
+    assert merged.dataset == "mix" and len(merged.cases) == 8
+    assert [c.id for c in merged.cases[:4]] == [f"msseg_{c.id}" for c in first.cases]
+    assert [c.id for c in merged.cases[4:]] == [f"other_{c.id}" for c in second.cases]
+    for case, source in zip(merged.cases, first.cases + second.cases):
+        assert (case.image, case.label, case.group, case.sha256) == (source.image, source.label, source.group, source.sha256)
+    assert merged.folds[0] == [f"msseg_{i}" for i in first.folds[0]] + [f"other_{i}" for i in second.folds[0]]
+    assert merged.folds[1] == [f"msseg_{i}" for i in first.folds[1]]
+    same = runner.invoke(app, ["manifest", "merge", str(a), str(a), "--out", str(tmp_path / "twice.json")])
+    assert same.exit_code == 0 and load_manifest(tmp_path / "twice.json").cases[4].id.startswith("1_")

@@ -56,6 +56,24 @@ def test_synth_folds_round_robin_five(tmp_path):
     assert {e["group"] for e in manifest["cases"]} == {"3d-LAS"}
 
 
+def test_synth_brain_extracted_fraction_leaves_other_cases_unchanged(tmp_path):
+    raw, mixed = tmp_path / "raw", tmp_path / "mixed"
+    assert _run("--out", raw, "--cases", 4, "--seed", 0, "--geometry", "3d").exit_code == 0
+    result = _run("--out", mixed, "--cases", 4, "--seed", 0, "--geometry", "3d", "--brain-extracted", 0.5)
+    assert result.exit_code == 0, result.output
+    a = json.loads((raw / "manifest.json").read_text())["cases"]
+    b = json.loads((mixed / "manifest.json").read_text())["cases"]
+    stripped = [y["group"].endswith("-brain") for y in b]
+    assert any(stripped) and not all(stripped)
+    for x, y, is_stripped in zip(a, b, stripped):
+        assert (x["sha256"] == y["sha256"]) != is_stripped
+        assert x["sha256"]["label"] == y["sha256"]["label"]  # same lesions either way
+        if is_stripped:
+            image = np.asarray(nib.load(str(mixed / y["image"])).dataobj)
+            assert (image == 0).mean() > 0.5  # background, skull and scalp are exactly 0
+    assert _run("--out", tmp_path / "bad", "--cases", 1, "--brain-extracted", 1.5).exit_code != 0
+
+
 def test_synth_with_host_injects_mask_subsets(tmp_path):
     p = make_phantom_parts(np.random.default_rng(5), size="small", orientation="LAS", lesion_load=0.002)
     host, label = tmp_path / "host.nii.gz", tmp_path / "host_lesions.nii.gz"

@@ -112,3 +112,15 @@ def test_bad_arguments():
         make_phantom(rng, shape=(10, 10, 10))
     with pytest.raises(ValueError, match="size"):
         make_phantom(rng, size="huge")
+
+
+def test_brain_extracted_is_the_raw_case_with_zero_outside_the_brain():
+    raw = make_phantom_parts(np.random.default_rng(5), keep_tissues=True, bias=False)
+    stripped = make_phantom_parts(np.random.default_rng(5), brain_extracted=True, bias=False)
+    brain = raw.tissues["brain"] >= 0.5
+    # Same random stream: identical anatomy, lesions and noise inside the brain.
+    np.testing.assert_array_equal(stripped.lesions, raw.lesions)
+    np.testing.assert_array_equal(stripped.flair[brain], raw.flair[brain])
+    assert np.all(stripped.flair[~brain] == 0)
+    assert np.all(stripped.lesions[~brain] == 0)
+    assert stripped.info["brain_extracted"] and not raw.info["brain_extracted"]

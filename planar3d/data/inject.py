@@ -144,15 +144,33 @@ def inject_lesions(
     return out, label
 
 
-def lesion_masks_from_folder(folder: str | Path, host_img: nib.Nifti1Image) -> list[np.ndarray]:
+def resample_to_host(data: np.ndarray, affine: np.ndarray, host_img: nib.Nifti1Image,
+                     host_to_world: np.ndarray | None = None) -> np.ndarray:
+    """Nearest-neighbour resampling of ``data`` (placed by ``affine``) onto the grid of ``host_img``.
+
+    The path is host voxel -> host world -> (``host_to_world``, e.g. from
+    :func:`planar3d.data.register.register_to_host`) -> the data's world -> data voxel.
+    """
+    world = np.eye(4) if host_to_world is None else np.asarray(host_to_world, dtype=np.float64)
+    matrix = np.linalg.inv(affine) @ world @ host_img.affine
+    return ndimage.affine_transform(
+        data, matrix[:3, :3], offset=matrix[:3, 3], output_shape=host_img.shape[:3], order=0, mode="constant", cval=0
+    )
+
+
+def lesion_masks_from_folder(folder: str | Path, host_img: nib.Nifti1Image,
+                             host_to_masks: np.ndarray | None = None) -> list[np.ndarray]:
     """Load every NIfTI mask of a folder onto the grid of ``host_img``.
 
     A mask on another grid is resampled with nearest neighbour through the two affines
-    (host voxel -> world -> mask voxel), so masks in MNI space fit a host in MNI space.
+    (host voxel -> world -> mask voxel), so masks in MNI space fit a host in MNI space. For a host
+    in its own space, ``host_to_masks`` maps host world to the masks' world (see
+    :mod:`planar3d.data.register`).
 
     Args:
         folder: folder of ``*.nii`` / ``*.nii.gz`` binary masks (sorted by name).
         host_img: the host image (its shape and affine define the grid).
+        host_to_masks: 4x4 world-to-world matrix, or None for the identity.
 
     Returns:
         One uint8 array (0/1) per file, with the host's shape.
@@ -171,11 +189,8 @@ def lesion_masks_from_folder(folder: str | Path, host_img: nib.Nifti1Image) -> l
     for path in files:
         data, img = read_volume(path, dtype=None)
         binary = (data > 0).astype(np.uint8)
-        if binary.shape == shape and np.allclose(img.affine, host_img.affine, atol=1e-4):
+        if host_to_masks is None and binary.shape == shape and np.allclose(img.affine, host_img.affine, atol=1e-4):
             masks.append(binary)
             continue
-        matrix = np.linalg.inv(img.affine) @ host_img.affine
-        masks.append(
-            ndimage.affine_transform(binary, matrix[:3, :3], offset=matrix[:3, 3], output_shape=shape, order=0, mode="constant", cval=0)
-        )
+        masks.append(resample_to_host(binary, img.affine, host_img, host_to_masks))
     return masks

@@ -267,14 +267,41 @@ def load_manifest(path: str | os.PathLike, root: Optional[str | os.PathLike] = N
 
 
 def save_manifest(manifest: Manifest, path: str | os.PathLike) -> None:
-    """Write ``manifest`` atomically; the root is written relative to the file's folder."""
+    """Write ``manifest`` atomically (creating its folder); the root is written relative to it."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_json(path, manifest.to_json_dict(relative_to=path.parent))
 
 
 def manifest_checksum(path: str | os.PathLike) -> str:
     """SHA-256 of a manifest file (recorded by training runs)."""
     return sha256_file(path)
+
+
+def merge_manifests(manifests: list[Manifest], dataset: str) -> Manifest:
+    """One manifest holding the cases of several (e.g. phantoms and lesion-injected real scans).
+
+    Case ids become ``<dataset>_<id>`` (the source manifest's data set name; ``<index>_<id>``
+    when two share a name), the root is the deepest folder holding every source root, and fold
+    ``k`` tests the union of the sources' folds ``k`` (a source with fewer folds adds nothing
+    to the later ones).
+
+    Raises:
+        InputError: no manifests given.
+    """
+    if not manifests:
+        raise InputError(dataset, "no manifests to merge")
+    names = [m.dataset for m in manifests]
+    prefixes = [name if names.count(name) == 1 else f"{n}" for n, name in enumerate(names)]
+    root = Path(os.path.commonpath([str(m.root) for m in manifests]))
+    cases, folds = [], [[] for _ in range(max(len(m.folds) for m in manifests))]
+    for prefix, manifest in zip(prefixes, manifests):
+        for case in manifest.cases:
+            cases.append(Case(f"{prefix}_{case.id}", case.image, case.label, case.group, dict(case.sha256)))
+        for k, fold in enumerate(manifest.folds):
+            folds[k].extend(f"{prefix}_{case_id}" for case_id in fold)
+    description = "merged from " + "; ".join(f"{m.dataset} ({m.source or m.root})" for m in manifests)
+    return Manifest(dataset, root, cases, folds, description)
 
 
 def _files(case: Case) -> list[tuple[str, Path]]:

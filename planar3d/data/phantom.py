@@ -290,11 +290,16 @@ def make_phantom_parts(
     bias: bool = True,
     min_lesion_volume: float | None = None,
     keep_tissues: bool = False,
+    brain_extracted: bool = False,
 ) -> Phantom:
     """Like :func:`make_phantom`, but return a :class:`Phantom` with tissue maps and facts.
 
     Args:
         keep_tissues: fill :attr:`Phantom.tissues` with the fraction maps (slower).
+        brain_extracted: look like a preprocessed scan: everything outside the brain (brain
+            fraction < 0.5: outer CSF, skull, scalp, neck) is set to exactly 0 after the noise,
+            as skull-stripping tools leave it. The random stream is the same as without it, so
+            the anatomy and lesions are those of the raw case of the same seed.
         min_lesion_volume: smallest lesion volume (mm^3); None uses 1.5 voxel volumes of the
             output grid, so that lesions stay visible on coarse grids.
         (others): as in :func:`make_phantom`.
@@ -473,6 +478,7 @@ def make_phantom_parts(
 
     clean_out = to_output(clean)
     lesion_out = to_output(lesion_flat)
+    brain_out = to_output(brain_fraction) if brain_extracted else None
     tissue_out = {k: to_output(v) for k, v in tissues.items() if k != "lesion"} if keep_tissues else {}
     del clean, tissues, head, q, b
 
@@ -486,6 +492,8 @@ def make_phantom_parts(
         real = image + np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
         imag = np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
         image = np.sqrt(real * real + imag * imag)
+    if brain_out is not None:
+        image = np.where(brain_out >= 0.5, image, np.float32(0))
     affine = ras_affine @ ornt.inv_ornt_aff(transform, tuple(ras_shape))
     labels = (lesion_out >= 0.5).astype(np.uint8)
     info = {
@@ -501,6 +509,7 @@ def make_phantom_parts(
         "shape": shape,
         "orientation": orientation.upper(),
         "sub_slices": sub,
+        "brain_extracted": bool(brain_extracted),
     }
     return Phantom(
         flair=image.astype(np.float32, copy=False), lesions=labels, affine=affine, clean=clean_out,

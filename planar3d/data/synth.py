@@ -51,6 +51,8 @@ def write_synthetic_dataset(
     host: str | Path | None = None,
     host_label: str | Path | None = None,
     lesion_masks_dir: str | Path | None = None,
+    brain_extracted: float = 0.0,
+    template: str | Path | None = None,
 ) -> Path:
     """Generate ``cases`` cases into ``out_dir`` and return the path of its ``manifest.json``.
 
@@ -70,6 +72,15 @@ def write_synthetic_dataset(
         host: a real FLAIR to inject lesions into, instead of phantoms.
         host_label: the host's lesion mask (optional).
         lesion_masks_dir: folder of lesion masks to inject (required with ``host``).
+        brain_extracted: fraction of the cases written skull-stripped (0 outside the brain;
+            phantoms also without bias field), like the preprocessed scans of public data sets;
+            which cases are is drawn from ``default_rng([seed, i, 1])``, so the other cases do
+            not change. With a host, the brain is the ``template``'s foreground mapped onto it.
+        template: with ``host``: the brain-extracted image the lesion masks were drawn on (same
+            world space as the masks, e.g. a FLAIR or template in MNI space). It is registered
+            to the host (affine, :mod:`planar3d.data.register`) and the masks are placed through
+            that registration, so they land in the host's white matter even when the host is in
+            its own scanner space. Without it the masks are placed by world coordinates.
 
     Raises:
         InputError: bad arguments (named after ``out_dir``) or unreadable host/mask files.
@@ -91,6 +102,12 @@ def write_synthetic_dataset(
             raise InputError(out_dir, str(error)) from None
     if host is None and (host_label is not None or lesion_masks_dir is not None):
         raise InputError(out_dir, "host_label and lesion_masks_dir need a host FLAIR")
+    if not 0.0 <= brain_extracted <= 1.0:
+        raise InputError(out_dir, f"brain_extracted must be a fraction in [0, 1], got {brain_extracted!r}")
+    if host is None and template is not None:
+        raise InputError(template, "a template is used only with a host FLAIR")
+    if host is not None and brain_extracted and template is None:
+        raise InputError(host, "brain_extracted with a host FLAIR needs a brain-extracted template (its brain mask)")
     if host is not None and lesion_masks_dir is None:
         raise InputError(host, "a host FLAIR needs lesion_masks_dir (masks to inject)")
 
@@ -100,7 +117,10 @@ def write_synthetic_dataset(
 
     host_data = None
     if host is not None:
-        from planar3d.data.inject import inject_lesions, lesion_masks_from_folder
+        from scipy import ndimage
+
+        from planar3d.data.inject import inject_lesions, lesion_masks_from_folder, resample_to_host
+        from planar3d.data.register import register_to_host
 
         host_data, host_img = read_volume(host)
         own = None
@@ -108,40 +128,56 @@ def write_synthetic_dataset(
             own, label_img = read_volume(host_label)
             if own.shape != host_data.shape:
                 raise InputError(host_label, f"host label shape {own.shape} differs from the host's {host_data.shape}")
-        masks = lesion_masks_from_folder(lesion_masks_dir, host_img)
+        host_to_masks, brain = None, None
+        if template is not None:
+            template_data, template_img = read_volume(template)
+            try:
+                host_to_masks = register_to_host(template_data, template_img.affine, host_data, host_img.affine, seed=seed)
+            except (RuntimeError, ValueError) as error:  # SimpleITK raises RuntimeError
+                raise InputError(template, f"registration to {Path(host).name} failed: {error}") from None
+            brain = resample_to_host((template_data > 0).astype(np.uint8), template_img.affine, host_img, host_to_masks)
+            brain = ndimage.binary_fill_holes(brain > 0)
+        masks = lesion_masks_from_folder(lesion_masks_dir, host_img, host_to_masks)
         host_group = "host-" + "".join(nib.aff2axcodes(host_img.affine))
         qcode = int(host_img.header["qform_code"]) or 1
         description = (
             f"planar3d synth seed={seed} cases={cases} host={Path(host).name} "
             f"host_label={Path(host_label).name if host_label else None} masks={Path(lesion_masks_dir).name} ({len(masks)})"
+            + (f" template={Path(template).name}" if template is not None else "")
+            + (f" brain_extracted={brain_extracted:g}" if brain_extracted else "")
         )
     else:
         description = (
             f"planar3d synth seed={seed} cases={cases} size={size} "
             f"geometries={','.join(geometries)} orientations={','.join(orientations)}"
+            + (f" brain_extracted={brain_extracted:g}" if brain_extracted else "")
         )
 
     entries = []
     for i in range(cases):
         rng = np.random.default_rng([seed, i])
+        stripped = bool(brain_extracted) and np.random.default_rng([seed, i, 1]).random() < brain_extracted
         case_id = f"case_{i:03d}"
         image_path = images / f"{case_id}_flair.nii.gz"
         label_path = labels / f"{case_id}_lesions.nii.gz"
         if host_data is None:
             geometry = geometries[i % len(geometries)]
             orientation = orientations[(i // len(geometries)) % len(orientations)]
-            phantom = make_phantom_parts(rng, orientation=orientation, size=size, geometry=geometry)
+            phantom = make_phantom_parts(rng, orientation=orientation, size=size, geometry=geometry,
+                                         bias=not stripped, brain_extracted=stripped)
             flair = np.clip(np.rint(phantom.flair), 0, 32767).astype(np.int16)
             image_sha = save_nifti_deterministic(flair, phantom.affine, image_path)
             label_sha = save_nifti_deterministic(phantom.lesions, phantom.affine, label_path)
-            group = f"{geometry}-{orientation}"
+            group = f"{geometry}-{orientation}" + ("-brain" if stripped else "")
         else:
             count = int(rng.integers(1, min(4, len(masks)) + 1))
             chosen = sorted(rng.choice(len(masks), size=count, replace=False).tolist())
             flair, label = inject_lesions(host_data, host_img.affine, [masks[c] for c in chosen], rng, host_label=own)
+            if stripped:
+                flair, label = np.where(brain, flair, np.float32(0)), label * brain.astype(np.uint8)
             image_sha = save_nifti_deterministic(flair.astype(np.float32), host_img.affine, image_path, code=qcode)
             label_sha = save_nifti_deterministic(label, host_img.affine, label_path, code=qcode)
-            group = host_group
+            group = host_group + ("-brain" if stripped else "")
         entries.append(
             {
                 "id": case_id,
