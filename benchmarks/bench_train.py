@@ -5,7 +5,7 @@ Writes a small synthetic data set (``planar3d synth`` phantoms), trains fold 0 w
 after each chunk predicts the fold's held-out test cases with ``last.pt`` to report their Dice.
 
 Usage:
-    python benchmarks/bench_train.py --cases 10 --chunk 5 [--config demo_cpu] [KEY=VALUE ...]
+    python benchmarks/bench_train.py [--cases 14] [--chunk 30] [--config demo_cpu] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ def test_dice(checkpoint_path: Path, cases) -> float:
     from planar3d.inference import predict_probabilities
     from planar3d.metrics.voxel import dice
     from pipelines.data import case_spacing, load_case_arrays
+    from planar3d.preprocess import NormalizationConfig
     from pipelines.predict import remove_small_components
 
     model, checkpoint = load_model(checkpoint_path)
     scores = []
     for case in cases:
-        arrays = load_case_arrays(case.image, case.label)
+        arrays = load_case_arrays(case.image, case.label, NormalizationConfig.from_dict(checkpoint.get("normalization") or {}))
         probability = predict_probabilities(model, arrays["image"][0], roi_size=checkpoint["inference"]["roi_size"],
                                             overlap=checkpoint["inference"]["overlap"],
                                             in_channels=checkpoint["network"]["in_channels"])
@@ -40,9 +41,9 @@ def test_dice(checkpoint_path: Path, cases) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--cases", type=int, default=14)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chunk", type=int, default=5, help="epochs between test evaluations")
+    parser.add_argument("--chunk", type=int, default=30, help="epochs between test evaluations")
     parser.add_argument("--config", default="demo_cpu")
     parser.add_argument("--geometry", default="3d", help="synthetic geometries, e.g. 3d,thick")
     parser.add_argument("--size", default="full", help="synthetic size preset: full (1 mm) or small (3.3 mm)")

@@ -130,6 +130,24 @@ class ValidationSection(_Section):
         return value
 
 
+class NormalizationSection(_Section):
+    """Intensity normalisation (:class:`planar3d.preprocess.NormalizationConfig`), saved in checkpoints."""
+
+    method: Literal["percentile", "white_matter_peak"] = "percentile"
+    white_matter_value: float = Field(0.5, gt=0)
+    lower_percentile: float = Field(0.5, ge=0, lt=100)
+    upper_percentile: float = Field(99.5, gt=0, le=100)
+    clip_low: float = -0.2
+    clip_high: float = 2.0
+    mean: float = 0.449
+    std: float = Field(0.226, gt=0)
+
+    def to_config(self):
+        from planar3d.preprocess import NormalizationConfig
+
+        return NormalizationConfig(**self.model_dump())
+
+
 class TrainConfig(_Section):
     """The whole training configuration."""
 
@@ -138,6 +156,7 @@ class TrainConfig(_Section):
     amp: bool = True
     channels_last: bool = True
     val_cases: int = Field(1, ge=0)
+    normalization: NormalizationSection = NormalizationSection()
     network: NetworkSection = NetworkSection()
     encoder: EncoderSection = EncoderSection()
     data: DataSection = DataSection()

@@ -184,7 +184,7 @@ def training_transform(config: TrainConfig, plane_axis: int, shapes: Sequence[Se
     from monai.transforms import Compose, EnsureTyped
 
     return Compose(
-        [LoadPreprocessd()]
+        [LoadPreprocessd(normalization=config.normalization.to_config())]
         + sampling_transforms(config, plane_axis, shapes)
         + augmentation_transforms(config, plane_axis)
         + [EnsureTyped(("image", "label"), dtype=torch.float32, track_meta=False)]
@@ -263,10 +263,11 @@ def patch_batches(loader, batch_size: int):
         yield torch.cat(images), torch.cat(labels)
 
 
-def load_validation_volumes(cases: Sequence[Case]) -> List[Tuple[str, np.ndarray, np.ndarray]]:
+def load_validation_volumes(cases: Sequence[Case], normalization: NormalizationConfig = NormalizationConfig()
+                            ) -> List[Tuple[str, np.ndarray, np.ndarray]]:
     """``(case id, image (X, Y, Z), label (X, Y, Z) bool)`` for each validation case."""
     out = []
     for case in cases:
-        arrays = load_case_arrays(case.image, case.label)
+        arrays = load_case_arrays(case.image, case.label, normalization)
         out.append((case.id, arrays["image"][0], arrays["label"][0] > 0))
     return out

@@ -26,7 +26,7 @@ class DemoResult:
 
 def run_demo(
     out_dir: str | Path = "demo_out",
-    cases: int = 12,
+    cases: int = 14,
     seed: int = 0,
     config: str = "demo_cpu",
     overrides: Sequence[str] = (),

@@ -32,7 +32,6 @@ from torch import nn
 from planar3d.checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint
 from planar3d.errors import ConfigError, InputError
 from planar3d.io import atomic_save_json, atomic_write_text, sha256_file
-from planar3d.preprocess import NormalizationConfig
 from planar3d.provenance import package_versions
 
 from pipelines.config import TrainConfig
@@ -318,7 +317,7 @@ def model_checkpoint(model, config: TrainConfig, net_config, threshold: float, e
         "format": MODEL_FORMAT,
         "state_dict": state,
         "network": net_config.to_dict(),
-        "normalization": NormalizationConfig().to_dict(),
+        "normalization": config.normalization.to_config().to_dict(),
         "orientation": "RAS",
         "threshold": float(threshold),
         "inference": {"roi_size": None if all(int(r) < 0 for r in roi) else [int(r) for r in roi],
@@ -484,7 +483,7 @@ def train(
     loss_fn = build_loss(config.loss.name, config.loss.batch_dice, **config.loss.options)
     transform = data_module.training_transform(config, plane_axis, shapes)
     dataset = data_module.build_dataset(config, train_cases, transform, out_dir)
-    val_volumes = data_module.load_validation_volumes(val_cases) if dist.main else []
+    val_volumes = data_module.load_validation_volumes(val_cases, config.normalization.to_config()) if dist.main else []
 
     writer = None
     if dist.main:

@@ -314,7 +314,7 @@ def evaluate(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for data, run, predictions and report."),
-    cases: int = typer.Option(12, "--cases", min=6, help="Synthetic cases to generate."),
+    cases: int = typer.Option(14, "--cases", min=6, help="Synthetic cases to generate (fold 0 tests cases 0, 5 and 10)."),
     seed: int = typer.Option(0, "--seed"),
     encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none (default of the demo config) or FILE."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),

@@ -9,16 +9,25 @@ original voxel order exactly: a mask predicted in RAS is written in the scan's o
 voxel.
 
 **Intensity normalisation** (:func:`normalize_intensity`) is robust to skull, scalp and
-background in raw (not brain-extracted) FLAIR:
+background in raw (not brain-extracted) FLAIR. The head is found as the voxels above an Otsu
+threshold of the whole volume (so the amount of air in the field of view does not matter), then
+one of two linear maps, ``method``:
 
-1. the head is found as the voxels above an Otsu threshold of the whole volume;
-2. ``lower`` and ``upper`` percentiles (default 0.5 and 99.5) are taken over head voxels only,
-   so the amount of air in the field of view does not matter;
-3. intensities are mapped linearly so those percentiles become 0 and 1, clipped to ``clip``
-   (default [-0.2, 2.0]: hyperintense lesions above the 99.5th percentile keep their contrast);
-4. the result is standardised with ImageNet's grey-level statistics (``(g - 0.449) / 0.226``,
-   the mean of torchvision's per-channel means and stds), the scale the VGG-16 weights expect.
-   One mean/std for all three channels keeps the summed 1-channel stem exact.
+* ``"percentile"``: the ``lower`` and ``upper`` percentiles of the head (default 0.5 and 99.5)
+  become 0 and 1. Simple, but the 99.5th percentile is bright scalp fat in a raw head, grey
+  matter in a skull-stripped brain and lesion in a brain with a high lesion load, so the same
+  lesion gets very different values (normalised lesion medians from 0.8 to 5.3 on phantoms).
+* ``"white_matter_peak"``: intensities are divided by the white-matter level, the histogram
+  mode of the voxels above the Otsu threshold of the positive voxels (:func:`white_matter_level`), and
+  multiplied by ``white_matter_value`` (0.5). White matter is the largest bright tissue with or
+  without skull and whatever the lesion load, so lesions keep their ratio to it (1.2-1.9 on
+  raw and brain-extracted phantoms, injected scans and a real MNI scan alike).
+
+Both then clip to ``[clip_low, clip_high]`` (default [-0.2, 2.0]: hyperintense lesions keep
+their contrast) and standardise with ImageNet's grey-level statistics (``(g - 0.449) / 0.226``,
+the mean of torchvision's per-channel means and stds), the scale the VGG-16 weights expect. One
+mean/std for all three channels keeps the summed 1-channel stem exact. The parameters travel in
+every checkpoint; one without ``method`` was trained with ``"percentile"``.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import numpy as np
 from nibabel import orientations
 
 CANONICAL_AXCODES = ("R", "A", "S")
+NORMALIZATION_METHODS = ("percentile", "white_matter_peak")
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,14 @@ class NormalizationConfig:
     clip_high: float = 2.0
     mean: float = 0.449
     std: float = 0.226
+    method: str = "percentile"
+    white_matter_value: float = 0.5
+
+    def __post_init__(self):
+        if self.method not in NORMALIZATION_METHODS:
+            raise ValueError(f"unknown normalisation method {self.method!r} (known: {', '.join(NORMALIZATION_METHODS)})")
+        if not self.white_matter_value > 0:
+            raise ValueError(f"white_matter_value must be positive, got {self.white_matter_value}")
 
     def to_dict(self) -> Dict[str, float]:
         return asdict(self)
@@ -79,20 +97,59 @@ def head_mask(volume: np.ndarray) -> np.ndarray:
     return volume > otsu_threshold(volume)
 
 
+def white_matter_level(volume: np.ndarray) -> tuple[float, float]:
+    """Estimate (mean, std) of white matter: the histogram mode of the voxels above the Otsu
+    threshold of the positive voxels.
+
+    Otsu's threshold of the positive voxels separates the dark classes (noise floor, CSF, skull)
+    from tissue, with or without skull and background; white matter, the largest tissue in FLAIR,
+    is the mode of the bright side (within 2 % of the true level on raw and brain-extracted
+    phantoms, with and without noise). Variants that first cut a head mask at (half) Otsu's
+    threshold and split again land on scalp fat (1.8-1.9x white matter) in some raw heads, or
+    on the CSF peak in the real 1 mm head.
+
+    Returns:
+        The mode (128 bins up to the bright side's 99.5th percentile, smoothed with a Gaussian of
+        2 bins) and a robust spread (1.4826 x MAD about it); ``(0, 0)`` without positive voxels.
+    """
+    from scipy import ndimage
+
+    values = np.asarray(volume, dtype=np.float64)
+    values = values[values > 0]
+    if values.size == 0:
+        return 0.0, 0.0
+    bright = values[values > otsu_threshold(values)]
+    if bright.size < 10:
+        bright = values
+    hi = np.percentile(bright, 99.5)
+    hist, edges = np.histogram(bright, bins=128, range=(bright.min(), hi))
+    hist = ndimage.gaussian_filter1d(hist.astype(float), 2.0)
+    mode = float((edges[np.argmax(hist)] + edges[np.argmax(hist) + 1]) / 2)
+    spread = 1.4826 * float(np.median(np.abs(bright - mode)))
+    return mode, spread
+
+
 def normalize_intensity(volume: np.ndarray, config: NormalizationConfig = NormalizationConfig()) -> np.ndarray:
     """Scale a raw FLAIR volume as described in the module docstring; returns float32.
 
     Raises:
-        ValueError: for a constant volume (nothing to normalise: an empty or broken scan).
+        ValueError: for a constant volume (nothing to normalise: an empty or broken scan), or,
+            with ``white_matter_peak``, a head without positive intensities.
     """
     volume = np.asarray(volume, dtype=np.float32)
     head = head_mask(volume)
     if not head.any():
         raise ValueError("the volume is constant: no head found to normalise intensities on")
-    lower, upper = np.percentile(volume[head], [config.lower_percentile, config.upper_percentile])
-    if upper <= lower:
-        upper = lower + 1.0
-    scaled = (volume - np.float32(lower)) / np.float32(upper - lower)
+    if config.method == "white_matter_peak":
+        level, _ = white_matter_level(volume)
+        if not level > 0:
+            raise ValueError("no positive intensities in the head: no white-matter level to normalise by")
+        scaled = volume * np.float32(config.white_matter_value / level)
+    else:
+        lower, upper = np.percentile(volume[head], [config.lower_percentile, config.upper_percentile])
+        if upper <= lower:
+            upper = lower + 1.0
+        scaled = (volume - np.float32(lower)) / np.float32(upper - lower)
     np.clip(scaled, config.clip_low, config.clip_high, out=scaled)
     scaled -= np.float32(config.mean)
     scaled /= np.float32(config.std)

@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from planar3d.errors import InputError
 from planar3d.io import read_volume
-from planar3d.preprocess import otsu_threshold
+from planar3d.preprocess import otsu_threshold, white_matter_level
 
 
 def head_mask(flair: np.ndarray) -> np.ndarray:
@@ -31,33 +31,6 @@ def head_mask(flair: np.ndarray) -> np.ndarray:
         return np.zeros(flair.shape, bool)
     threshold = 0.5 * otsu_threshold(positive)
     return ndimage.binary_fill_holes(flair > threshold)
-
-
-def white_matter_level(flair: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float]:
-    """Estimate (mean, std) of white matter as the main mode above Otsu within the head.
-
-    Args:
-        flair: the FLAIR array.
-        mask: the head or brain mask; None computes :func:`head_mask`.
-
-    Returns:
-        The histogram mode of the bright class and a robust spread (1.4826 x MAD about it).
-    """
-    if mask is None:
-        mask = head_mask(flair)
-    values = np.asarray(flair, dtype=np.float64)[mask]
-    values = values[values > 0]
-    if values.size == 0:
-        return 0.0, 0.0
-    bright = values[values > otsu_threshold(values)]
-    if bright.size < 10:
-        bright = values
-    hi = np.percentile(bright, 99.5)
-    hist, edges = np.histogram(bright, bins=128, range=(bright.min(), hi))
-    hist = ndimage.gaussian_filter1d(hist.astype(float), 2.0)
-    mode = float((edges[np.argmax(hist)] + edges[np.argmax(hist) + 1]) / 2)
-    spread = 1.4826 * float(np.median(np.abs(bright - mode)))
-    return mode, spread
 
 
 def inject_lesions(
@@ -116,7 +89,7 @@ def inject_lesions(
         level = float(own_values.mean()) * rng.uniform(0.9, 1.1)
         cv = float(own_values.std() / max(own_values.mean(), 1e-6))
     else:
-        wm, spread = white_matter_level(host, foreground)
+        wm, spread = white_matter_level(np.where(foreground, host, 0))
         factor = rng.uniform(1.3, 1.8) if intensity == "auto" else float(intensity)
         level = wm * factor
         cv = min(0.15, spread / max(wm, 1e-6))
