@@ -4,8 +4,13 @@ Writes a small synthetic data set (``planar3d synth`` phantoms), trains fold 0 w
 (default: the packaged ``demo_cpu``) in chunks of epochs (resuming exactly between chunks), and
 after each chunk predicts the fold's held-out test cases with ``last.pt`` to report their Dice.
 
+With ``--host`` it also injects real lesion masks into a real FLAIR (``planar3d synth --host``),
+trains on both, and its held-out cases are those of fold 0 of the merged manifest.
+
 Usage:
     python benchmarks/bench_train.py [--cases 14] [--chunk 30] [--config demo_cpu] [KEY=VALUE ...]
+    python benchmarks/bench_train.py --brain-extracted 0.5 --host FLAIR --lesion-masks DIR --template IMAGE \
+        --also-test data_manifests/mslub_mni_patient26.json [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -51,10 +56,15 @@ def main() -> None:
                         help="manifest of other labeled cases (e.g. data_manifests/mslub_mni_patient26.json) scored with best.pt")
     parser.add_argument("--work", default=None, help="folder for data and run (default: a temp folder)")
     parser.add_argument("--manifest", default=None, help="use this manifest instead of synthetic data")
+    parser.add_argument("--brain-extracted", type=float, default=0.0, help="fraction of skull-stripped cases (synth --brain-extracted)")
+    parser.add_argument("--host", default=None, help="also inject lesions into this real FLAIR (synth --host) and train on both")
+    parser.add_argument("--lesion-masks", default=None, help="with --host: folder of lesion masks")
+    parser.add_argument("--template", default=None, help="with --host: brain-extracted image in the masks' space (synth --template)")
+    parser.add_argument("--host-cases", type=int, default=12, help="with --host: injected cases (seed --seed + 1)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from planar3d.data.manifest import load_manifest
+    from planar3d.data.manifest import load_manifest, merge_manifests, save_manifest
     from planar3d.data.synth import write_synthetic_dataset
     from pipelines.config import load_config
     from pipelines.train import train
@@ -62,9 +72,19 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_train_"))
     if args.manifest:
         manifest_path = Path(args.manifest)
-    else:
+    elif args.host is None:
         manifest_path = write_synthetic_dataset(work / "data", args.cases, args.seed, size=args.size,
-                                                geometries=tuple(args.geometry.split(",")))
+                                                geometries=tuple(args.geometry.split(",")),
+                                                brain_extracted=args.brain_extracted)
+    else:
+        # Phantoms plus lesions injected into a real scan: "planar3d synth" twice, then "manifest merge".
+        phantoms = write_synthetic_dataset(work / "data" / "phantoms", args.cases, args.seed, size=args.size,
+                                           geometries=tuple(args.geometry.split(",")), brain_extracted=args.brain_extracted)
+        injected = write_synthetic_dataset(work / "data" / "injected", args.host_cases, args.seed + 1, host=args.host,
+                                           lesion_masks_dir=args.lesion_masks, template=args.template,
+                                           brain_extracted=args.brain_extracted)
+        manifest_path = work / "data" / "merged.json"
+        save_manifest(merge_manifests([load_manifest(phantoms), load_manifest(injected)], "transfer"), manifest_path)
     config = load_config(args.config, args.overrides)
     test_cases = load_manifest(manifest_path).test_cases(0)
     run = work / "run"
