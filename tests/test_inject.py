@@ -16,7 +16,6 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mslub_m
 @pytest.fixture(scope="module")
 def host():
     p = make_phantom_parts(np.random.default_rng(11), size="small", lesion_load=0.002)
-    rng = np.random.default_rng(0)
     masks = []
     for center in [(30, 28, 26), (36, 36, 22)]:
         m = np.zeros(p.flair.shape, np.uint8)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
 from scipy.spatial import cKDTree
