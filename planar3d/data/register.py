@@ -9,8 +9,8 @@ space to the template's, so that masks can be resampled through it
 The metric is Mattes mutual information restricted to the template's foreground (a
 brain-extracted template is compared only where it has brain, so the host's skull and scalp do
 not pull on it), optimised first for a similarity transform, then for a full affine, coarse to
-fine (about 8, 4 and 2 mm). It runs single-threaded with a fixed sampling seed so that the same inputs
-give the same matrix, hence byte-identical synthetic data.
+fine (about 8, 4 and 2 mm). It runs single-threaded with a fixed sampling seed so that the
+same inputs give the same matrix, hence byte-identical synthetic data.
 
 Example:
     >>> host_to_template = register_to_host(template, template_affine, host, host_affine)
@@ -48,6 +48,28 @@ def _matrix_of(transform) -> np.ndarray:
     return out
 
 
+def _optimise(transform, fixed, moving, moving_mask, seed: int) -> None:
+    """Optimise ``transform`` in place: Mattes MI on the moving mask, coarse to fine."""
+    import SimpleITK as sitk
+
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.05, seed)
+    method.SetMetricMovingMask(moving_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-4, numberOfIterations=200, gradientMagnitudeTolerance=1e-8
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    # Levels at about 8, 4 and 2 mm whatever the host's voxel size.
+    method.SetShrinkFactorsPerLevel([max(1, round(mm / min(fixed.GetSpacing()))) for mm in (8.0, 4.0, 2.0)])
+    method.SetSmoothingSigmasPerLevel([4.0, 2.0, 1.0])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(fixed, moving)
+
+
 def register_to_host(template: np.ndarray, template_affine: np.ndarray, host: np.ndarray, host_affine: np.ndarray,
                      seed: int = 0) -> np.ndarray:
     """4x4 matrix mapping host world (RAS mm) to template world (RAS mm).
@@ -72,39 +94,20 @@ def register_to_host(template: np.ndarray, template_affine: np.ndarray, host: np
     moving = to_sitk(template_data, template_affine)
     moving_mask = to_sitk((template_data > 0).astype(np.uint8), template_affine)
 
+    # Start from the world coordinates as they are (both are heads near the origin), with the
+    # rotation centre at the template's brain centre.
+    centre = moving.TransformContinuousIndexToPhysicalPoint([float(c) for c in np.argwhere(template_data > 0).mean(0)])
+    similarity = sitk.Similarity3DTransform()
+    similarity.SetCenter(centre)
     previous_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        # Start from the world coordinates as they are (both are heads near the origin), with
-        # the rotation centre at the template's brain centre.
-        centre = moving.TransformContinuousIndexToPhysicalPoint(
-            [float(c) for c in np.argwhere(template_data.transpose(2, 1, 0) > 0).mean(0)[::-1]]
-        )
-        transform = sitk.Similarity3DTransform()
-        transform.SetCenter(centre)
-        for stage in (transform, None):
-            method = sitk.ImageRegistrationMethod()
-            method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-            method.SetMetricSamplingStrategy(method.RANDOM)
-            method.SetMetricSamplingPercentage(0.05, seed)
-            method.SetMetricMovingMask(moving_mask)
-            method.SetInterpolator(sitk.sitkLinear)
-            method.SetOptimizerAsRegularStepGradientDescent(
-                learningRate=1.0, minStep=1e-4, numberOfIterations=200, gradientMagnitudeTolerance=1e-8
-            )
-            method.SetOptimizerScalesFromPhysicalShift()
-            # Levels at about 8, 4 and 2 mm whatever the host's voxel size.
-            method.SetShrinkFactorsPerLevel([max(1, round(mm / min(fixed.GetSpacing()))) for mm in (8.0, 4.0, 2.0)])
-            method.SetSmoothingSigmasPerLevel([4.0, 2.0, 1.0])
-            method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-            if stage is None:
-                affine = sitk.AffineTransform(3)
-                affine.SetCenter(transform.GetCenter())
-                affine.SetMatrix(transform.GetMatrix())
-                affine.SetTranslation(transform.GetTranslation())
-                transform = affine
-            method.SetInitialTransform(transform, inPlace=True)
-            method.Execute(fixed, moving)
+        _optimise(similarity, fixed, moving, moving_mask, seed)
+        transform = sitk.AffineTransform(3)
+        transform.SetCenter(similarity.GetCenter())
+        transform.SetMatrix(similarity.GetMatrix())
+        transform.SetTranslation(similarity.GetTranslation())
+        _optimise(transform, fixed, moving, moving_mask, seed)
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous_threads)
     return _RAS_TO_LPS @ _matrix_of(transform) @ _RAS_TO_LPS
