@@ -2,9 +2,9 @@
 
 Lesion masks drawn in a template space (the MSLUB masks share the MNI grid of one FLAIR) land in
 the wrong anatomy when a host scan is in its own scanner space: world coordinates of two heads
-differ by a centimetre or more (13 mm for the real 1 mm head against MNI). :func:`register_to_host` estimates the affine map from the host's world
-space to the template's, so that masks can be resampled through it
-(:func:`planar3d.data.inject.lesion_masks_from_folder`).
+differ by a centimetre or more (13 mm for the real 1 mm head against MNI).
+:func:`register_to_host` estimates the affine map from the host's world space to the template's,
+so that masks can be resampled through it (:func:`planar3d.data.inject.lesion_masks_from_folder`).
 
 The metric is Mattes mutual information restricted to the template's foreground (a
 brain-extracted template is compared only where it has brain, so the host's skull and scalp do
