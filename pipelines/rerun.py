@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -148,10 +147,6 @@ def run_one(experiment: Experiment, manifest_path: Path, root: Optional[Path], f
     }
     atomic_save_json(marker, record)
     return record
-
-
-def _finite(values: List[float]) -> List[float]:
-    return [v for v in values if v is not None and math.isfinite(v)]
 
 
 def aggregate(records: List[dict]) -> Dict[str, object]:

@@ -137,8 +137,9 @@ def normalize_intensity(volume: np.ndarray, config: NormalizationConfig = Normal
             with ``white_matter_peak``, a head without positive intensities.
     """
     volume = np.asarray(volume, dtype=np.float32)
-    head = head_mask(volume)
-    if not head.any():
+    # A non-constant volume always has voxels above its Otsu threshold, so this is the head check
+    # without computing the head mask that only the percentile method needs.
+    if volume.size == 0 or float(volume.max()) <= float(volume.min()):
         raise ValueError("the volume is constant: no head found to normalise intensities on")
     if config.method == "white_matter_peak":
         level, _ = white_matter_level(volume)
@@ -146,6 +147,7 @@ def normalize_intensity(volume: np.ndarray, config: NormalizationConfig = Normal
             raise ValueError("no positive intensities in the head: no white-matter level to normalise by")
         scaled = volume * np.float32(config.white_matter_value / level)
     else:
+        head = head_mask(volume)
         lower, upper = np.percentile(volume[head], [config.lower_percentile, config.upper_percentile])
         if upper <= lower:
             upper = lower + 1.0

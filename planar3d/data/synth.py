@@ -135,8 +135,9 @@ def write_synthetic_dataset(
                 host_to_masks = register_to_host(template_data, template_img.affine, host_data, host_img.affine, seed=seed)
             except (RuntimeError, ValueError) as error:  # SimpleITK raises RuntimeError
                 raise InputError(template, f"registration to {Path(host).name} failed: {error}") from None
-            brain = resample_to_host((template_data > 0).astype(np.uint8), template_img.affine, host_img, host_to_masks)
-            brain = ndimage.binary_fill_holes(brain > 0)
+            if brain_extracted:
+                brain = resample_to_host((template_data > 0).astype(np.uint8), template_img.affine, host_img, host_to_masks)
+                brain = ndimage.binary_fill_holes(brain > 0)
         masks = lesion_masks_from_folder(lesion_masks_dir, host_img, host_to_masks)
         host_group = "host-" + "".join(nib.aff2axcodes(host_img.affine))
         qcode = int(host_img.header["qform_code"]) or 1
