@@ -31,6 +31,9 @@ LINE_STYLES = ("solid", "dashed", "dotted", "dashdot")
 MASK_STYLES = {"reference": ("#0072B2", "solid"), "prediction": ("#E69F00", "dashed")}
 #: Lesion-voxel quantiles (percent) along the slice axis between which the drawn slices sit.
 SLICE_QUANTILE_RANGE = (20.0, 80.0)
+RAS = ("R", "A", "S")
+#: Name of the slices normal to each RAS axis.
+RAS_PLANE_NAMES = ("sagittal", "coronal", "axial")
 OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 PANEL_INCHES = 4.0
 #: Width of one training-curve panel.
@@ -226,7 +229,10 @@ def save_overlay_png(
                                               "bottom": (0.5, 0.01, "center", "bottom"), "top": (0.5, 0.99, "center", "top")}.items():
                     ax.text(x, y, labels[where], transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=10,
                             fontweight="bold", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1.0, "edgecolor": "none"})
-            ax.set_title(f"axis {plane_axis}, slice {index}", fontsize=9)
+            if axis_codes is not None and tuple(axis_codes) == RAS:
+                ax.set_title(f"{RAS_PLANE_NAMES[plane_axis]} slice {index} (RAS)", fontsize=9)
+            else:
+                ax.set_title(f"axis {plane_axis}, slice {index}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[0][0].legend(loc="upper right", fontsize=7, framealpha=0.6)

@@ -118,7 +118,7 @@ th, td { border: 1px solid #bbb; padding: 0.4em 0.6em; vertical-align: top; text
 th { background: #eee; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
 tr.warn td { background: #fff4e0; }
-td.name { font-family: monospace; white-space: pre-wrap; word-break: break-all; max-width: 18em; }
+td.name { font-family: monospace; white-space: pre-wrap; overflow-wrap: anywhere; max-width: 18em; }
 img { max-width: 640px; height: auto; display: block; }
 ul { margin: 0; padding-left: 1.2em; }
 """
