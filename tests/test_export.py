@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from planar3d.checkpoint import MODEL_FORMAT, load_model, save_checkpoint
-from planar3d.cli import app
+from pipelines.cli import app
 from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
 from planar3d.preprocess import NormalizationConfig
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from pipelines.predict import (
     InferenceSettings, find_inputs, predict_folder, predict_scan, remove_small_components, resolve_checkpoint, shard,
 )
-from planar3d.cli import app
+from pipelines.cli import app
 from planar3d.errors import InputError, WeightsError
 
 SHAPE = (16, 12, 8)

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from planar3d.checkpoint import MODEL_FORMAT, load_model
-from planar3d.cli import app
+from pipelines.cli import app
 from planar3d.data.manifest import load_manifest, save_manifest
 from planar3d.errors import InputError
 from pipelines.config import load_config
