@@ -75,7 +75,7 @@ def choose_device(device: Optional[str], dist: Optional[Dist] = None) -> torch.d
     chosen = torch.device(device)
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: CUDA is not available on this machine")
+            raise ConfigError("device cuda: CUDA is not available on this machine")
         if chosen.index is None:
             chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(chosen)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from planar3d.checkpoint import MODEL_FORMAT, load_model, save_checkpoint
+from planar3d.checkpoint import ModelCheckpoint, load_model
 from pipelines.cli import app
 from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
 from planar3d.preprocess import NormalizationConfig
@@ -22,13 +22,8 @@ def run_dir(tmp_path):
     torch.manual_seed(0)
     config = PlanarResUNetConfig(width=0.0625, norm="instance")
     net = PlanarResUNet(config)
-    checkpoint = {
-        "format": MODEL_FORMAT, "state_dict": net.state_dict(), "network": config.to_dict(),
-        "normalization": NormalizationConfig().to_dict(), "orientation": "RAS", "threshold": 0.5,
-        "inference": {"roi_size": None, "overlap": 0.25}, "training": {},
-    }
     run = tmp_path / "run"
-    save_checkpoint(checkpoint, run / "best.pt")
+    ModelCheckpoint(net.state_dict(), config, NormalizationConfig(), threshold=0.5).save(run / "best.pt")
     return run
 
 

@@ -47,7 +47,7 @@ def test_train_writes_loadable_outputs(tiny_manifest, tmp_path):
     assert raw["format"] == MODEL_FORMAT and raw["threshold"] in (0.3, 0.5)
     assert raw["training"]["encoder_source"] == "none (random initialisation)"
     assert raw["training"]["manifest_sha256"] and raw["orientation"] == "RAS"
-    assert raw["normalization"] == tiny_config().normalization.to_config().to_dict()
+    assert raw["normalization"] == tiny_config().normalization.to_dict()
     assert raw["normalization"]["method"] == "white_matter_peak"  # the demo_cpu config's
     model, checkpoint = load_model(best)
     assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)

@@ -273,11 +273,6 @@ def save_manifest(manifest: Manifest, path: str | os.PathLike) -> None:
     atomic_save_json(path, manifest.to_json_dict(relative_to=path.parent))
 
 
-def manifest_checksum(path: str | os.PathLike) -> str:
-    """SHA-256 of a manifest file (recorded by training runs)."""
-    return sha256_file(path)
-
-
 def merge_manifests(manifests: list[Manifest], dataset: str) -> Manifest:
     """One manifest holding the cases of several (e.g. phantoms and lesion-injected real scans).
 
