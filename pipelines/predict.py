@@ -190,7 +190,7 @@ def find_inputs(
     path = Path(inputs)
     is_manifest = path.is_file() and path.name.lower().endswith(".json")
     if (fold is not None or root is not None) and not is_manifest:
-        raise InputError(path, "a fold and a data root only apply to a manifest JSON input")
+        raise InputError(path, "a fold or data root need a manifest JSON as input")
     if is_manifest:
         from planar3d.data.manifest import load_manifest
 
