@@ -83,22 +83,20 @@ class NormalizationConfig:
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of ``values`` (maximises the between-class variance of a histogram)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
+    """Otsu's threshold of ``values`` over a ``bins``-bin histogram (SimpleITK's
+    ``OtsuThresholdImageFilter``); the minimum for constant or empty input."""
+    import SimpleITK as sitk
+
+    values = np.asarray(values, dtype=np.float32).ravel()
     if values.size == 0:
         return 0.0
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return low
-    counts, edges = np.histogram(values, bins=bins, range=(low, high))
-    centers = (edges[:-1] + edges[1:]) / 2
-    weight_below = np.cumsum(counts)
-    weight_above = weight_below[-1] - weight_below
-    sum_below = np.cumsum(counts * centers)
-    mean_below = sum_below / np.maximum(weight_below, 1)
-    mean_above = (sum_below[-1] - sum_below) / np.maximum(weight_above, 1)
-    between = weight_below * weight_above * (mean_below - mean_above) ** 2
-    return float(edges[1:][np.argmax(between)])
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetNumberOfHistogramBins(bins)
+    otsu.Execute(sitk.GetImageFromArray(values.reshape(1, -1)))  # SimpleITK images are 2D to 5D
+    return float(otsu.GetThreshold())
 
 
 def head_mask(volume: np.ndarray) -> np.ndarray:
