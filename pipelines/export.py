@@ -31,7 +31,7 @@ import torch
 
 from planar3d.checkpoint import ModelCheckpoint, load_model
 from planar3d.errors import ConfigError, Planar3DError
-from planar3d.io import atomic_save_json, atomic_write, atomic_write_text, make_folder
+from planar3d.io import atomic_save_json, atomic_write, atomic_write_text, make_folder, make_parent_folder
 
 FORMATS = ("torchscript", "onnx", "bundle")
 
@@ -50,8 +50,7 @@ def _example_input(checkpoint: ModelCheckpoint) -> torch.Tensor:
 def export_torchscript(model_path: str | Path, out: str | Path) -> Path:
     model, checkpoint = load_model(model_path)
     scripted = torch.jit.script(model)
-    out = Path(out)
-    make_folder(out.parent)
+    out = make_parent_folder(out)
     with atomic_write(out, "wb") as stream:
         torch.jit.save(scripted, stream, _extra_files={"planar3d.json": json.dumps(_metadata(checkpoint))})
     return out
@@ -65,8 +64,7 @@ def export_onnx(model_path: str | Path, out: str | Path) -> Path:
     model, checkpoint = load_model(model_path)
     example = _example_input(checkpoint)
     auto = torch.export.Dim.AUTO
-    out = Path(out)
-    make_folder(out.parent)
+    out = make_parent_folder(out)
     temporary = out.with_name(f".{out.name}.partial.onnx")
     try:
         program = torch.onnx.export(

@@ -18,15 +18,14 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from planar3d.errors import WeightsError
-from planar3d.io import atomic_write
+from planar3d.io import atomic_write, make_parent_folder
 from planar3d.networks.res_unet import PlanarResUNetConfig
 from planar3d.preprocess import NormalizationConfig
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = make_parent_folder(path)
     with atomic_write(path, "wb") as stream:
         torch.save(checkpoint, stream)
 

@@ -227,3 +227,16 @@ def make_folder(path: str | Path) -> Path:
     except OSError as error:
         raise InputError(path, f"cannot create the folder ({error.strerror or error})") from None
     return path
+
+
+def make_parent_folder(path: str | Path) -> Path:
+    """Check that ``path`` can be written as a file and create its folder; returns ``path``.
+
+    Raises:
+        InputError: ``path`` is a folder, or its folder cannot be created.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a file")
+    make_folder(path.parent)
+    return path
