@@ -106,8 +106,7 @@ def _cases():
         # demo
         ("demo too few cases", ["demo", "--out", "{root}/d", "--cases", "2"]),
         ("demo out is a file", ["demo", "--out", "{root}/text.txt"]),
-        ("demo encoder weights text", ["demo", "--out", "{root}/d2", "--cases", "6", "--encoder-weights", "{root}/text.txt",
-                                       "--device", "cpu"]),
+        ("demo seed type", ["demo", "--out", "{root}/d", "--seed", "one"]),
         # the root command
         ("unknown command", ["frobnicate"]),
         ("unknown option", ["--frobnicate"]),
