@@ -32,7 +32,7 @@ from planar3d.errors import ConfigError
 from planar3d.vgg import VGG16_CONV_INDICES
 
 ENCODER_CHECKPOINT_FORMAT = "planar3d-encoder/1"
-NUM_ENCODER_BLOCKS = 4  # VGG-16 blocks 1-4; block 5 is not used (PAPER.md)
+NUM_ENCODER_BLOCKS = 4  # VGG-16 blocks 1-4; block 5 is not used (as in the paper)
 MAPPING_MODES = ("planar", "i3d")
 
 
