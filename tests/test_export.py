@@ -4,6 +4,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -72,6 +73,16 @@ def test_monai_bundle_run_gives_the_masks_of_planar3d_predict(run_dir, tmp_path)
     bundle = run_dir / "export" / "bundle"
     for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt"):
         assert (bundle / name).is_file()
+    # the bundle carries no code: it imports the installed planar3d distribution's packages (and torch)
+    import importlib.util
+
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    modules = [line.split()[1] for line in inference["imports"]] + [inference["network_def"]["_target_"].rsplit(".", 1)[0]]
+    assert {module.split(".")[0] for module in modules} <= {"torch", "planar3d", "pipelines"}
+    for module in modules:
+        origin = importlib.util.find_spec(module).origin
+        assert bundle.resolve() not in Path(origin).resolve().parents, module
+    assert not list(bundle.rglob("*.py"))
     subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
          "--meta_file", "configs/metadata.json", "--bundle_root", ".", "--input_dir", str(scans),
