@@ -185,8 +185,8 @@ class ModelCheckpoint:
         """
         try:
             data = load_checkpoint(path)
-        except WeightsError as error:
-            raise WeightsError(path, f"not a planar3d checkpoint ({error.problem})") from None
+        except WeightsError as error:  # the loader's reason without PyTorch's long explanation
+            raise WeightsError(path, f"not a planar3d checkpoint ({error.problem.split(' (')[0]})") from None
         return cls.from_dict(data, path)
 
     # --- use --------------------------------------------------------------------------------
