@@ -216,3 +216,20 @@ def test_slab_sampling_takes_whole_planes(tiny_manifest):
     batches = list(D.patch_batches(D.make_loader(dataset, config, 0), 3))
     assert [tuple(b[0].shape) for b in batches] == [(2, 1, 64, 64, 16)]
     assert set(torch.unique(batches[0][1]).tolist()) <= {0.0, 1.0}
+
+
+def test_encoder_weights_accept_the_file_planar3d_inflate_writes(tmp_path, vgg16_file, vgg16_state):
+    from planar3d.errors import ConfigError
+    from planar3d.inflate import vgg16_to_planar_encoder, write_encoder_checkpoint
+    from planar3d.networks import PlanarResUNetConfig
+    from pipelines.train import encoder_weights_for
+
+    write_encoder_checkpoint(vgg16_file, tmp_path / "encoder.pt", plane_axis=0)
+    state, source = encoder_weights_for(PlanarResUNetConfig(plane_axis=0), tmp_path / "encoder.pt")
+    expected = vgg16_to_planar_encoder(vgg16_state, plane_axis=0)
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    assert "encoder.pt" in source and "vgg16_test.pth" in source
+    direct, _ = encoder_weights_for(PlanarResUNetConfig(plane_axis=0), vgg16_file)  # a VGG-16 file still works
+    assert all(torch.equal(direct[k], expected[k]) for k in expected)
+    with pytest.raises(ConfigError, match=r"encoder\.pt: .*plane_axis 0 \(the network needs 2\)"):
+        encoder_weights_for(PlanarResUNetConfig(plane_axis=2), tmp_path / "encoder.pt")
