@@ -46,19 +46,14 @@ def peak_rss_mib() -> float:
 def _checkpoint(folder: Path, width: float) -> Path:
     import torch
 
-    from planar3d.checkpoint import MODEL_FORMAT, save_checkpoint
+    from planar3d.checkpoint import ModelCheckpoint
     from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
-    from planar3d.preprocess import NormalizationConfig
 
     torch.manual_seed(0)
     config = PlanarResUNetConfig(width=width)
     network = PlanarResUNet(config)
     path = folder / "run" / "best.pt"
-    save_checkpoint({
-        "format": MODEL_FORMAT, "state_dict": network.state_dict(), "network": config.to_dict(),
-        "normalization": NormalizationConfig().to_dict(), "orientation": "RAS", "threshold": 0.5,
-        "inference": {"roi_size": None, "overlap": 0.25}, "training": {"note": "random weights (benchmark)"},
-    }, path)
+    ModelCheckpoint(network.state_dict(), config, training={"note": "random weights (benchmark)"}).save(path)
     return path
 
 
@@ -93,13 +88,15 @@ def phase_dynunet(inputs: Path, work: Path) -> dict:
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import DynUNet
 
+    from planar3d.checkpoint import ModelCheckpoint
+    from planar3d.networks import PlanarResUNetConfig
     from pipelines.predict import InferenceSettings, OutputPaths, find_inputs, finish_scan, prepare_scan
 
     torch.manual_seed(0)
     strides = [[1, 1, 1]] + [[2, 2, 2]] * 5
     net = DynUNet(3, 1, 1, kernel_size=[[3, 3, 3]] * 6, strides=strides, upsample_kernel_size=strides[1:],
                   filters=[32, 64, 128, 256, 320, 320], norm_name="instance").eval()
-    settings = InferenceSettings.from_checkpoint({})
+    settings = InferenceSettings.from_checkpoint(ModelCheckpoint({}, PlanarResUNetConfig()))
     rows = []
     start = time.perf_counter()
     for scan in find_inputs(inputs):

@@ -28,19 +28,17 @@ def test_dice(checkpoint_path: Path, cases) -> float:
     from planar3d.checkpoint import load_model
     from planar3d.inference import predict_probabilities
     from planar3d.metrics.voxel import dice
-    from pipelines.data import case_spacing, load_case_arrays
-    from planar3d.preprocess import NormalizationConfig
-    from pipelines.predict import remove_small_components
+    from planar3d.preprocess import load_preprocessed
+    from pipelines.predict import lesion_mask
 
     model, checkpoint = load_model(checkpoint_path)
     scores = []
     for case in cases:
-        arrays = load_case_arrays(case.image, case.label, NormalizationConfig.from_dict(checkpoint.get("normalization") or {}))
-        probability = predict_probabilities(model, arrays["image"][0], roi_size=checkpoint["inference"]["roi_size"],
-                                            overlap=checkpoint["inference"]["overlap"],
-                                            in_channels=checkpoint["network"]["in_channels"])
-        mask = remove_small_components(probability >= checkpoint["threshold"], case_spacing(case), 3.0)
-        scores.append(dice(mask, arrays["label"][0] > 0))
+        scan = load_preprocessed(case.image, checkpoint.normalization, label=case.label)
+        probability = predict_probabilities(model, scan.volume, roi_size=checkpoint.roi_size, overlap=checkpoint.overlap,
+                                            in_channels=checkpoint.network.in_channels)
+        mask, _ = lesion_mask(probability, checkpoint.threshold, scan.reorientation.spacing, 3.0)
+        scores.append(dice(mask, scan.label))
     return sum(scores) / len(scores)
 
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
@@ -21,34 +22,37 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from planar3d.errors import ConfigError
+from planar3d.networks.res_unet import PlanarResUNetConfig
+from planar3d.preprocess import NormalizationConfig
 
-PACKAGED_CONFIGS = ("default", "paper", "demo_cpu")
+PACKAGED_CONFIGS = ("default", "paper", "demo_cpu", "tiny")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class NetworkSection(_Section):
-    """Network shape (see :class:`planar3d.networks.PlanarResUNetConfig`)."""
+@dataclass
+class NetworkSection(PlanarResUNetConfig):
+    """The network (:class:`planar3d.networks.PlanarResUNetConfig`, which checks every value), with
+    ``plane_axis`` and ``pool_across_planes`` ``"auto"`` by default: :meth:`resolve` fills them in
+    from the first training scan."""
 
-    width: float = Field(1.0, gt=0)
-    norm: Optional[Literal["batch", "instance"]] = None
-    dropout: float = Field(0.0, ge=0, lt=1)
-    act: Literal["relu", "elu"] = "relu"
-    deepest_kernel_depth: int = Field(3, ge=1)
     in_channels: Literal[1, 3] = 1
-    encoder_mode: Literal["planar", "i3d"] = "planar"
-    i3d_depth: int = Field(3, ge=1)
-    plane_axis: Union[Literal["auto"], Literal[0, 1, 2]] = "auto"
-    pool_across_planes: Union[Literal["auto"], List[bool]] = "auto"
+    out_channels: Literal[1] = 1
+    plane_axis: Union[Literal["auto"], Literal[0, 1, 2]] = "auto"  # type: ignore[assignment]
+    pool_across_planes: Union[Literal["auto"], List[bool]] = "auto"  # type: ignore[assignment]
 
-    @field_validator("pool_across_planes")
-    @classmethod
-    def _four_levels(cls, value):
-        if value != "auto" and len(value) != 4:
-            raise ValueError("must be 'auto' or a list of 4 booleans (one per encoder level)")
-        return value
+    def __post_init__(self):
+        self.resolve(0 if self.plane_axis == "auto" else self.plane_axis, (True,) * 4)  # checks the other values
+
+    def resolve(self, plane_axis: int, pools: Sequence[bool]) -> PlanarResUNetConfig:
+        """The network config, with the ``auto`` entries replaced by ``plane_axis`` and ``pools``."""
+        values = {f.name: getattr(self, f.name) for f in fields(PlanarResUNetConfig)}
+        if self.plane_axis == "auto":
+            values["plane_axis"] = plane_axis
+        values["pool_across_planes"] = tuple(pools if self.pool_across_planes == "auto" else self.pool_across_planes)
+        return PlanarResUNetConfig(**values)
 
 
 class EncoderSection(_Section):
@@ -130,24 +134,6 @@ class ValidationSection(_Section):
         return value
 
 
-class NormalizationSection(_Section):
-    """Intensity normalisation (:class:`planar3d.preprocess.NormalizationConfig`), saved in checkpoints."""
-
-    method: Literal["percentile", "white_matter_peak"] = "percentile"
-    white_matter_value: float = Field(0.5, gt=0)
-    lower_percentile: float = Field(0.5, ge=0, lt=100)
-    upper_percentile: float = Field(99.5, gt=0, le=100)
-    clip_low: float = -0.2
-    clip_high: float = 2.0
-    mean: float = 0.449
-    std: float = Field(0.226, gt=0)
-
-    def to_config(self):
-        from planar3d.preprocess import NormalizationConfig
-
-        return NormalizationConfig(**self.model_dump())
-
-
 class TrainConfig(_Section):
     """The whole training configuration."""
 
@@ -156,8 +142,8 @@ class TrainConfig(_Section):
     amp: bool = True
     channels_last: bool = True
     val_cases: int = Field(1, ge=0)
-    normalization: NormalizationSection = NormalizationSection()
-    network: NetworkSection = NetworkSection()
+    normalization: NormalizationConfig = NormalizationConfig()
+    network: NetworkSection = Field(default_factory=NetworkSection)
     encoder: EncoderSection = EncoderSection()
     data: DataSection = DataSection()
     augmentation: AugmentationSection = AugmentationSection()

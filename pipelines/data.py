@@ -1,9 +1,8 @@
 """Training data: manifest checks, loading with the exact prediction preprocessing, augmentation,
 patch sampling and reproducible data loaders (MONAI dictionary transforms).
 
-Loading is :class:`LoadPreprocessd`, which calls the same functions as ``planar3d predict``
-(:func:`planar3d.io.read_volume`, :meth:`planar3d.preprocess.Reorientation.forward`,
-:func:`planar3d.preprocess.normalize_intensity`), so a network never sees data prepared in a way
+Loading is :class:`LoadPreprocessd`, which calls :func:`planar3d.preprocess.load_preprocessed`,
+the entry point ``planar3d predict`` uses too, so a network never sees data prepared in a way
 prediction does not repeat. Arrays come out channel-first, ``(1, X, Y, Z)`` in RAS order.
 
 Randomness: every epoch's augmentation and sampling is a function of ``(seed, epoch, rank)``
@@ -27,29 +26,12 @@ from monai.transforms import MapTransform, Randomizable
 from planar3d.data.checks import check_manifest
 from planar3d.data.manifest import Case, Manifest
 from planar3d.errors import InputError
-from planar3d.io import read_volume
 from planar3d.planes import is_thick_slice, plane_axis_from_spacing
-from planar3d.preprocess import NormalizationConfig, Reorientation, normalize_intensity
+from planar3d.preprocess import NormalizationConfig, Reorientation, load_preprocessed
 
 from pipelines.config import TrainConfig
 
 log = logging.getLogger("planar3d.train")
-
-
-def load_case_arrays(image_path: str | Path, label_path: Optional[str | Path] = None,
-                     normalization: NormalizationConfig = NormalizationConfig()) -> Dict[str, np.ndarray]:
-    """Read, reorient to RAS and normalise one case; label binarised (> 0). Arrays are (1, X, Y, Z)."""
-    data, image = read_volume(image_path)
-    orientation = Reorientation.of_image(image)
-    try:
-        volume = normalize_intensity(orientation.forward(data), normalization)
-    except ValueError as error:
-        raise InputError(image_path, str(error)) from None
-    out = {"image": np.ascontiguousarray(volume[None], dtype=np.float32)}
-    if label_path is not None:
-        label, _ = read_volume(label_path, dtype=None)
-        out["label"] = np.ascontiguousarray(orientation.forward(np.asarray(label) > 0)[None], dtype=np.float32)
-    return out
 
 
 class LoadPreprocessd(MapTransform):
@@ -65,9 +47,10 @@ class LoadPreprocessd(MapTransform):
 
     def __call__(self, data: dict) -> dict:
         out = dict(data)
-        arrays = load_case_arrays(data["image"], data.get("label"), self.normalization)
-        for key, array in arrays.items():
-            out[key] = torch.from_numpy(array)
+        scan = load_preprocessed(data["image"], self.normalization, label=data.get("label"))
+        out["image"] = torch.from_numpy(np.ascontiguousarray(scan.volume[None], dtype=np.float32))
+        if scan.label is not None:
+            out["label"] = torch.from_numpy(np.ascontiguousarray(scan.label[None], dtype=np.float32))
         return out
 
 
@@ -184,7 +167,7 @@ def training_transform(config: TrainConfig, plane_axis: int, shapes: Sequence[Se
     from monai.transforms import Compose, EnsureTyped
 
     return Compose(
-        [LoadPreprocessd(normalization=config.normalization.to_config())]
+        [LoadPreprocessd(normalization=config.normalization)]
         + sampling_transforms(config, plane_axis, shapes)
         + augmentation_transforms(config, plane_axis)
         + [EnsureTyped(("image", "label"), dtype=torch.float32, track_meta=False)]
@@ -268,6 +251,6 @@ def load_validation_volumes(cases: Sequence[Case], normalization: NormalizationC
     """``(case id, image (X, Y, Z), label (X, Y, Z) bool)`` for each validation case."""
     out = []
     for case in cases:
-        arrays = load_case_arrays(case.image, case.label, normalization)
-        out.append((case.id, arrays["image"][0], arrays["label"][0] > 0))
+        scan = load_preprocessed(case.image, normalization, label=case.label)
+        out.append((case.id, scan.volume, scan.label))
     return out

@@ -35,13 +35,14 @@ def run_demo(
 ) -> DemoResult:
     """Generate data, train, predict the held-out cases, evaluate; returns the summary table."""
     from planar3d.data.synth import write_synthetic_dataset
+    from planar3d.io import make_folder
     from planar3d.qc import plot_training_curves
     from pipelines.config import load_config
     from pipelines.evaluate import evaluate_folder
     from pipelines.predict import predict_folder
     from pipelines.train import train
 
-    out_dir = Path(out_dir)
+    out_dir = make_folder(out_dir)
     seconds = {}
     start = time.perf_counter()
     manifest = out_dir / "data" / "manifest.json"

@@ -27,9 +27,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from planar3d.errors import InputError
+from planar3d.errors import ConfigError, InputError
 from planar3d.planes import plane_axis_from_spacing
-from planar3d.io import atomic_save_json, atomic_write_text, read_volume, voxel_spacing
+from planar3d.io import atomic_save_json, atomic_write_text, make_folder, read_volume, voxel_spacing
 from planar3d.metrics import DEFINITIONS, METRIC_NAMES, case_metrics
 from planar3d.metrics.lesion import DetectionParameters
 from planar3d.naming import PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
@@ -235,14 +235,14 @@ def evaluate_folder(
 
     Raises:
         InputError: missing prediction or reference folder, bad manifest, no case found.
-        ValueError: neither or both of ``ref_dir`` and ``manifest``.
+        ConfigError: neither or both of ``ref_dir`` and ``manifest``.
     """
     if (ref_dir is None) == (manifest is None):
-        raise ValueError("give exactly one of ref_dir and manifest")
+        raise ConfigError("give exactly one of a reference folder and a manifest")
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise InputError(pred_dir, "prediction folder not found")
-    out = Path(out_dir) if out_dir is not None else None
+    out = make_folder(out_dir) if out_dir is not None else None
     unpaired: List[str] = []
     unlabeled: List[str] = []
     if ref_dir is not None:
@@ -252,10 +252,8 @@ def evaluate_folder(
     params = DetectionParameters(min_lesion_size=float(min_lesion_size))
     qc_dir = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         if qc:
-            qc_dir = out / "qc"
-            qc_dir.mkdir(exist_ok=True)
+            qc_dir = make_folder(out / "qc")
     for case in cases:
         if case.ok:
             _evaluate_case(case, params, qc_dir)

@@ -12,8 +12,8 @@
   ``python -m monai.bundle run --config_file configs/inference.json --input_dir IN --output_dir OUT``
   writes exactly the masks ``planar3d predict`` writes.
 
-Every export only carries the *network*: preprocessing (RAS reorientation, head-percentile
-normalisation), thresholding and small-lesion removal are in ``planar3d predict`` and in the
+Every export only carries the *network*: preprocessing (RAS reorientation, intensity
+normalisation with the recorded method and parameters), thresholding and small-lesion removal are in ``planar3d predict`` and in the
 bundle; users of the TorchScript/ONNX files must apply them as recorded in the metadata.
 """
 
@@ -29,30 +29,28 @@ import nibabel
 import numpy
 import torch
 
-from planar3d.checkpoint import load_model
-from planar3d.errors import Planar3DError
-from planar3d.io import atomic_save_json, atomic_write, atomic_write_text
+from planar3d.checkpoint import ModelCheckpoint, load_model
+from planar3d.errors import ConfigError, Planar3DError
+from planar3d.io import atomic_save_json, atomic_write, atomic_write_text, make_folder, make_parent_folder
 
 FORMATS = ("torchscript", "onnx", "bundle")
 
 
-def _metadata(checkpoint: dict) -> Dict[str, object]:
-    return {key: checkpoint.get(key) for key in ("network", "normalization", "orientation", "threshold", "inference")}
+def _metadata(checkpoint: ModelCheckpoint) -> Dict[str, object]:
+    """What a user of the bare network needs: the checkpoint without weights and training record."""
+    data = checkpoint.to_dict()
+    return {key: data[key] for key in ("network", "normalization", "orientation", "threshold", "inference")}
 
 
-def _example_input(checkpoint: dict) -> torch.Tensor:
-    network = checkpoint["network"]
-    from planar3d.networks import PlanarResUNetConfig
-
-    multiple = PlanarResUNetConfig.from_dict(network).size_multiple()
-    return torch.zeros(2, network["in_channels"], *[2 * m + 1 for m in multiple])
+def _example_input(checkpoint: ModelCheckpoint) -> torch.Tensor:
+    multiple = checkpoint.network.size_multiple()
+    return torch.zeros(2, checkpoint.network.in_channels, *[2 * m + 1 for m in multiple])
 
 
 def export_torchscript(model_path: str | Path, out: str | Path) -> Path:
     model, checkpoint = load_model(model_path)
     scripted = torch.jit.script(model)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = make_parent_folder(out)
     with atomic_write(out, "wb") as stream:
         torch.jit.save(scripted, stream, _extra_files={"planar3d.json": json.dumps(_metadata(checkpoint))})
     return out
@@ -66,8 +64,7 @@ def export_onnx(model_path: str | Path, out: str | Path) -> Path:
     model, checkpoint = load_model(model_path)
     example = _example_input(checkpoint)
     auto = torch.export.Dim.AUTO
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = make_parent_folder(out)
     temporary = out.with_name(f".{out.name}.partial.onnx")
     try:
         program = torch.onnx.export(
@@ -86,20 +83,17 @@ def export_onnx(model_path: str | Path, out: str | Path) -> Path:
 
 def export_bundle(model_path: str | Path, out_dir: str | Path) -> Path:
     from planar3d import __version__
-    from planar3d.checkpoint import load_checkpoint
 
     from pipelines.predict import resolve_checkpoint
 
     checkpoint_path = resolve_checkpoint(model_path)
-    checkpoint = load_checkpoint(checkpoint_path)
-    load_model(checkpoint_path)  # refuse a checkpoint that does not build
-    out_dir = Path(out_dir)
-    (out_dir / "configs").mkdir(parents=True, exist_ok=True)
-    (out_dir / "models").mkdir(exist_ok=True)
-    (out_dir / "docs").mkdir(exist_ok=True)
+    _, checkpoint = load_model(checkpoint_path)  # refuses a checkpoint that does not build
+    out_dir = make_folder(out_dir)
+    for folder in ("configs", "models", "docs"):
+        make_folder(out_dir / folder)
     with atomic_write(out_dir / "models" / "model.pt", "wb") as stream, open(checkpoint_path, "rb") as source:
         shutil.copyfileobj(source, stream)
-    versions = checkpoint.get("training", {}).get("versions") or {}
+    versions = checkpoint.training.get("versions") or {}  # provenance; absent in hand-made checkpoints
     metadata = {
         "version": "0.1.0",
         "changelog": {"0.1.0": f"exported by planar3d {__version__}"},
@@ -109,11 +103,11 @@ def export_bundle(model_path: str | Path, out_dir: str | Path) -> Path:
         "required_packages_version": {"planar3d": __version__, "nibabel": nibabel.__version__},
         "name": "planar3d MS lesion segmentation (planar 3D res-u-net)",
         "task": "Segmentation of multiple-sclerosis lesions in raw FLAIR MRI",
-        "description": "Planar 3D transfer learning (VGG-16 encoder with planar kernels). Runs planar3d's predict pipeline: exact RAS reorientation, head-percentile normalisation, sliding window, threshold, small-lesion removal; masks in each scan's own geometry.",
+        "description": "Planar 3D transfer learning (VGG-16 encoder with planar kernels). Runs planar3d's predict pipeline: exact RAS reorientation, the checkpoint's intensity normalisation, sliding window, threshold, small-lesion removal; masks in each scan's own geometry.",
         "authors": "planar3d",
         "copyright": "see the planar3d license",
         "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "MR (FLAIR)", "num_channels": checkpoint["network"]["in_channels"],
+            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "MR (FLAIR)", "num_channels": checkpoint.network.in_channels,
                                  "spatial_shape": ["*", "*", "*"], "dtype": "float32", "value_range": [], "is_patch_data": False,
                                  "channel_def": {"0": "FLAIR"}}},
             "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 1, "spatial_shape": ["*", "*", "*"],
@@ -131,7 +125,7 @@ def export_bundle(model_path: str | Path, out_dir: str | Path) -> Path:
         "device": "$'cuda' if torch.cuda.is_available() else 'cpu'",
         "network_def": {"_target_": "planar3d.networks.PlanarResUNet",
                         "config": "$PlanarResUNetConfig.from_dict(@network_config)"},
-        "network_config": checkpoint["network"],
+        "network_config": checkpoint.network.to_dict(),
         "tta": False,
         "min_lesion_size": 3.0,
         "run": ["$predict_folder(@input_dir, @output_dir, @ckpt_path, device=@device, tta=@tta, min_lesion_size=@min_lesion_size, progress=False)"],
@@ -149,7 +143,7 @@ def export_bundle(model_path: str | Path, out_dir: str | Path) -> Path:
 def export_model(run_or_checkpoint: str | Path, format: str, out: str | Path | None = None) -> Path:
     """Export in one of :data:`FORMATS`; default output next to the run (``<run>/export/...``)."""
     if format not in FORMATS:
-        raise Planar3DError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+        raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
     source = Path(run_or_checkpoint)
     base = (source if source.is_dir() else source.parent) / "export"
     if format == "torchscript":

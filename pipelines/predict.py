@@ -4,13 +4,14 @@ Each scan goes through the steps training used, recorded in the ``planar3d-model
 
 1. **load**: :func:`planar3d.io.read_volume` (missing, truncated, 4D, NaN files are refused);
 2. **preprocess**: exact RAS reorientation (:class:`planar3d.preprocess.Reorientation`) and
-   head-percentile intensity normalisation with the checkpoint's parameters;
+   intensity normalisation with the checkpoint's parameters (both through
+   :func:`planar3d.preprocess.load_preprocessed`, as in training);
 3. **model**: :func:`planar3d.inference.predict_probabilities` with the checkpoint's window size
    and overlap (``roi_size``/``overlap`` override them; a checkpoint without a window size gets
    slabs of :data:`DEFAULT_SLAB_PLANES` whole planes along the network's plane axis, which keeps
    memory bounded on any scan), optional flip TTA over the two in-plane axes;
-4. **postprocess**: threshold (the checkpoint's, or ``threshold``), then removal of 6-connected
-   components of volume ≤ ``min_lesion_size`` mm³ (the MSSEG rule of
+4. **postprocess** (:func:`lesion_mask`): threshold (the checkpoint's, or ``threshold``), then
+   removal of 6-connected components of volume ≤ ``min_lesion_size`` mm³ (the MSSEG rule of
    :func:`planar3d.metrics.lesion.label_lesions`, so evaluation counts exactly the lesions kept);
 5. **write**: back to the scan's own voxel order and written with :func:`planar3d.io.write_like`:
    the mask has the input's shape, affine, qform/sform and codes, voxel for voxel (uint8, 0/1).
@@ -43,11 +44,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from planar3d.errors import InputError, Planar3DError, WeightsError
-from planar3d.io import atomic_save_json, read_volume, voxel_spacing, write_like
+from planar3d.checkpoint import ModelCheckpoint
+from planar3d.errors import ConfigError, InputError, Planar3DError, WeightsError
+from planar3d.io import atomic_save_json, make_folder, voxel_spacing, write_like
 from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3, label_lesions
 from planar3d.naming import MASK_SUFFIX, PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
-from planar3d.preprocess import NormalizationConfig, Reorientation, normalize_intensity
+from planar3d.preprocess import NormalizationConfig, Reorientation, load_preprocessed
 
 #: Slab thickness (planes along the network's plane axis) used when the checkpoint gives no window.
 DEFAULT_SLAB_PLANES = 16
@@ -93,7 +95,7 @@ class InferenceSettings:
     @classmethod
     def from_checkpoint(
         cls,
-        checkpoint: Dict[str, Any],
+        checkpoint: ModelCheckpoint,
         threshold: Optional[float] = None,
         roi_size: Optional[Sequence[int]] = None,
         overlap: Optional[float] = None,
@@ -102,35 +104,34 @@ class InferenceSettings:
         sw_batch_size: int = 1,
         device: str = "cpu",
     ) -> "InferenceSettings":
-        """Settings of a ``planar3d-model/1`` checkpoint dict; arguments not None override it.
+        """Settings of a :class:`planar3d.checkpoint.ModelCheckpoint`; arguments not None override it.
+
+        A checkpoint without a window size gets slabs of :data:`DEFAULT_SLAB_PLANES` whole
+        planes along the network's plane axis.
 
         Raises:
-            ValueError: a value out of range (threshold outside (0, 1), roi_size not 3 values...).
+            ConfigError: a value out of range (threshold outside (0, 1), roi_size not 3 values...).
         """
-        network = checkpoint.get("network") or {}
-        plane_axis = int(network.get("plane_axis", 2))
-        inference = checkpoint.get("inference") or {}
+        plane_axis = int(checkpoint.network.plane_axis)
         if roi_size is None:
-            roi_size = inference.get("roi_size")
+            roi_size = checkpoint.roi_size
         if roi_size is None:
             roi_size = tuple(DEFAULT_SLAB_PLANES if axis == plane_axis else -1 for axis in range(3))
         roi_size = tuple(int(r) for r in roi_size)
         if len(roi_size) != 3 or any(r == 0 or r < -1 for r in roi_size):
-            raise ValueError(f"roi_size must be 3 positive sizes or -1 (whole axis), got {roi_size}")
-        if overlap is None:
-            overlap = inference.get("overlap", DEFAULT_OVERLAP)
+            raise ConfigError(f"roi_size must be 3 positive sizes or -1 (whole axis), got {roi_size}")
+        overlap = checkpoint.overlap if overlap is None else overlap
         if not 0.0 <= float(overlap) < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-        if threshold is None:
-            threshold = checkpoint.get("threshold", 0.5)
+            raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+        threshold = checkpoint.threshold if threshold is None else threshold
         if not 0.0 < float(threshold) < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+            raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
         if min_lesion_size < 0:
-            raise ValueError(f"min_lesion_size must be >= 0 mm³, got {min_lesion_size}")
+            raise ConfigError(f"min_lesion_size must be >= 0 mm³, got {min_lesion_size}")
         return cls(
-            normalization=NormalizationConfig.from_dict(checkpoint.get("normalization") or {}),
+            normalization=checkpoint.normalization,
             plane_axis=plane_axis,
-            in_channels=int(network.get("in_channels", 1)),
+            in_channels=int(checkpoint.network.in_channels),
             threshold=float(threshold),
             roi_size=roi_size,  # type: ignore[arg-type]
             overlap=float(overlap),
@@ -189,7 +190,7 @@ def find_inputs(
     path = Path(inputs)
     is_manifest = path.is_file() and path.name.lower().endswith(".json")
     if (fold is not None or root is not None) and not is_manifest:
-        raise InputError(path, "--fold and --root need a manifest JSON as input")
+        raise InputError(path, "a fold or data root need a manifest JSON as input")
     if is_manifest:
         from planar3d.data.manifest import load_manifest
 
@@ -219,26 +220,35 @@ def find_inputs(
 def shard(items: Sequence[Any], num_parts: int = 1, part_id: int = 0) -> List[Any]:
     """Items ``part_id, part_id + num_parts, ...``: the parts partition the list."""
     if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise ValueError(f"need num_parts >= 1 and 0 <= part_id < num_parts, got {num_parts}, {part_id}")
+        raise ConfigError(f"need num_parts >= 1 and 0 <= part_id < num_parts, got {num_parts}, {part_id}")
     return list(items[part_id::num_parts])
 
 
 # --- one scan, step by step -------------------------------------------------------------------
 
 
+def lesion_mask(probability: np.ndarray, threshold: float, spacing: Sequence[float],
+                min_lesion_size: float = MIN_LESION_SIZE_MM3) -> Tuple[np.ndarray, int]:
+    """Step 4, the one post-processing rule: voxels above ``threshold``, without the 6-connected
+    components of volume ≤ ``min_lesion_size`` mm³ (0: keep all); returns ``(mask, lesions kept)``.
+
+    The components are those of :func:`planar3d.metrics.lesion.label_lesions` (the MSSEG rule),
+    so evaluation counts exactly the lesions kept. Only voxel volume matters, so ``spacing`` may
+    be in any axis order.
+    """
+    labels, lesions = label_lesions(np.asarray(probability) > threshold, spacing, max(float(min_lesion_size), 0.0))
+    return labels > 0, lesions
+
+
 def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_size: float) -> np.ndarray:
-    """Drop the 6-connected components of ``mask`` of volume ≤ ``min_size`` mm³ (MSSEG rule).
+    """Drop the 6-connected components of ``mask`` of volume ≤ ``min_size`` mm³ (:func:`lesion_mask`).
 
     Example:
         >>> m = np.zeros((5, 5, 5), bool); m[0, 0, :3] = True; m[3, 3, 3] = True
         >>> int(remove_small_components(m, (1, 1, 1), 2.0).sum())
         3
     """
-    mask = np.asarray(mask).astype(bool, copy=False)
-    if min_size <= 0:
-        return mask.copy()
-    labels, _ = label_lesions(mask, spacing, min_size)  # the rule evaluation counts lesions with
-    return labels > 0
+    return lesion_mask(np.asarray(mask).astype(bool, copy=False), 0.5, spacing, min_size)[0]
 
 
 @dataclass
@@ -254,25 +264,14 @@ class PreparedScan:
 
 
 def prepare_scan(scan: ScanInput, settings: InferenceSettings, keep_raw: bool = False) -> PreparedScan:
-    """Steps 1-2: read with input checks, reorient to RAS, normalise.
+    """Steps 1-2 (:func:`planar3d.preprocess.load_preprocessed`): read with input checks,
+    reorient to RAS, normalise.
 
     Raises:
         InputError: the file cannot be used (unreadable, truncated, not 3D, NaN, constant).
     """
-    start = time.perf_counter()
-    data, image = read_volume(scan.path)
-    loaded = time.perf_counter()
-    reorientation = Reorientation.of_image(image)
-    ras = reorientation.forward(data)
-    try:
-        volume = normalize_intensity(ras, settings.normalization)
-    except ValueError as error:
-        raise InputError(scan.path, str(error)) from None
-    done = time.perf_counter()
-    return PreparedScan(
-        scan, image, reorientation, volume, ras if keep_raw else None,
-        {"load": loaded - start, "preprocess": done - loaded},
-    )
+    loaded = load_preprocessed(scan.path, settings.normalization, keep_raw=keep_raw)
+    return PreparedScan(scan, loaded.image, loaded.reorientation, loaded.volume, loaded.raw, dict(loaded.seconds))
 
 
 def run_model(model: Any, prepared: PreparedScan, settings: InferenceSettings) -> np.ndarray:
@@ -324,10 +323,7 @@ def finish_scan(
     """
     start = time.perf_counter()
     spacing = voxel_spacing(prepared.image)
-    # One labelling gives both the kept components (the MSSEG rule, as evaluation counts them)
-    # and their number; a size of 0 keeps every component.
-    labels, lesions = label_lesions(probability > settings.threshold, spacing, max(settings.min_lesion_size, 0.0))
-    mask_ras = labels > 0
+    mask_ras, lesions = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size)
     mask = prepared.reorientation.inverse(mask_ras)
     postprocessed = time.perf_counter()
     outputs.mask.parent.mkdir(parents=True, exist_ok=True)
@@ -360,7 +356,7 @@ class ScanResult:
 
 def predict_scan(
     model: Any,
-    checkpoint: Dict[str, Any],
+    checkpoint: ModelCheckpoint,
     path: str | os.PathLike,
     out_path: str | os.PathLike,
     settings: Optional[InferenceSettings] = None,
@@ -371,8 +367,8 @@ def predict_scan(
 
     Args:
         model: the network (or any ``nn.Module`` mapping (N, C, X, Y, Z) to logits (N, 1, X, Y, Z)).
-        checkpoint: the checkpoint dict (or just its ``network``, ``normalization``,
-            ``threshold`` and ``inference`` entries).
+        checkpoint: the :class:`planar3d.checkpoint.ModelCheckpoint` (its ``state_dict`` is not
+            used: ``model`` runs).
         path: the input NIfTI file.
         out_path: the mask to write.
         settings: default ``InferenceSettings.from_checkpoint(checkpoint)``.
@@ -464,7 +460,7 @@ def _error(error: BaseException) -> str:
 
 def predict_with_model(
     model: Any,
-    checkpoint: Dict[str, Any],
+    checkpoint: ModelCheckpoint,
     scans: Sequence[ScanInput],
     out_dir: str | os.PathLike,
     settings: InferenceSettings,
@@ -480,8 +476,7 @@ def predict_with_model(
     """
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir)
     summary_path = summary_path or summary_file(out_dir)
     start = time.perf_counter()
     results: Dict[int, ScanResult] = {}
@@ -592,8 +587,8 @@ def predict_folder(
         The :class:`PredictionSummary` (also written to ``predictions.json`` in ``out_dir``).
 
     Raises:
-        InputError: no inputs, bad manifest or fold; WeightsError: bad checkpoint; ValueError:
-            bad settings. A failing *scan* does not raise: it is in ``summary.failed``.
+        InputError: no inputs, bad manifest or fold, output folder is a file; WeightsError: bad
+            checkpoint; ConfigError: bad settings. A failing *scan* does not raise: it is in ``summary.failed``.
     """
     import torch
 
@@ -601,9 +596,11 @@ def predict_folder(
     from planar3d.inference import prepare_model
 
     out_dir = Path(out_dir)
+    if out_dir.is_file():  # checked before the scans are searched; created after the checkpoint loads
+        make_folder(out_dir)
     scans = shard(find_inputs(inputs, fold, root, exclude=out_dir), num_parts, part_id)
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        raise ConfigError("device cuda asked for, but torch sees no CUDA device")
     model, checkpoint = load_model(resolve_checkpoint(model_path), device)
     settings = InferenceSettings.from_checkpoint(
         checkpoint, threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta,

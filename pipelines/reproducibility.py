@@ -24,19 +24,29 @@ def _network_summary(records: List[dict]) -> Dict[str, object]:
     if not records:
         return {}
     model, checkpoint = load_model(records[0]["best_checkpoint"])
-    training = checkpoint.get("training") or {}
+    data = checkpoint.to_dict()
+    training = checkpoint.training  # written by pipelines.train: every key is there
     return {
         "name": "planar 3D res-u-net (VGG-16 blocks 1-4 with planar kernels, residual-concatenation decoder)",
         "parameters": count_parameters(model),
-        "network_config": checkpoint.get("network"),
-        "encoder_source": training.get("encoder_source"),
-        "normalization": checkpoint.get("normalization"),
-        "orientation": checkpoint.get("orientation"),
-        "threshold": checkpoint.get("threshold"),
-        "inference": checkpoint.get("inference"),
-        "training_config": training.get("config"),
-        "epochs_trained": training.get("epoch"),
+        "network_config": data["network"],
+        "encoder_source": training["encoder_source"],
+        "normalization": data["normalization"],
+        "orientation": data["orientation"],
+        "threshold": data["threshold"],
+        "inference": data["inference"],
+        "training_config": training["config"],
+        "epochs_trained": training["epoch"],
     }
+
+
+def _preprocessing(records: List[dict]) -> str:
+    """The preprocessing the runs' checkpoints record (the normalisation method is configurable)."""
+    from planar3d.checkpoint import ModelCheckpoint
+
+    method = ModelCheckpoint.load(records[0]["best_checkpoint"]).normalization.method if records else "configured"
+    return (f"exact reorientation to RAS (axis permutation/flip, inverted on output), {method} intensity "
+            "normalisation (planar3d.preprocess); no resampling, no brain extraction")
 
 
 def build_report(experiment, experiment_file: Path, manifest_path: Path, root: Optional[Path], records: List[dict],
@@ -63,7 +73,7 @@ def build_report(experiment, experiment_file: Path, manifest_path: Path, root: O
         "software": {"packages": package_versions(), "code": git_state(Path(__file__).resolve().parent)},
         "dataset": dataset,
         "splits": {"manifest": str(manifest_path), "root": str(root) if root else None, "folds": dataset.get("folds")},
-        "preprocessing": "exact reorientation to RAS (axis permutation/flip, inverted on output), head-percentile intensity normalisation (planar3d.preprocess); no resampling, no brain extraction",
+        "preprocessing": _preprocessing(records),
         "data_checksums": checksums,
     }
 

@@ -1,9 +1,10 @@
 """Train the planar 3D res-u-net on one fold of a manifest.
 
-The loop is a handful of small functions: :func:`train` prepares (checks the data, resolves the
-geometry, builds model/optimiser/schedule, writes ``run.json``), then per epoch
-:func:`train_one_epoch`, :func:`validate` (whole volumes, threshold search) and
-:func:`save_checkpoints` (``best.pt``/``last.pt``, atomic, ``weights_only``-loadable).
+The loop is a handful of small functions: :func:`setup_run` prepares (checks the data, resolves
+the geometry, builds model/optimiser/schedule, writes ``run.json``), then per epoch
+:func:`run_epoch` (:func:`train_one_epoch`, :func:`validate`: whole volumes, threshold search) and
+:func:`record_epoch` (``best.pt``/``last.pt`` as :class:`planar3d.checkpoint.ModelCheckpoint`,
+``metrics.csv``), and :func:`finish_run`.
 
 Outputs in the run folder: ``run.json`` (provenance), ``metrics.csv``, ``best.pt``, ``last.pt``,
 ``train.log``, ``tensorboard/`` (if tensorboard is installed).
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from planar3d.checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint
+from planar3d.checkpoint import ModelCheckpoint
 from planar3d.errors import ConfigError, InputError
 from planar3d.io import atomic_save_json, atomic_write_text, sha256_file
 from planar3d.provenance import package_versions
@@ -38,10 +39,6 @@ from pipelines.config import TrainConfig
 from pipelines import data as data_module
 
 log = logging.getLogger("planar3d.train")
-
-LAST_FORMAT = MODEL_FORMAT
-"""``last.pt`` is a ``planar3d-model/1`` checkpoint with a ``resume`` entry added."""
-
 
 # --- set-up --------------------------------------------------------------------------------------
 
@@ -78,7 +75,7 @@ def choose_device(device: Optional[str], dist: Optional[Dist] = None) -> torch.d
     chosen = torch.device(device)
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: CUDA is not available on this machine")
+            raise ConfigError("device cuda: CUDA is not available on this machine")
         if chosen.index is None:
             chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(chosen)
@@ -121,39 +118,51 @@ def setup_logging(out_dir: Path, main: bool) -> None:
 # --- model, optimiser, schedule -----------------------------------------------------------------
 
 
-def network_config(config: TrainConfig, plane_axis: int, pools: Sequence[bool]):
-    from planar3d.networks import PlanarResUNetConfig
-
-    n = config.network
-    return PlanarResUNetConfig(
-        in_channels=n.in_channels, out_channels=1, plane_axis=plane_axis, pool_across_planes=tuple(pools),
-        width=n.width, norm=n.norm, dropout=n.dropout, act=n.act, deepest_kernel_depth=n.deepest_kernel_depth,
-        encoder_mode=n.encoder_mode, i3d_depth=n.i3d_depth,
-    )
-
-
-def build_model(config: TrainConfig, plane_axis: int, pools: Sequence[bool], weights: str) -> Tuple[nn.Module, str]:
-    """The network with its encoder initialised from ``weights``; returns ``(model, source description)``."""
-    from planar3d.inflate import vgg16_to_planar_encoder
-    from planar3d.networks import PlanarResUNet
+def encoder_weights_for(net_config, weights: str) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Planar encoder weights from ``weights``: ``imagenet``, a VGG-16 ``.pth`` file, or the
+    planar encoder file ``planar3d inflate`` writes (which must match the network's geometry)."""
+    from planar3d.inflate import ENCODER_CHECKPOINT_FORMAT, load_encoder_checkpoint, vgg16_to_planar_encoder
     from planar3d.vgg import load_vgg16_state_dict
 
-    model = PlanarResUNet(network_config(config, plane_axis, pools))
+    from planar3d.checkpoint import load_checkpoint
+
+    path = Path(str(weights))
+    loaded = load_checkpoint(path) if path.is_file() else None
+    if isinstance(loaded, dict) and loaded.get("format") == ENCODER_CHECKPOINT_FORMAT:
+        encoder = load_encoder_checkpoint(path)
+        expected = {"plane_axis": net_config.plane_axis, "in_channels": net_config.in_channels,
+                    "mode": net_config.encoder_mode,
+                    "i3d_depth": net_config.i3d_depth if net_config.encoder_mode == "i3d" else 1}
+        mismatched = [f"{key} {encoder.get(key)!r} (the network needs {value!r})"
+                      for key, value in expected.items() if encoder.get(key) != value]
+        if mismatched:
+            raise ConfigError(f"{path}: the {ENCODER_CHECKPOINT_FORMAT} encoder does not fit the network: " + ", ".join(mismatched))
+        return encoder["state_dict"], f"planar encoder {path.resolve()} from {encoder['source']}"
+    del loaded  # a VGG-16 state dict: read again, with its checks, by the VGG-16 loader
+    state, description = load_vgg16_state_dict(weights)
+    encoder_state = vgg16_to_planar_encoder(
+        state, plane_axis=net_config.plane_axis, in_channels=net_config.in_channels,
+        mode=net_config.encoder_mode, i3d_depth=net_config.i3d_depth,
+    )
+    return encoder_state, description
+
+
+def build_model(config: TrainConfig, net_config, weights: str) -> Tuple[nn.Module, str]:
+    """The network with its encoder initialised from ``weights``; returns ``(model, source description)``."""
+    from planar3d.networks import PlanarResUNet
+
+    model = PlanarResUNet(net_config)
     # CUDA's max-pool backward is non-deterministic; the network swaps in an exact equivalent.
     model.use_deterministic_pooling(config.deterministic)
     if str(weights) == "none":
         log.warning("encoder weights: none -- random initialisation, no transfer learning")
         return model, "none (random initialisation)"
-    state, description = load_vgg16_state_dict(weights)
-    encoder_state = vgg16_to_planar_encoder(
-        state, plane_axis=plane_axis, in_channels=config.network.in_channels,
-        mode=config.network.encoder_mode, i3d_depth=config.network.i3d_depth,
-    )
-    if config.network.width != 1.0:
+    if net_config.width != 1.0:
         raise ConfigError(
-            f"network.width={config.network.width}: transferred VGG-16 weights need width 1.0 "
+            f"network.width={net_config.width}: transferred VGG-16 weights need width 1.0 "
             "(use encoder.weights=none for reduced widths)"
         )
+    encoder_state, description = encoder_weights_for(net_config, weights)
     model.load_encoder_state(encoder_state)
     log.info("encoder weights: %s", description)
     return model, description
@@ -309,38 +318,32 @@ class RunState:
     history: List[dict] = field(default_factory=list)
 
 
-def model_checkpoint(model, config: TrainConfig, net_config, threshold: float, epoch: int, metrics: dict, info: dict) -> dict:
-    """A ``planar3d-model/1`` checkpoint dict (see :mod:`planar3d.checkpoint`)."""
+def model_checkpoint(model, config: TrainConfig, net_config, threshold: float, epoch: int, metrics: dict, info: dict) -> ModelCheckpoint:
+    """The ``planar3d-model/1`` checkpoint of the model as it is now."""
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
     roi = config.validation.roi_size
-    return {
-        "format": MODEL_FORMAT,
-        "state_dict": state,
-        "network": net_config.to_dict(),
-        "normalization": config.normalization.to_config().to_dict(),
-        "orientation": "RAS",
-        "threshold": float(threshold),
-        "inference": {"roi_size": None if all(int(r) < 0 for r in roi) else [int(r) for r in roi],
-                      "overlap": float(config.validation.overlap)},
-        "training": {
+    return ModelCheckpoint(
+        state_dict=state, network=net_config, normalization=config.normalization, threshold=float(threshold),
+        roi_size=None if all(int(r) < 0 for r in roi) else tuple(int(r) for r in roi),  # type: ignore[arg-type]
+        overlap=float(config.validation.overlap),
+        training={
             "config": config.to_dict(), "epoch": int(epoch), "metrics": metrics,
             "encoder_source": info["encoder_source"], "manifest_sha256": info["manifest_sha256"],
             "seed": int(config.seed), "versions": info["versions"],
         },
-    }
+    )
 
 
-def save_checkpoints(out_dir: Path, checkpoint: dict, optimizer, scheduler, state: RunState, improved: bool) -> None:
+def save_checkpoints(out_dir: Path, checkpoint: ModelCheckpoint, optimizer, scheduler, state: RunState, improved: bool) -> None:
     """``best.pt`` when improved, and ``last.pt`` (with the resume state) every epoch, atomically."""
     if improved:
-        save_checkpoint(checkpoint, out_dir / "best.pt")
-    last = dict(checkpoint)
-    last["resume"] = {
+        checkpoint.save(out_dir / "best.pt")
+    checkpoint.resume = {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": state.epoch,
         "best_metric": state.best_metric, "best_threshold": state.best_threshold, "best_epoch": state.best_epoch,
         "history": state.history, "rng": rng_state(),
     }
-    save_checkpoint(last, out_dir / "last.pt")
+    checkpoint.save(out_dir / "last.pt")
 
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_dice", "val_threshold", "lr", "seconds", "voxels_per_second")
@@ -410,13 +413,13 @@ def check_only(manifest_path: str | Path, fold: int, config: TrainConfig, root=N
 
 
 def _resume_state(out_dir: Path, model, optimizer, scheduler, config: TrainConfig) -> RunState:
-    checkpoint = load_checkpoint(out_dir / "last.pt", expected_format=LAST_FORMAT)
-    if "resume" not in checkpoint:
+    checkpoint = ModelCheckpoint.load(out_dir / "last.pt")
+    if checkpoint.resume is None:
         raise InputError(out_dir / "last.pt", "has no resume state")
-    resume = checkpoint["resume"]
-    if checkpoint["training"]["config"] != config.to_dict():
+    resume = checkpoint.resume
+    if checkpoint.training.get("config") != config.to_dict():
         log.warning("the config differs from the one in last.pt; continuing with the new one")
-    _unwrap(model).load_state_dict(checkpoint["state_dict"])
+    _unwrap(model).load_state_dict(checkpoint.state_dict)
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     set_rng_state(resume["rng"])
@@ -453,37 +456,72 @@ def train(
         InputError: a problem in the data (all problems listed), before the first epoch.
         ConfigError: an impossible configuration.
     """
-    out_dir = Path(out_dir)
     if encoder_weights is not None:
         config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"weights": str(encoder_weights)})})
+    run = setup_run(manifest_path, fold, Path(out_dir), config, root, resume, device)
+    last_epoch = config.optim.epochs if max_epochs_this_run is None else min(config.optim.epochs, run.state.epoch + max_epochs_this_run)
+    for epoch in range(run.state.epoch, last_epoch):
+        row, metrics, improved = run_epoch(run, epoch)
+        if run.dist.main:
+            record_epoch(run, row, metrics, improved)
+        if run.dist.world_size > 1:
+            torch.distributed.barrier()
+    return finish_run(run)
+
+
+@dataclass
+class TrainingRun:
+    """Everything :func:`setup_run` prepares for the epochs, and what changes between them."""
+
+    config: TrainConfig
+    out_dir: Path
+    dist: Dist
+    device: torch.device
+    model: nn.Module
+    net_config: object  # planar3d.networks.PlanarResUNetConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: object
+    dataset: object
+    val_volumes: list
+    state: RunState
+    info: dict
+    writer: object = None
+    wrapped: Optional[nn.Module] = None  # the model as trained (DDP-wrapped when distributed)
+    frozen: Optional[bool] = None
+
+
+def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root, resume: bool, device) -> TrainingRun:
+    """Check the data, resolve the geometry, build model/optimiser/schedule/data, write ``run.json``."""
+    from planar3d.inference import prepare_model
+    from planar3d.io import make_folder
+    from planar3d.losses import build_loss
+
+    make_folder(out_dir)
     dev = choose_device(device)
     dist = setup_distributed(dev)
     setup_logging(out_dir, dist.main)
     set_determinism(config.seed, config.deterministic)
     if resume and not (out_dir / "last.pt").is_file():
-        raise InputError(out_dir, "--resume: no last.pt in the run folder")
+        raise InputError(out_dir, "nothing to resume: no last.pt in the run folder")
 
     manifest, train_cases, val_cases = prepare_cases(manifest_path, fold, root, config)
     plane_axis, pools = data_module.resolve_geometry(config, train_cases)
     shapes = [data_module.case_shape(c) for c in train_cases]
-    model, encoder_source = build_model(config, plane_axis, pools, config.encoder.weights)
-    net_config = network_config(config, plane_axis, pools)
+    net_config = config.network.resolve(plane_axis, pools)
+    model, encoder_source = build_model(config, net_config, config.encoder.weights)
     info = {"encoder_source": encoder_source, "manifest_sha256": sha256_file(manifest_path),
             "versions": package_versions()}
-
-    from planar3d.inference import prepare_model
 
     model = prepare_model(model, dev) if config.channels_last else model.to(dev)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
     state = _resume_state(out_dir, model, optimizer, scheduler, config) if resume else RunState()
 
-    from planar3d.losses import build_loss
-
     loss_fn = build_loss(config.loss.name, config.loss.batch_dice, **config.loss.options)
     transform = data_module.training_transform(config, plane_axis, shapes)
     dataset = data_module.build_dataset(config, train_cases, transform, out_dir)
-    val_volumes = data_module.load_validation_volumes(val_cases, config.normalization.to_config()) if dist.main else []
+    val_volumes = data_module.load_validation_volumes(val_cases, config.normalization) if dist.main else []
 
     writer = None
     if dist.main:
@@ -495,55 +533,65 @@ def train(
             "data": data_record(manifest, train_cases, val_cases),
         })
         writer = open_tensorboard(out_dir)
+    return TrainingRun(config, out_dir, dist, dev, model, net_config, optimizer, scheduler, loss_fn, dataset,
+                       val_volumes, state, info, writer)
 
-    wrapped, frozen = None, None
-    last_epoch = config.optim.epochs if max_epochs_this_run is None else min(config.optim.epochs, state.epoch + max_epochs_this_run)
-    for epoch in range(state.epoch, last_epoch):
-        if encoder_frozen_at(config, epoch) != frozen:
-            frozen = encoder_frozen_at(config, epoch)
-            _unwrap(model).freeze_encoder(frozen)
-            wrapped = wrap_model(model, dist, dev)
-            log.info("epoch %d: encoder %s", epoch + 1, "frozen" if frozen else "trainable")
-        lr = optimizer.param_groups[0]["lr"]
-        loader = data_module.make_loader(dataset, config, epoch, dist.rank, dist.world_size)
-        result = train_one_epoch(wrapped, data_module.patch_batches(loader, config.data.batch_size),
-                                 loss_fn, optimizer, config, dev, dist, epoch)
-        scheduler.step()
-        state.epoch = epoch + 1
-        val_dice, threshold, per_threshold = float("nan"), state.best_threshold, {}
-        is_last = state.epoch == config.optim.epochs
-        if dist.main and val_volumes and (state.epoch % config.validation.every == 0 or is_last):
-            val_dice, threshold, per_threshold = validate(model, val_volumes, config, dev)
-        improved = (not val_volumes and is_last) or (val_volumes and not math.isnan(val_dice) and val_dice > state.best_metric)
-        if improved:
-            state.best_metric = val_dice if val_volumes else state.best_metric
-            state.best_threshold, state.best_epoch = threshold, state.epoch
-        row = {"epoch": state.epoch, "train_loss": result["train_loss"], "val_dice": val_dice, "val_threshold": threshold,
-               "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
-        state.history.append(row)
-        if dist.main:
-            log.info("epoch %d/%d loss %.4f val Dice %.4f (t=%.2f) lr %.2e %.1f s %.3g vox/s", state.epoch,
-                     config.optim.epochs, row["train_loss"], val_dice, threshold, lr, row["seconds"], row["voxels_per_second"])
-            metrics = {"val_dice": val_dice, "val_dice_by_threshold": per_threshold, "train_loss": result["train_loss"]}
-            checkpoint = model_checkpoint(model, config, net_config, threshold if improved else state.best_threshold,
-                                          state.epoch, metrics, info)
-            save_checkpoints(out_dir, checkpoint, optimizer, scheduler, state, bool(improved))
-            write_metrics_csv(out_dir, state.history)
-            if writer is not None:
-                for key in ("train_loss", "val_dice", "lr", "voxels_per_second"):
-                    if not (isinstance(row[key], float) and math.isnan(row[key])):
-                        writer.add_scalar(key, row[key], state.epoch)
-                writer.flush()
-        if dist.world_size > 1:
-            torch.distributed.barrier()
-    if writer is not None:
-        writer.close()
-    if dist.main and not (out_dir / "best.pt").is_file() and (out_dir / "last.pt").is_file():
+
+def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
+    """Train one epoch, validate when due; returns ``(metrics.csv row, checkpoint metrics, improved)``."""
+    config, state, dist = run.config, run.state, run.dist
+    if encoder_frozen_at(config, epoch) != run.frozen:
+        run.frozen = encoder_frozen_at(config, epoch)
+        _unwrap(run.model).freeze_encoder(run.frozen)
+        run.wrapped = wrap_model(run.model, dist, run.device)
+        log.info("epoch %d: encoder %s", epoch + 1, "frozen" if run.frozen else "trainable")
+    lr = run.optimizer.param_groups[0]["lr"]
+    loader = data_module.make_loader(run.dataset, config, epoch, dist.rank, dist.world_size)
+    result = train_one_epoch(run.wrapped, data_module.patch_batches(loader, config.data.batch_size),
+                             run.loss_fn, run.optimizer, config, run.device, dist, epoch)
+    run.scheduler.step()
+    state.epoch = epoch + 1
+    val_dice, threshold, per_threshold = float("nan"), state.best_threshold, {}
+    is_last = state.epoch == config.optim.epochs
+    if dist.main and run.val_volumes and (state.epoch % config.validation.every == 0 or is_last):
+        val_dice, threshold, per_threshold = validate(run.model, run.val_volumes, config, run.device)
+    improved = bool((not run.val_volumes and is_last) or (run.val_volumes and not math.isnan(val_dice) and val_dice > state.best_metric))
+    if improved:
+        state.best_metric = val_dice if run.val_volumes else state.best_metric
+        state.best_threshold, state.best_epoch = threshold, state.epoch
+    row = {"epoch": state.epoch, "train_loss": result["train_loss"], "val_dice": val_dice, "val_threshold": threshold,
+           "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
+    state.history.append(row)
+    metrics = {"val_dice": val_dice, "val_dice_by_threshold": per_threshold, "train_loss": result["train_loss"]}
+    return row, metrics, improved
+
+
+def record_epoch(run: TrainingRun, row: dict, metrics: dict, improved: bool) -> None:
+    """Rank 0: log the epoch, save ``best.pt``/``last.pt``, ``metrics.csv`` and TensorBoard scalars."""
+    state = run.state
+    log.info("epoch %d/%d loss %.4f val Dice %.4f (t=%.2f) lr %.2e %.1f s %.3g vox/s", state.epoch,
+             run.config.optim.epochs, row["train_loss"], row["val_dice"], row["val_threshold"], row["lr"], row["seconds"],
+             row["voxels_per_second"])
+    checkpoint = model_checkpoint(run.model, run.config, run.net_config,
+                                  row["val_threshold"] if improved else state.best_threshold, state.epoch, metrics, run.info)
+    save_checkpoints(run.out_dir, checkpoint, run.optimizer, run.scheduler, state, improved)
+    write_metrics_csv(run.out_dir, state.history)
+    if run.writer is not None:
+        for key in ("train_loss", "val_dice", "lr", "voxels_per_second"):
+            if not (isinstance(row[key], float) and math.isnan(row[key])):
+                run.writer.add_scalar(key, row[key], state.epoch)
+        run.writer.flush()
+
+
+def finish_run(run: TrainingRun) -> Path:
+    """Close the logs, make sure ``best.pt`` exists, draw the training curves; returns ``best.pt``."""
+    out_dir = run.out_dir
+    if run.writer is not None:
+        run.writer.close()
+    if run.dist.main and not (out_dir / "best.pt").is_file() and (out_dir / "last.pt").is_file():
         # no validation improvement was recorded yet (e.g. stopped early without validation cases)
-        best = load_checkpoint(out_dir / "last.pt", expected_format=MODEL_FORMAT)
-        best.pop("resume", None)
-        save_checkpoint(best, out_dir / "best.pt")
-    if dist.main:
+        ModelCheckpoint.load(out_dir / "last.pt").without_resume().save(out_dir / "best.pt")
+    if run.dist.main:
         from planar3d.qc import plot_training_curves
 
         plot_training_curves(out_dir / "metrics.csv", out_dir / "training_curves.png")

@@ -4,7 +4,7 @@ Shared by validation during training and by ``planar3d predict`` so both compute
 thing. Windows are blended with a Gaussian (MONAI ``sliding_window_inference``); a window size of
 ``-1`` (or ``None`` for all axes) takes the whole extent of that axis, so the default on the CPU,
 slabs of whole planes, runs few large windows, the cheapest way to cover a scan there
-(MEASUREMENTS.md: overlap multiplies the work).
+(docs/prediction.md: overlap multiplies the work).
 """
 
 from __future__ import annotations

@@ -28,17 +28,28 @@ from typing import Dict
 
 import torch
 
-from planar3d.errors import Planar3DError
+from planar3d.errors import ConfigError
 from planar3d.vgg import VGG16_CONV_INDICES
 
 ENCODER_CHECKPOINT_FORMAT = "planar3d-encoder/1"
-NUM_ENCODER_BLOCKS = 4  # VGG-16 blocks 1-4; block 5 is not used (PAPER.md)
+NUM_ENCODER_BLOCKS = 4  # VGG-16 blocks 1-4; block 5 is not used (as in the paper)
 MAPPING_MODES = ("planar", "i3d")
 
 
 def _check_plane_axis(plane_axis: int) -> None:
     if plane_axis not in (0, 1, 2):
-        raise ValueError(f"plane_axis must be 0, 1 or 2 (a spatial axis), got {plane_axis}")
+        raise ConfigError(f"plane_axis must be 0, 1 or 2 (a spatial axis), got {plane_axis}")
+
+
+def check_mapping(plane_axis: int, in_channels: int, mode: str, i3d_depth: int) -> None:
+    """Raise :class:`ConfigError` for mapping settings that cannot be used."""
+    _check_plane_axis(plane_axis)
+    if mode not in MAPPING_MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MAPPING_MODES)}, got {mode!r}")
+    if in_channels not in (1, 3):
+        raise ConfigError(f"in_channels must be 1 or 3, got {in_channels}")
+    if i3d_depth < 1:
+        raise ConfigError(f"i3d depth must be >= 1, got {i3d_depth}")
 
 
 def planar_kernel(weight: torch.Tensor, plane_axis: int) -> torch.Tensor:
@@ -55,7 +66,7 @@ def planar_kernel(weight: torch.Tensor, plane_axis: int) -> torch.Tensor:
 def i3d_kernel(weight: torch.Tensor, plane_axis: int, depth: int) -> torch.Tensor:
     """``(out, in, kH, kW)`` -> kernel repeated ``depth`` times along ``plane_axis``, divided by ``depth``."""
     if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+        raise ConfigError(f"i3d depth must be >= 1, got {depth}")
     planar = planar_kernel(weight, plane_axis)
     repeats = [1, 1, 1, 1, 1]
     repeats[2 + plane_axis] = depth
@@ -101,10 +112,7 @@ def vgg16_to_planar_encoder(
     Returns:
         A new state dict (inputs are not modified) with keys ``blocks.B.S.weight|bias``.
     """
-    if mode not in MAPPING_MODES:
-        raise ValueError(f"mode must be one of {MAPPING_MODES}, got {mode!r}")
-    if in_channels not in (1, 3):
-        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    check_mapping(plane_axis, in_channels, mode, i3d_depth)
     mapped: Dict[str, torch.Tensor] = {}
     for old_prefix, new_prefix in encoder_key_map(num_blocks).items():
         weight = state[f"{old_prefix}.weight"].detach().clone().float()
@@ -137,8 +145,7 @@ def write_encoder_checkpoint(
     from planar3d.provenance import package_versions
     from planar3d.vgg import load_vgg16_state_dict
 
-    if mode not in MAPPING_MODES:
-        raise Planar3DError(f"--mode must be one of {', '.join(MAPPING_MODES)}, got {mode!r}")
+    check_mapping(plane_axis, in_channels, mode, i3d_depth)  # before any download
     state_2d, source = load_vgg16_state_dict(vgg16_source)
     encoder_state = vgg16_to_planar_encoder(state_2d, plane_axis, in_channels, mode, i3d_depth)
     checkpoint = {

@@ -211,3 +211,32 @@ def write_like(
     image.header.set_slope_inter(1.0, 0.0)
     with _temporary_path(path) as temporary:
         nib.save(image, temporary)
+
+
+def make_folder(path: str | Path) -> Path:
+    """Create the output folder ``path`` (and its parents) if needed; returns it.
+
+    Raises:
+        InputError: ``path`` (or a parent) is a file, or the folder cannot be created.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(path, f"cannot create the folder ({error.strerror or error})") from None
+    return path
+
+
+def make_parent_folder(path: str | Path) -> Path:
+    """Check that ``path`` can be written as a file and create its folder; returns ``path``.
+
+    Raises:
+        InputError: ``path`` is a folder, or its folder cannot be created.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a file")
+    make_folder(path.parent)
+    return path

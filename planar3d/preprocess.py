@@ -1,7 +1,8 @@
 """Preprocessing shared by training and prediction: exact reorientation and intensity scaling.
 
 Both steps are pure numpy, deterministic, and recorded in every checkpoint so prediction
-repeats exactly what training did.
+repeats exactly what training did. :func:`load_preprocessed` is the one entry point
+(read -> reorient -> normalise) that training, validation, prediction and the benchmarks call.
 
 **Reorientation** (:class:`Reorientation`) permutes and flips voxel axes so the array is in RAS+
 order (nibabel's ``io_orientation``). No interpolation happens, so the inverse gives back the
@@ -32,12 +33,16 @@ every checkpoint; one without ``method`` was trained with ``"percentile"``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict, Tuple
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
+
+from planar3d.errors import ConfigError
 
 CANONICAL_AXCODES = ("R", "A", "S")
 NORMALIZATION_METHODS = ("percentile", "white_matter_peak")
@@ -58,9 +63,13 @@ class NormalizationConfig:
 
     def __post_init__(self):
         if self.method not in NORMALIZATION_METHODS:
-            raise ValueError(f"unknown normalisation method {self.method!r} (known: {', '.join(NORMALIZATION_METHODS)})")
+            raise ConfigError(f"unknown normalisation method {self.method!r} (known: {', '.join(NORMALIZATION_METHODS)})")
         if not self.white_matter_value > 0:
-            raise ValueError(f"white_matter_value must be positive, got {self.white_matter_value}")
+            raise ConfigError(f"white_matter_value must be positive, got {self.white_matter_value}")
+        if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
+            raise ConfigError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {self.lower_percentile} and {self.upper_percentile}")
+        if not self.std > 0:
+            raise ConfigError(f"std must be positive, got {self.std}")
 
     def to_dict(self) -> Dict[str, float]:
         return asdict(self)
@@ -69,27 +78,25 @@ class NormalizationConfig:
     def from_dict(cls, values: Dict[str, float]) -> "NormalizationConfig":
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown normalisation keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown normalisation keys: {', '.join(unknown)}")
         return cls(**values)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of ``values`` (maximises the between-class variance of a histogram)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
+    """Otsu's threshold of ``values`` over a ``bins``-bin histogram (SimpleITK's
+    ``OtsuThresholdImageFilter``); the minimum for constant or empty input."""
+    import SimpleITK as sitk
+
+    values = np.asarray(values, dtype=np.float32).ravel()
     if values.size == 0:
         return 0.0
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return low
-    counts, edges = np.histogram(values, bins=bins, range=(low, high))
-    centers = (edges[:-1] + edges[1:]) / 2
-    weight_below = np.cumsum(counts)
-    weight_above = weight_below[-1] - weight_below
-    sum_below = np.cumsum(counts * centers)
-    mean_below = sum_below / np.maximum(weight_below, 1)
-    mean_above = (sum_below[-1] - sum_below) / np.maximum(weight_above, 1)
-    between = weight_below * weight_above * (mean_below - mean_above) ** 2
-    return float(edges[1:][np.argmax(between)])
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetNumberOfHistogramBins(bins)
+    otsu.Execute(sitk.GetImageFromArray(values.reshape(1, -1)))  # SimpleITK images are 2D to 5D
+    return float(otsu.GetThreshold())
 
 
 def head_mask(volume: np.ndarray) -> np.ndarray:
@@ -187,10 +194,6 @@ class Reorientation:
         """Voxel size (mm) along the RAS-ordered axes."""
         return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
-    @property
-    def is_identity(self) -> bool:
-        return bool(np.array_equal(self._forward, [[0, 1], [1, 1], [2, 1]]))
-
     def forward(self, array: np.ndarray) -> np.ndarray:
         """Scan voxel order -> RAS order (a view when possible; spatial axes first)."""
         return orientations.apply_orientation(array, self._forward)
@@ -202,3 +205,62 @@ class Reorientation:
     @classmethod
     def of_image(cls, image: nib.Nifti1Image) -> "Reorientation":
         return cls(image.affine, image.shape)
+
+
+@dataclass
+class PreprocessedScan:
+    """A scan read, reoriented to RAS and normalised (:func:`load_preprocessed`).
+
+    Attributes:
+        path: the image file.
+        image: the NIfTI image (its geometry is what outputs are written on).
+        reorientation: the exact map between the scan's voxel order and RAS.
+        volume: normalised intensities, RAS order, float32 (X, Y, Z).
+        label: the label file's mask (> 0), RAS order, when a label was given.
+        raw: raw intensities in RAS order, when asked for (QC pictures).
+        seconds: ``{"load": ..., "preprocess": ...}`` wall time of the two steps.
+    """
+
+    path: Path
+    image: nib.Nifti1Image
+    reorientation: Reorientation
+    volume: np.ndarray
+    label: Optional[np.ndarray] = None
+    raw: Optional[np.ndarray] = None
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+
+def load_preprocessed(
+    path: str | Path,
+    normalization: NormalizationConfig = NormalizationConfig(),
+    label: Optional[str | Path] = None,
+    keep_raw: bool = False,
+) -> PreprocessedScan:
+    """Read a FLAIR scan (with the input checks of :func:`planar3d.io.read_volume`), reorient it
+    to RAS exactly and normalise its intensities; also read and reorient its ``label``.
+
+    Raises:
+        InputError: naming the file: unreadable, truncated, not 3D, NaN, constant intensities,
+            or a label of another shape.
+    """
+    from planar3d.errors import InputError
+    from planar3d.io import read_volume
+
+    start = time.perf_counter()
+    data, image = read_volume(path)
+    loaded = time.perf_counter()
+    reorientation = Reorientation.of_image(image)
+    raw = reorientation.forward(data)
+    try:
+        volume = normalize_intensity(raw, normalization)
+    except ValueError as error:
+        raise InputError(path, str(error)) from None
+    mask = None
+    if label is not None:
+        label_data, _ = read_volume(label, dtype=None)
+        if label_data.shape[:3] != tuple(reorientation.source_shape):
+            raise InputError(label, f"label shape {label_data.shape} differs from the image's {reorientation.source_shape}")
+        mask = reorientation.forward(np.asarray(label_data) > 0)
+    done = time.perf_counter()
+    return PreprocessedScan(Path(path), image, reorientation, volume, mask, raw if keep_raw else None,
+                            {"load": loaded - start, "preprocess": done - loaded})

@@ -137,7 +137,7 @@ def download_imagenet_state_dict(url: str = IMAGENET_URL) -> Dict[str, torch.Ten
                 target,
                 f"ImageNet VGG-16 weights are not cached and could not be downloaded from {url} ({error}). "
                 f"On a machine without network, download that file elsewhere and put it at {target} "
-                "(or set TORCH_HOME), or pass --vgg16 PATH to a local file.",
+                "(or set TORCH_HOME), or give the path of a local VGG-16 file instead of imagenet.",
             ) from None
         except RuntimeError as error:  # torch.hub's hash mismatch
             raise WeightsError(url, f"download failed its hash check: {error}") from None

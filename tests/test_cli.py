@@ -4,7 +4,7 @@ import torch
 from typer.testing import CliRunner
 
 from planar3d import __version__
-from planar3d.cli import app
+from pipelines.cli import app
 from planar3d.inflate import load_encoder_checkpoint
 from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
 

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 from typer.testing import CliRunner
 
-from planar3d.cli import app
+from pipelines.cli import app
 from planar3d.data.manifest import load_manifest
 from planar3d.io import sha256_file
 

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 from typer.testing import CliRunner
 
-from planar3d.cli import app
+from pipelines.cli import app
 from planar3d.data.phantom import make_phantom_parts
 
 runner = CliRunner()

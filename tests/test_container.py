@@ -28,8 +28,8 @@ def test_entrypoint_is_the_console_command():
     scripts = setup["options.entry_points"]["console_scripts"]
     command = scripts.split("=")[0].strip()
     assert json.loads(instructions("ENTRYPOINT")[0]) == [command]
-    assert scripts.split("=")[1].strip() == "planar3d.cli:main"
-    from planar3d.cli import main  # the entry point exists
+    assert scripts.split("=")[1].strip() == "pipelines.cli:main"
+    from pipelines.cli import main  # the entry point exists
 
     assert callable(main)
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.evaluate import evaluate_folder, summarise
-from planar3d.cli import app
+from pipelines.cli import app
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 SHAPE = (16, 16, 8)

@@ -4,6 +4,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from planar3d.checkpoint import MODEL_FORMAT, load_model, save_checkpoint
-from planar3d.cli import app
+from planar3d.checkpoint import ModelCheckpoint, load_model
+from pipelines.cli import app
 from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
 from planar3d.preprocess import NormalizationConfig
 
@@ -22,13 +23,8 @@ def run_dir(tmp_path):
     torch.manual_seed(0)
     config = PlanarResUNetConfig(width=0.0625, norm="instance")
     net = PlanarResUNet(config)
-    checkpoint = {
-        "format": MODEL_FORMAT, "state_dict": net.state_dict(), "network": config.to_dict(),
-        "normalization": NormalizationConfig().to_dict(), "orientation": "RAS", "threshold": 0.5,
-        "inference": {"roi_size": None, "overlap": 0.25}, "training": {},
-    }
     run = tmp_path / "run"
-    save_checkpoint(checkpoint, run / "best.pt")
+    ModelCheckpoint(net.state_dict(), config, NormalizationConfig(), threshold=0.5).save(run / "best.pt")
     return run
 
 
@@ -77,6 +73,16 @@ def test_monai_bundle_run_gives_the_masks_of_planar3d_predict(run_dir, tmp_path)
     bundle = run_dir / "export" / "bundle"
     for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt"):
         assert (bundle / name).is_file()
+    # the bundle carries no code: it imports the installed planar3d distribution's packages (and torch)
+    import importlib.util
+
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    modules = [line.split()[1] for line in inference["imports"]] + [inference["network_def"]["_target_"].rsplit(".", 1)[0]]
+    assert {module.split(".")[0] for module in modules} <= {"torch", "planar3d", "pipelines"}
+    for module in modules:
+        origin = importlib.util.find_spec(module).origin
+        assert bundle.resolve() not in Path(origin).resolve().parents, module
+    assert not list(bundle.rglob("*.py"))
     subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
          "--meta_file", "configs/metadata.json", "--bundle_root", ".", "--input_dir", str(scans),

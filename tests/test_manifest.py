@@ -15,7 +15,6 @@ from planar3d.data.manifest import (
     build_manifest,
     hash_manifest,
     load_manifest,
-    manifest_checksum,
     save_manifest,
     stratified_folds,
     verify_manifest,
@@ -97,7 +96,6 @@ def test_save_round_trip(tmp_path):
     assert again.cases == manifest.cases
     assert again.folds == manifest.folds
     assert again.root == manifest.root
-    assert manifest_checksum(target) == sha256_file(target)
 
 
 def test_root_override(tmp_path):

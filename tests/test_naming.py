@@ -8,9 +8,11 @@ import json
 import pytest
 
 import planar3d.naming as naming
+from pathlib import PurePosixPath
+
 from planar3d.naming import (
-    MASK_SUFFIX, PROBABILITY_SUFFIX, case_id, index_by_case_id, layout_output_path, output_path,
-    write_dataset_description,
+    MASK_SUFFIX, PROBABILITY_SUFFIX, case_id, index_by_case_id, is_nifti, layout_output_path, output_path,
+    strip_nifti_extension, write_dataset_description,
 )
 
 
@@ -83,3 +85,19 @@ def test_dataset_description(tmp_path):
     from planar3d import __version__
     assert json.loads(write_dataset_description(root).read_text())["GeneratedBy"][0]["Version"] == __version__
     assert sorted(p.name for p in root.iterdir()) == ["dataset_description.json"]
+
+
+@pytest.mark.parametrize("name,expected", [("a.nii", True), ("a.NII.GZ", True), ("a.nii.gz", True),
+                                           ("a.gz", False), ("a.nii.gz.bak", False), ("nii", False)])
+def test_is_nifti(name, expected):
+    assert is_nifti(name) is expected
+
+
+def test_strip_and_output_paths():
+    assert strip_nifti_extension("sub-01/anat/flair.nii.gz") == PurePosixPath("sub-01/anat/flair")
+    assert strip_nifti_extension("x/Flair.NII") == PurePosixPath("x/Flair")
+    assert output_path("sub-01/anat/flair.nii.gz") == PurePosixPath("sub-01/anat/flair_mask.nii.gz")
+    assert output_path("flair.nii", PROBABILITY_SUFFIX) == PurePosixPath("flair_prob.nii.gz")
+    assert output_path("a.b.nii.gz", MASK_SUFFIX) == PurePosixPath("a.b_mask.nii.gz")
+    with pytest.raises(ValueError, match="not a NIfTI file name"):
+        strip_nifti_extension("notes.txt")

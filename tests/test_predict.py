@@ -19,8 +19,11 @@ from typer.testing import CliRunner
 from pipelines.predict import (
     InferenceSettings, find_inputs, predict_folder, predict_scan, remove_small_components, resolve_checkpoint, shard,
 )
-from planar3d.cli import app
+from pipelines.cli import app
+from planar3d.checkpoint import ModelCheckpoint
 from planar3d.errors import InputError, WeightsError
+from planar3d.networks import PlanarResUNetConfig
+from planar3d.preprocess import NormalizationConfig
 
 SHAPE = (16, 12, 8)
 
@@ -36,18 +39,13 @@ def _scan(path, seed=0, shape=SHAPE, affine=None):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A run folder holding last.pt (no best.pt) of a tiny random network."""
-    from planar3d.checkpoint import MODEL_FORMAT, save_checkpoint
-    from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
-    from planar3d.preprocess import NormalizationConfig
+    from planar3d.networks import PlanarResUNet
 
     config = PlanarResUNetConfig(width=0.0625)
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("run")
-    save_checkpoint({
-        "format": MODEL_FORMAT, "state_dict": PlanarResUNet(config).state_dict(), "network": config.to_dict(),
-        "normalization": NormalizationConfig().to_dict(), "orientation": "RAS", "threshold": 0.5,
-        "inference": {"roi_size": None, "overlap": 0.25}, "training": {},
-    }, run / "last.pt")
+    ModelCheckpoint(PlanarResUNet(config).state_dict(), config, NormalizationConfig(), threshold=0.5,
+                    roi_size=None, overlap=0.25).save(run / "last.pt")
     return run
 
 
@@ -210,14 +208,14 @@ def test_min_lesion_size_exact(tmp_path):
     # through the whole pipeline: a RAS scan with that spacing, the model giving those probabilities
     path = _scan(tmp_path / "s.nii.gz", shape=probability.shape, affine=np.diag([*spacing, 1.0]))
     logits = np.log(probability.clip(1e-6, 1 - 1e-6) / (1 - probability.clip(1e-6, 1 - 1e-6)))
-    meta = {"network": {"plane_axis": 2}, "normalization": {}, "threshold": 0.5, "inference": {"roi_size": [-1, -1, -1]}}
+    meta = ModelCheckpoint({}, PlanarResUNetConfig(plane_axis=2), threshold=0.5, roi_size=(-1, -1, -1))
     result = predict_scan(FixedLogits(logits), meta, path, tmp_path / "m.nii.gz")
     assert result.lesions == 2 and result.lesion_volume_mm3 == pytest.approx(15 * 0.5)
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj), expected.astype(np.uint8))
 
 
 def test_settings_from_checkpoint():
-    meta = {"network": {"plane_axis": 1, "in_channels": 3}, "threshold": 0.3, "inference": {"roi_size": None, "overlap": 0.1}}
+    meta = ModelCheckpoint({}, PlanarResUNetConfig(plane_axis=1, in_channels=3), threshold=0.3, roi_size=None, overlap=0.1)
     settings = InferenceSettings.from_checkpoint(meta, tta=True)
     assert settings.roi_size == (-1, 16, -1) and settings.overlap == 0.1 and settings.threshold == 0.3
     assert settings.flip_axes == (0, 2) and settings.in_channels == 3

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from pipelines.predict import InferenceSettings, predict_folder, predict_scan, remove_small_components
+from planar3d.checkpoint import ModelCheckpoint
+from planar3d.networks import PlanarResUNetConfig
 from planar3d.preprocess import NormalizationConfig, normalize_intensity
 from tests.conftest import SHARED_DATA
 
@@ -32,12 +34,8 @@ class ThresholdModel(nn.Module):
         return x[:, :1] - self.cut
 
 
-META = {
-    "network": {"plane_axis": 2, "in_channels": 1},
-    "normalization": NormalizationConfig().to_dict(),
-    "threshold": 0.5,
-    "inference": {"roi_size": [-1, -1, -1], "overlap": 0.25},
-}
+META = ModelCheckpoint(state_dict={}, network=PlanarResUNetConfig(plane_axis=2, in_channels=1),
+                       normalization=NormalizationConfig(), threshold=0.5, roi_size=(-1, -1, -1), overlap=0.25)
 
 
 def _rotation(degrees: tuple) -> np.ndarray:
@@ -157,8 +155,7 @@ def test_slabs_with_overlap_match_the_threshold_away_from_the_cut(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "real").is_dir(), reason="../shared/data/real not available")
 def test_real_network_on_real_scans_keeps_geometry(tmp_path):
     """A tiny random-weight PlanarResUNet checkpoint through the whole pipeline on each real scan."""
-    from planar3d.checkpoint import MODEL_FORMAT, save_checkpoint
-    from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
+    from planar3d.networks import PlanarResUNet
 
     scans = sorted((SHARED_DATA / "real").glob("*.nii.gz"))
     if not scans:
@@ -166,12 +163,7 @@ def test_real_network_on_real_scans_keeps_geometry(tmp_path):
     config = PlanarResUNetConfig(width=0.0625)
     torch.manual_seed(0)
     network = PlanarResUNet(config)
-    checkpoint = {
-        "format": MODEL_FORMAT, "state_dict": network.state_dict(), "network": config.to_dict(),
-        "normalization": NormalizationConfig().to_dict(), "orientation": "RAS", "threshold": 0.5,
-        "inference": {"roi_size": None, "overlap": 0.25}, "training": {},
-    }
-    save_checkpoint(checkpoint, tmp_path / "run" / "best.pt")
+    ModelCheckpoint(network.state_dict(), config).save(tmp_path / "run" / "best.pt")
     summary = predict_folder(SHARED_DATA / "real", tmp_path / "out", tmp_path / "run",
                              roi_size=(-1, -1, -1), overlap=0.0, progress=False)
     assert len(summary.done) == len(scans) and not summary.failed

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import PROJECT_ROOT
-from planar3d.cli import app
+from pipelines.cli import app
 from planar3d.errors import ConfigError, InputError
 from pipelines.experiment import load_experiment
 from pipelines.rerun import rerun

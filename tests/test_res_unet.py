@@ -11,7 +11,7 @@ TINY = dict(width=0.0625)
 
 
 def test_full_width_parameter_count():
-    # VGG-16 blocks 1-4 (1-channel stem) + bottleneck + decoder, as published; MEASUREMENTS.md: 25.2 M.
+    # VGG-16 blocks 1-4 (1-channel stem) + bottleneck + decoder, as published: 25.2 M.
     net = PlanarResUNet()
     assert count_parameters(net) == 25_229_025
     assert count_parameters(net.encoder) == 7_634_112

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from planar3d.checkpoint import MODEL_FORMAT, load_model
-from planar3d.cli import app
+from pipelines.cli import app
 from planar3d.data.manifest import load_manifest, save_manifest
 from planar3d.errors import InputError
 from pipelines.config import load_config
@@ -47,7 +47,7 @@ def test_train_writes_loadable_outputs(tiny_manifest, tmp_path):
     assert raw["format"] == MODEL_FORMAT and raw["threshold"] in (0.3, 0.5)
     assert raw["training"]["encoder_source"] == "none (random initialisation)"
     assert raw["training"]["manifest_sha256"] and raw["orientation"] == "RAS"
-    assert raw["normalization"] == tiny_config().normalization.to_config().to_dict()
+    assert raw["normalization"] == tiny_config().normalization.to_dict()
     assert raw["normalization"]["method"] == "white_matter_peak"  # the demo_cpu config's
     model, checkpoint = load_model(best)
     assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
@@ -216,3 +216,20 @@ def test_slab_sampling_takes_whole_planes(tiny_manifest):
     batches = list(D.patch_batches(D.make_loader(dataset, config, 0), 3))
     assert [tuple(b[0].shape) for b in batches] == [(2, 1, 64, 64, 16)]
     assert set(torch.unique(batches[0][1]).tolist()) <= {0.0, 1.0}
+
+
+def test_encoder_weights_accept_the_file_planar3d_inflate_writes(tmp_path, vgg16_file, vgg16_state):
+    from planar3d.errors import ConfigError
+    from planar3d.inflate import vgg16_to_planar_encoder, write_encoder_checkpoint
+    from planar3d.networks import PlanarResUNetConfig
+    from pipelines.train import encoder_weights_for
+
+    write_encoder_checkpoint(vgg16_file, tmp_path / "encoder.pt", plane_axis=0)
+    state, source = encoder_weights_for(PlanarResUNetConfig(plane_axis=0), tmp_path / "encoder.pt")
+    expected = vgg16_to_planar_encoder(vgg16_state, plane_axis=0)
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    assert "encoder.pt" in source and "vgg16_test.pth" in source
+    direct, _ = encoder_weights_for(PlanarResUNetConfig(plane_axis=0), vgg16_file)  # a VGG-16 file still works
+    assert all(torch.equal(direct[k], expected[k]) for k in expected)
+    with pytest.raises(ConfigError, match=r"encoder\.pt: .*plane_axis 0 \(the network needs 2\)"):
+        encoder_weights_for(PlanarResUNetConfig(plane_axis=2), tmp_path / "encoder.pt")

@@ -78,7 +78,7 @@ def test_normalization_section_builds_the_checkpoint_normalization():
     from pipelines.config import load_config
 
     config = load_config("demo_cpu", ["normalization.method=white_matter_peak", "normalization.white_matter_value=0.4"])
-    normalization = config.normalization.to_config()
+    normalization = config.normalization
     assert (normalization.method, normalization.white_matter_value) == ("white_matter_peak", 0.4)
-    assert normalization.to_dict() == {**load_config("default", []).normalization.to_config().to_dict(),
+    assert normalization.to_dict() == {**load_config("default", []).normalization.to_dict(),
                                        "method": "white_matter_peak", "white_matter_value": 0.4}

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
-from planar3d.errors import InputError
-from planar3d.io import atomic_save_json, sha256_file
+from planar3d.errors import ConfigError, InputError
+from planar3d.io import atomic_save_json, make_parent_folder, sha256_file
 
 FORMAT = "planar3d-manifest/1"
 _REQUIRED = ("format", "dataset", "root", "cases")
@@ -268,14 +268,8 @@ def load_manifest(path: str | os.PathLike, root: Optional[str | os.PathLike] = N
 
 def save_manifest(manifest: Manifest, path: str | os.PathLike) -> None:
     """Write ``manifest`` atomically (creating its folder); the root is written relative to it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = make_parent_folder(path)
     atomic_save_json(path, manifest.to_json_dict(relative_to=path.parent))
-
-
-def manifest_checksum(path: str | os.PathLike) -> str:
-    """SHA-256 of a manifest file (recorded by training runs)."""
-    return sha256_file(path)
 
 
 def merge_manifests(manifests: list[Manifest], dataset: str) -> Manifest:
@@ -426,13 +420,13 @@ def stratified_folds(cases: list[Case], num_folds: int, seed: int = 0) -> list[l
         seed: shuffling seed.
 
     Raises:
-        ValueError: ``num_folds`` is negative or larger than the number of labeled cases.
+        ConfigError: ``num_folds`` is negative or larger than the number of labeled cases.
     """
     import numpy as np
 
     labeled = [case for case in cases if case.label is not None]
     if num_folds < 0 or num_folds > len(labeled):
-        raise ValueError(f"cannot make {num_folds} folds from {len(labeled)} labeled cases")
+        raise ConfigError(f"cannot make {num_folds} folds from {len(labeled)} labeled cases")
     if num_folds == 0:
         return []
     groups: dict[str, list[str]] = {}
@@ -474,11 +468,11 @@ def build_manifest(
 
     Raises:
         InputError: the folder does not exist, holds no case, or a BIDS label is ambiguous.
-        ValueError: unknown layout or too many folds.
+        ConfigError: unknown layout or too many folds.
     """
     folder = Path(folder).resolve()
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+        raise ConfigError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
     if not folder.is_dir():
         raise InputError(folder, "folder not found")
     if layout == "auto":

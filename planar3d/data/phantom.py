@@ -28,6 +28,8 @@ import numpy as np
 from nibabel import orientations as ornt
 from scipy.spatial import cKDTree
 
+from planar3d.errors import ConfigError
+
 SIZES = ("small", "full")
 GEOMETRIES = ("3d", "thick")
 
@@ -86,12 +88,12 @@ def preset_geometry(size: str, geometry: str, rng: np.random.Generator) -> tuple
         rng: random generator (used only for thick-slice spacings).
 
     Raises:
-        ValueError: unknown size or geometry.
+        ConfigError: unknown size or geometry.
     """
     if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+        raise ConfigError(f"size must be one of {SIZES}, got {size!r}")
     if geometry not in GEOMETRIES:
-        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+        raise ConfigError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
     if geometry == "3d":
         if size == "small":
             return (64, 64, 48), (3.3, 3.3, 3.3)
@@ -266,13 +268,13 @@ def _orientation_transform(orientation: str):
     """Return the nibabel transform from RAS array axes to ``orientation`` array axes."""
     code = tuple(orientation.upper())
     if len(code) != 3:
-        raise ValueError(f"orientation must be 3 axis codes like 'RAS', got {orientation!r}")
+        raise ConfigError(f"orientation must be 3 axis codes like 'RAS', got {orientation!r}")
     try:
         target = ornt.axcodes2ornt(code)
     except Exception as error:  # nibabel raises ValueError for bad codes
-        raise ValueError(f"orientation {orientation!r} is not a valid set of axis codes: {error}") from None
+        raise ConfigError(f"orientation {orientation!r} is not a valid set of axis codes: {error}") from None
     if np.isnan(target).any() or len(set(target[:, 0])) != 3:
-        raise ValueError(f"orientation {orientation!r} is not a valid set of axis codes")
+        raise ConfigError(f"orientation {orientation!r} is not a valid set of axis codes")
     return ornt.ornt_transform(ornt.axcodes2ornt(("R", "A", "S")), target), target
 
 
@@ -304,18 +306,103 @@ def make_phantom_parts(
         (others): as in :func:`make_phantom`.
     """
     if (shape is None) != (spacing is None):
-        raise ValueError("give both shape and spacing, or neither (to use the size/geometry preset)")
+        raise ConfigError("give both shape and spacing, or neither (to use the size/geometry preset)")
     transform, target = _orientation_transform(orientation)
     if shape is None:
         shape, spacing = preset_geometry(size, geometry, rng)
     shape = tuple(int(n) for n in shape)
     spacing = tuple(float(s) for s in spacing)
     if len(shape) != 3 or len(spacing) != 3 or min(shape) < 1 or min(spacing) <= 0:
-        raise ValueError(f"shape and spacing must be 3 positive values, got {shape} and {spacing}")
+        raise ConfigError(f"shape and spacing must be 3 positive values, got {shape} and {spacing}")
     if lesion_load is not None and not 0 <= lesion_load < 0.5:
-        raise ValueError(f"lesion_load must be a fraction in [0, 0.5), got {lesion_load}")
+        raise ConfigError(f"lesion_load must be a fraction in [0, 0.5), got {lesion_load}")
 
-    # The RAS grid: output axis a is world axis target[a, 0].
+    # Every step below draws from ``rng`` in this order; reordering them changes every phantom.
+    grid = _sampling_grid(shape, spacing, target)
+    pose = _HeadPose(_random_rotation(rng, (10.0, 5.0, 8.0)), rng.uniform(0.92, 1.06),
+                     rng.uniform(-6, 6, 3) * np.array([1.0, 1.0, 0.6]))
+    anatomy = _Anatomy(rng)
+    head, active = _head_points(grid, pose, anatomy)
+    w = np.float32(grid.width / pose.scale)  # ramp width in head-frame mm
+    tissues, q, b = _head_layers(anatomy, head, w)
+    _brain_tissues(anatomy, head, q, b, w, tissues)
+    del head, q
+    n_fine = int(np.prod(grid.fine_shape))
+    for name, values in list(tissues.items()):
+        full = np.zeros(n_fine, np.float32)
+        full[active] = values
+        tissues[name] = full
+    brain_fraction = np.zeros(n_fine, np.float32)
+    brain_fraction[active] = b
+    del b
+    voxel_mm3 = float(np.prod(grid.ras_spacing)) / grid.sub
+    brain_volume = float(brain_fraction.sum(dtype=np.float64)) * voxel_mm3
+
+    # Lesions in white matter.
+    if lesion_load is None:
+        lesion_load = float(np.exp(rng.uniform(np.log(0.0008), np.log(0.025))))
+    if min_lesion_volume is None:
+        min_lesion_volume = 1.5 * float(np.prod(grid.ras_spacing))
+    wm_grid = tissues["wm"].reshape(grid.fine_shape)
+    lesion = np.zeros(grid.fine_shape, np.float32)
+    placed = _place_lesions(
+        rng, anatomy, lesion, wm_grid, grid.axes_mm, pose.rotation, pose.scale, pose.shift, grid.width,
+        lesion_load * brain_volume, voxel_mm3, min_lesion_volume,
+    )
+    lesion_flat = (lesion * wm_grid).ravel()
+    tissues["wm"] = tissues["wm"] - lesion_flat
+
+    wm_level, levels, lesion_level, clean = _clean_image(rng, tissues, lesion_flat)
+    tissues["lesion"] = lesion_flat
+    tissues["brain"] = brain_fraction
+
+    clean_out = _to_output(clean, grid, transform)
+    lesion_out = _to_output(lesion_flat, grid, transform)
+    brain_out = _to_output(brain_fraction, grid, transform) if brain_extracted else None
+    tissue_out = {k: _to_output(v, grid, transform) for k, v in tissues.items() if k != "lesion"} if keep_tissues else {}
+    del clean, tissues
+
+    image, sigma = _acquire(rng, clean_out, wm_level, bias, noise, brain_out)
+    affine = grid.ras_affine @ ornt.inv_ornt_aff(transform, tuple(grid.ras_shape))
+    labels = (lesion_out >= 0.5).astype(np.uint8)
+    info = {
+        "lesion_load_target": lesion_load,
+        "lesion_volume_mm3": float(lesion_out.sum(dtype=np.float64) * np.prod(spacing)),
+        "brain_volume_mm3": brain_volume,
+        "lesions_placed": placed,
+        "wm_level": wm_level,
+        "lesion_level": lesion_level,
+        "levels": levels,
+        "noise_sigma": sigma,
+        "spacing": spacing,
+        "shape": shape,
+        "orientation": orientation.upper(),
+        "sub_slices": grid.sub,
+        "brain_extracted": bool(brain_extracted),
+    }
+    return Phantom(
+        flair=image.astype(np.float32, copy=False), lesions=labels, affine=affine, clean=clean_out,
+        tissues=tissue_out, lesion_fraction=lesion_out, info=info,
+    )
+
+
+@dataclass
+class _SamplingGrid:
+    """Where a phantom is sampled: the output grid in RAS order, refined along thick slices."""
+
+    ras_shape: list
+    ras_spacing: np.ndarray
+    ras_affine: np.ndarray
+    slice_axis: int
+    sub: int  # samples per slice along slice_axis (slice profile)
+    fine_shape: np.ndarray
+    axes_mm: list  # world coordinates of the samples along each axis
+    width: float  # partial-volume ramp width (mm)
+
+
+def _sampling_grid(shape, spacing, target) -> _SamplingGrid:
+    """The RAS grid (output axis a is world axis ``target[a, 0]``); thick slices are sampled at
+    several sub-slice positions and averaged later (the slice profile)."""
     ras_shape = [0, 0, 0]
     ras_spacing = [0.0, 0.0, 0.0]
     for a in range(3):
@@ -329,7 +416,6 @@ def make_phantom_parts(
     ras_affine[:3, :3] = np.diag(ras_spacing_arr)
     ras_affine[:3, 3] = origin
 
-    # Thick slices: sample each slice at several sub-slice positions and average (slice profile).
     slice_axis = int(np.argmax(ras_spacing_arr))
     inplane = float(np.delete(ras_spacing_arr, slice_axis).max())
     sub = int(min(3, np.ceil(ras_spacing_arr[slice_axis] / inplane - 0.25))) if ras_spacing_arr[slice_axis] > 1.5 * inplane else 1
@@ -343,33 +429,40 @@ def make_phantom_parts(
         else:
             idx = np.arange(ras_shape[a], dtype=float)
         axes_mm.append((origin[a] + idx * ras_spacing_arr[a]).astype(np.float32))
-    width = inplane  # partial-volume ramp width (mm)
+    return _SamplingGrid(ras_shape, ras_spacing_arr, ras_affine, slice_axis, sub, fine_shape, axes_mm, inplane)
 
-    # Random pose of the head: world = R (scale * h) + t.
-    rotation = _random_rotation(rng, (10.0, 5.0, 8.0))
-    scale = rng.uniform(0.92, 1.06)
-    shift = rng.uniform(-6, 6, 3) * np.array([1.0, 1.0, 0.6])
-    anatomy = _Anatomy(rng)
 
-    n_fine = int(np.prod(fine_shape))
+@dataclass
+class _HeadPose:
+    """Random pose of the head: world = rotation (scale * h) + shift."""
+
+    rotation: np.ndarray
+    scale: float
+    shift: np.ndarray
+
+
+def _head_points(grid: _SamplingGrid, pose: _HeadPose, anatomy: "_Anatomy") -> tuple[np.ndarray, np.ndarray]:
+    """Head-frame coordinates of the samples near the head, and their indices in the fine grid
+    (the rest is air and is never evaluated)."""
+    n_fine = int(np.prod(grid.fine_shape))
     world = np.empty((n_fine, 3), np.float32)
-    grids = np.meshgrid(*axes_mm, indexing="ij")
+    grids = np.meshgrid(*grid.axes_mm, indexing="ij")
     for a in range(3):
         world[:, a] = grids[a].ravel()
     del grids
-    head = ((world - shift.astype(np.float32)) @ rotation.astype(np.float32)) / np.float32(scale)
+    head = ((world - pose.shift.astype(np.float32)) @ pose.rotation.astype(np.float32)) / np.float32(pose.scale)
     del world
-    w = np.float32(width / scale)  # ramp width in head-frame mm
-    # Only points near the head are evaluated; the rest is air.
     big = anatomy.brain_axes + 30.0
     r2 = (head[:, 0] / np.float32(big[0])) ** 2 + (head[:, 1] / np.float32(big[1])) ** 2
     neck_r2 = (head[:, 0] / np.float32(62)) ** 2 + ((head[:, 1] + 12) / np.float32(70)) ** 2
     r2 += (head[:, 2] / np.float32(big[2])) ** 2
     active = np.flatnonzero((r2 < 1) | ((neck_r2 < 1) & (head[:, 2] < -20)))
-    head = np.ascontiguousarray(head[active])
-    del r2, neck_r2
+    return np.ascontiguousarray(head[active]), active
 
-    # Layers around the brain, with thickness varying smoothly over the head.
+
+def _head_layers(anatomy: "_Anatomy", head: np.ndarray, w) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Skin, fat, muscle, skull and outer CSF around the brain, with thicknesses varying smoothly
+    over the head; returns ``(tissue fractions, brain distance q, brain fraction b)``."""
     q = anatomy.skull_q(head)
     layer = anatomy.layer_noise(head)
     skull_t = anatomy.skull + 0.8 * layer
@@ -393,12 +486,13 @@ def make_phantom_parts(
         "skull": np.clip(np.minimum(s_out, h0) - s_in, 0, 1),
         "csf": np.clip(np.minimum(s_in, h0) - b, 0, 1),
     }
-    n_act = len(active)
-    del layer, skull_t, fat_t, outer, neck, d_head, h1, h2, s_out
     for name in ("gm", "wm", "deep_gm", "ventricles"):
-        tissues[name] = np.zeros(n_act, np.float32)
+        tissues[name] = np.zeros(len(head), np.float32)
+    return tissues, q, b
 
-    # Inside the brain: cortex, sulci, white matter, ventricles, deep grey nuclei.
+
+def _brain_tissues(anatomy: "_Anatomy", head: np.ndarray, q: np.ndarray, b: np.ndarray, w, tissues: dict) -> None:
+    """Inside the brain: cortex, sulci, white matter, ventricles, deep grey nuclei (in place)."""
     inside = np.flatnonzero(b > 0)
     pb = head[inside]
     bb = b[inside]
@@ -418,31 +512,11 @@ def make_phantom_parts(
     tissues["gm"][inside] = bb * gm_final
     tissues["deep_gm"][inside] = bb * dgm * (wm + gm)
     tissues["wm"][inside] = bb * wm_final
-    del ssd, sulcal_csf, to_csf, wm, gm, vent, dgm, nuclei, wm_final, gm_final, pb, depth, bb
-    for name, values in list(tissues.items()):
-        full = np.zeros(n_fine, np.float32)
-        full[active] = values
-        tissues[name] = full
-    brain_fraction = np.zeros(n_fine, np.float32)
-    brain_fraction[active] = b
-    voxel_mm3 = float(np.prod(ras_spacing_arr)) / sub
-    brain_volume = float(brain_fraction.sum(dtype=np.float64)) * voxel_mm3
 
-    # Lesions in white matter.
-    if lesion_load is None:
-        lesion_load = float(np.exp(rng.uniform(np.log(0.0008), np.log(0.025))))
-    if min_lesion_volume is None:
-        min_lesion_volume = 1.5 * float(np.prod(ras_spacing_arr))
-    wm_grid = tissues["wm"].reshape(fine_shape)
-    lesion = np.zeros(fine_shape, np.float32)
-    placed = _place_lesions(
-        rng, anatomy, lesion, wm_grid, axes_mm, rotation, scale, shift, width,
-        lesion_load * brain_volume, voxel_mm3, min_lesion_volume,
-    )
-    lesion_flat = (lesion * wm_grid).ravel()
-    tissues["wm"] = tissues["wm"] - lesion_flat
 
-    # Intensities (noise-free, scanner-like units with white matter near 300).
+def _clean_image(rng: np.random.Generator, tissues: dict, lesion_flat: np.ndarray):
+    """Noise-free intensities, scanner-like units with white matter near 300:
+    ``(wm_level, tissue levels, lesion level, image)``."""
     wm_level = rng.uniform(260, 340)
     levels = {
         "skin": wm_level * rng.uniform(1.0, 1.3),
@@ -456,34 +530,34 @@ def make_phantom_parts(
         "wm": wm_level,
     }
     lesion_level = wm_level * rng.uniform(1.5, 1.9)
-    clean = np.zeros(n_fine, np.float32)
+    clean = np.zeros(len(lesion_flat), np.float32)
     for name, fraction in tissues.items():
         if levels[name]:
             clean += np.float32(levels[name]) * fraction
     clean += np.float32(lesion_level) * lesion_flat
-    tissues["lesion"] = lesion_flat
-    tissues["brain"] = brain_fraction
+    return wm_level, levels, lesion_level, clean
 
-    def to_output(a: np.ndarray) -> np.ndarray:
-        a = a.reshape(fine_shape)
-        if sub > 1:
-            index = [slice(None)] * 3
-            total = np.zeros(ras_shape, np.float32)
-            for j in range(sub):
-                index[slice_axis] = slice(j, None, sub)
-                total += a[tuple(index)]
-            a = total / np.float32(sub)
-        return np.ascontiguousarray(ornt.apply_orientation(a, transform)).astype(np.float32, copy=False)
 
-    clean_out = to_output(clean)
-    lesion_out = to_output(lesion_flat)
-    brain_out = to_output(brain_fraction) if brain_extracted else None
-    tissue_out = {k: to_output(v) for k, v in tissues.items() if k != "lesion"} if keep_tissues else {}
-    del clean, tissues, head, q, b
+def _to_output(a: np.ndarray, grid: _SamplingGrid, transform) -> np.ndarray:
+    """Fine samples -> output grid: average the sub-slices, then the output orientation."""
+    a = a.reshape(grid.fine_shape)
+    if grid.sub > 1:
+        index = [slice(None)] * 3
+        total = np.zeros(grid.ras_shape, np.float32)
+        for j in range(grid.sub):
+            index[grid.slice_axis] = slice(j, None, grid.sub)
+            total += a[tuple(index)]
+        a = total / np.float32(grid.sub)
+    return np.ascontiguousarray(ornt.apply_orientation(a, transform)).astype(np.float32, copy=False)
 
-    image = clean_out
+
+def _acquire(rng: np.random.Generator, clean: np.ndarray, wm_level: float, bias: bool, noise: bool,
+             brain: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """The scanner: bias field, Rician noise, then (skull-stripped look) zero outside the brain;
+    returns ``(image, noise sigma)``."""
+    image = clean
     if bias:
-        image = image * _bias_field(rng, clean_out.shape)
+        image = image * _bias_field(rng, clean.shape)
     else:
         _bias_field(rng, (2, 2, 2))  # keep the random stream identical
     sigma = wm_level * rng.uniform(0.02, 0.045)
@@ -491,29 +565,9 @@ def make_phantom_parts(
         real = image + np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
         imag = np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
         image = np.sqrt(real * real + imag * imag)
-    if brain_out is not None:
-        image = np.where(brain_out >= 0.5, image, np.float32(0))
-    affine = ras_affine @ ornt.inv_ornt_aff(transform, tuple(ras_shape))
-    labels = (lesion_out >= 0.5).astype(np.uint8)
-    info = {
-        "lesion_load_target": lesion_load,
-        "lesion_volume_mm3": float(lesion_out.sum(dtype=np.float64) * np.prod(spacing)),
-        "brain_volume_mm3": brain_volume,
-        "lesions_placed": placed,
-        "wm_level": wm_level,
-        "lesion_level": lesion_level,
-        "levels": levels,
-        "noise_sigma": sigma,
-        "spacing": spacing,
-        "shape": shape,
-        "orientation": orientation.upper(),
-        "sub_slices": sub,
-        "brain_extracted": bool(brain_extracted),
-    }
-    return Phantom(
-        flair=image.astype(np.float32, copy=False), lesions=labels, affine=affine, clean=clean_out,
-        tissues=tissue_out, lesion_fraction=lesion_out, info=info,
-    )
+    if brain is not None:
+        image = np.where(brain >= 0.5, image, np.float32(0))
+    return image, sigma
 
 
 def _bias_field(rng: np.random.Generator, shape) -> np.ndarray:

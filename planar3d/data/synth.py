@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from planar3d.data.manifest import Case, Manifest, save_manifest
 from planar3d.errors import InputError
-from planar3d.io import atomic_write, atomic_write_text, read_volume
-
-MANIFEST_FORMAT = "planar3d-manifest/1"
+from planar3d.io import atomic_write, make_folder, read_volume
 
 
 def save_nifti_deterministic(array: np.ndarray, affine: np.ndarray, path: Path, header=None, code: int = 1) -> str:
@@ -112,8 +110,8 @@ def write_synthetic_dataset(
         raise InputError(host, "a host FLAIR needs lesion_masks_dir (masks to inject)")
 
     images, labels = out_dir / "images", out_dir / "labels"
-    images.mkdir(parents=True, exist_ok=True)
-    labels.mkdir(parents=True, exist_ok=True)
+    make_folder(images)
+    make_folder(labels)
 
     host_data = None
     if host is not None:
@@ -179,26 +177,11 @@ def write_synthetic_dataset(
             image_sha = save_nifti_deterministic(flair.astype(np.float32), host_img.affine, image_path, code=qcode)
             label_sha = save_nifti_deterministic(label, host_img.affine, label_path, code=qcode)
             group = host_group + ("-brain" if stripped else "")
-        entries.append(
-            {
-                "id": case_id,
-                "image": f"images/{image_path.name}",
-                "label": f"labels/{label_path.name}",
-                "group": group,
-                "sha256": {"image": image_sha, "label": label_sha},
-            }
-        )
+        entries.append(Case(case_id, image_path.resolve(), label_path.resolve(), group,
+                            {"image": image_sha, "label": label_sha}))
 
     n_folds = min(5, cases)
-    folds = [[e["id"] for n, e in enumerate(entries) if n % n_folds == f] for f in range(n_folds)]
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "dataset": "synthetic",
-        "description": description,
-        "root": ".",
-        "cases": entries,
-        "folds": folds,
-    }
+    folds = [[e.id for n, e in enumerate(entries) if n % n_folds == f] for f in range(n_folds)]
     manifest_path = out_dir / "manifest.json"
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    save_manifest(Manifest("synthetic", out_dir.resolve(), entries, folds, description), manifest_path)
     return manifest_path

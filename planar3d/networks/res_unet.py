@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from planar3d.errors import ConfigError
 from planar3d.networks.encoder import PlanarVGGEncoder, scaled
 from planar3d.networks.layers import BlockMaxPool3d, Triple, activation, along_plane, conv3d, normalization
 
@@ -59,6 +60,11 @@ class PlanarResUNetConfig:
     encoder_mode: str = "planar"
     i3d_depth: int = 3
 
+    def __post_init__(self):
+        problems = check_network_values(self)
+        if problems:
+            raise ConfigError("network: " + "; ".join(problems))
+
     def to_dict(self) -> Dict[str, object]:
         values = asdict(self)
         values["pool_across_planes"] = list(self.pool_across_planes)
@@ -69,7 +75,7 @@ class PlanarResUNetConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown network config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown network config keys: {', '.join(unknown)}")
         values = dict(values)
         if "pool_across_planes" in values:
             values["pool_across_planes"] = tuple(bool(v) for v in values["pool_across_planes"])  # type: ignore[union-attr]
@@ -84,6 +90,30 @@ class PlanarResUNetConfig:
         for kernel in self.pool_kernels():
             multiple = [m * k for m, k in zip(multiple, kernel)]
         return tuple(multiple)  # type: ignore[return-value]
+
+
+def check_network_values(config) -> List[str]:
+    """Problems with the values of a network config (the MONAI-style arguments may still
+    change ``in_channels``/``out_channels``, so only their sign is checked)."""
+    problems = []
+    if config.plane_axis not in (0, 1, 2):
+        problems.append(f"plane_axis must be 0, 1 or 2, got {config.plane_axis!r}")
+    if len(tuple(config.pool_across_planes)) != 4:
+        problems.append(f"pool_across_planes needs 4 values (one per encoder level), got {config.pool_across_planes!r}")
+    if not config.width > 0:
+        problems.append(f"width must be positive, got {config.width}")
+    if not 0 <= config.dropout < 1:
+        problems.append(f"dropout must be in [0, 1), got {config.dropout}")
+    if config.norm not in (None, "batch", "instance"):
+        problems.append(f"norm must be null, 'batch' or 'instance', got {config.norm!r}")
+    if config.act not in ("relu", "elu"):
+        problems.append(f"act must be 'relu' or 'elu', got {config.act!r}")
+    if config.encoder_mode not in ("planar", "i3d"):
+        problems.append(f"encoder_mode must be 'planar' or 'i3d', got {config.encoder_mode!r}")
+    for name in ("in_channels", "out_channels", "deepest_kernel_depth", "i3d_depth"):
+        if int(getattr(config, name)) < 1:
+            problems.append(f"{name} must be at least 1, got {getattr(config, name)}")
+    return problems
 
 
 class _ConvUnit(nn.Sequential):

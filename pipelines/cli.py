@@ -2,12 +2,18 @@
 
 Each subcommand is a thin wrapper: it parses arguments, imports the heavy modules lazily (so
 ``planar3d --help`` is instant) and calls one library function. Errors raised on purpose
-(:class:`planar3d.errors.Planar3DError`) are reported as one line naming the file and the
-problem, with exit code 1; anything else is a bug and keeps its traceback.
+(:class:`planar3d.errors.Planar3DError`) are reported as one line ``error: FILE: problem`` with
+exit code 1 (:func:`command`); bad usage (unknown option, wrong type) exits 2; anything else is a
+bug and keeps its traceback.
+
+The front door lives in ``pipelines`` because it calls the pipelines; the library ``planar3d``
+never imports them. Run it as ``planar3d`` (console script), ``python -m pipelines`` or
+``python -m pipelines.cli``.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -43,42 +49,58 @@ def _root(
 
 def fail(message: str) -> None:
     """Print ``message`` to stderr and exit with status 1."""
-    typer.echo(f"error: {message}", err=True)
+    first, *rest = str(message).splitlines() or [""]
+    typer.echo(f"error: {first}", err=True)
+    for line in rest:  # a list of problems (e.g. every bad case of a manifest) follows the error line
+        typer.echo(f"  {line}", err=True)
     raise typer.Exit(code=1)
 
 
-@app.command()
+def command(typer_app: typer.Typer, *args, **kwargs):
+    """``typer_app.command(...)`` whose function reports :class:`Planar3DError` with :func:`fail`."""
+
+    def register(function):
+        @functools.wraps(function)
+        def reporting(*call_args, **call_kwargs):
+            try:
+                return function(*call_args, **call_kwargs)
+            except Planar3DError as error:
+                fail(str(error))
+
+        return typer_app.command(*args, **kwargs)(reporting)
+
+    return register
+
+
+@command(app)
 def inflate(
     vgg16: str = typer.Option(..., "--vgg16", help="'imagenet', 'none' or a path to a torchvision-layout VGG-16 state dict (.pth)."),
     out: Path = typer.Option(..., "--out", help="Where to write the planar 3D encoder checkpoint."),
     plane_axis: int = typer.Option(2, "--plane-axis", min=0, max=2, help="Spatial axis (0, 1, 2 of the array) normal to the kernel plane."),
     in_channels: int = typer.Option(1, "--in-channels", help="1 (RGB stem kernels summed) or 3 (as published)."),
     mode: str = typer.Option("planar", "--mode", help="'planar' (exact, default) or 'i3d' (repeat k times, divide by k)."),
-    i3d_depth: int = typer.Option(3, "--i3d-depth", help="Kernel depth along the plane axis in i3d mode."),
+    i3d_depth: int = typer.Option(3, "--i3d-depth", min=1, help="Kernel depth along the plane axis in i3d mode."),
 ) -> None:
     """Turn VGG-16 (blocks 1-4) into a planar 3D encoder checkpoint."""
     from planar3d.inflate import write_encoder_checkpoint
 
-    try:
-        summary = write_encoder_checkpoint(
-            vgg16, out, plane_axis=plane_axis, in_channels=in_channels, mode=mode, i3d_depth=i3d_depth
-        )
-    except Planar3DError as error:
-        fail(str(error))
+    summary = write_encoder_checkpoint(
+        vgg16, out, plane_axis=plane_axis, in_channels=in_channels, mode=mode, i3d_depth=i3d_depth
+    )
     typer.echo(summary)
 
 
 # --- subcommands added by later features go below this line (one import + one function each) ---
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@command(app, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     manifest: Path = typer.Option(..., "--manifest", help="planar3d-manifest/1 file."),
     fold: int = typer.Option(..., "--fold", min=0, help="0-based fold (its test cases are left out)."),
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics, logs)."),
-    config: str = typer.Option("default", "--config", help="YAML file or packaged name: default, paper, demo_cpu."),
+    config: str = typer.Option("default", "--config", help="YAML file or packaged name: default, paper, demo_cpu, tiny."),
     root: Optional[Path] = typer.Option(None, "--root", help="Data root overriding the manifest's."),
-    encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none or a VGG-16 .pth file."),
+    encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none, a VGG-16 .pth file or the planar encoder file `planar3d inflate` writes."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from RUN/last.pt."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms (slower on CUDA)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
@@ -89,19 +111,16 @@ def train(
     from pipelines.config import load_config
     from pipelines.train import check_only, train as run_training
 
-    try:
-        settings = load_config(config, (overrides or []) + (["deterministic=true"] if deterministic else []))
-        if check:
-            typer.echo(check_only(manifest, fold, settings, root=root))
-            return
-        best = run_training(manifest, fold, out, settings, root=root, resume=resume, device=device,
-                            encoder_weights=encoder_weights)
-    except Planar3DError as error:
-        fail(str(error))
+    settings = load_config(config, (overrides or []) + (["deterministic=true"] if deterministic else []))
+    if check:
+        typer.echo(check_only(manifest, fold, settings, root=root))
+        return
+    best = run_training(manifest, fold, out, settings, root=root, resume=resume, device=device,
+                        encoder_weights=encoder_weights)
     typer.echo(str(best))
 
 
-@app.command()
+@command(app)
 def predict(
     inputs: Path = typer.Option(..., "-i", "--input", help="Folder (searched recursively), one .nii/.nii.gz file, or a manifest JSON."),
     out: Path = typer.Option(..., "-o", "--output", help="Output folder; masks mirror the inputs' relative paths (<name>_mask.nii.gz)."),
@@ -133,20 +152,17 @@ def predict(
             fail(f"--roi-size must be three integers like '-1,-1,16', got {roi_size!r}")
     from pipelines.predict import predict_folder
 
-    try:
-        summary = predict_folder(
-            inputs, out, model, fold=fold, root=root, device=device, threshold=threshold,
-            min_lesion_size=min_lesion_size, tta=tta, save_probabilities=save_probabilities, overlap=overlap,
-            roi_size=roi, overwrite=overwrite, num_parts=num_parts, part_id=part_id, qc=qc,
-        )
-    except (Planar3DError, ValueError) as error:
-        fail(str(error))
+    summary = predict_folder(
+        inputs, out, model, fold=fold, root=root, device=device, threshold=threshold,
+        min_lesion_size=min_lesion_size, tta=tta, save_probabilities=save_probabilities, overlap=overlap,
+        roi_size=roi, overwrite=overwrite, num_parts=num_parts, part_id=part_id, qc=qc,
+    )
     typer.echo(summary.text())
     if summary.failed:
         fail(f"{len(summary.failed)} of {len(summary.results)} scans failed: " + ", ".join(r.input for r in summary.failed))
 
 
-@app.command()
+@command(app)
 def synth(
     out: Path = typer.Option(..., "--out", help="Output folder (images/, labels/, manifest.json)."),
     cases: int = typer.Option(..., "--cases", min=1, help="Number of cases."),
@@ -164,16 +180,13 @@ def synth(
     """Write synthetic FLAIR cases with lesion labels and a manifest; print the manifest path."""
     from planar3d.data.synth import write_synthetic_dataset
 
-    try:
-        manifest = write_synthetic_dataset(
-            out, cases, seed, size=size,
-            geometries=tuple(g.strip() for g in geometry.split(",") if g.strip()),
-            orientations=tuple(o.strip() for o in orientation.split(",") if o.strip()),
-            host=host, host_label=host_label, lesion_masks_dir=lesion_masks, brain_extracted=brain_extracted,
-            template=template,
-        )
-    except Planar3DError as error:
-        fail(str(error))
+    manifest = write_synthetic_dataset(
+        out, cases, seed, size=size,
+        geometries=tuple(g.strip() for g in geometry.split(",") if g.strip()),
+        orientations=tuple(o.strip() for o in orientation.split(",") if o.strip()),
+        host=host, host_label=host_label, lesion_masks_dir=lesion_masks, brain_extracted=brain_extracted,
+        template=template,
+    )
     typer.echo(str(manifest))
 
 
@@ -190,7 +203,7 @@ def _report_problems(problems: List[str], what: str) -> None:
     typer.echo(f"{what}: no problem found")
 
 
-@manifest_app.command("build")
+@command(manifest_app, "build")
 def manifest_build(
     folder: Path = typer.Argument(..., help="Data folder to scan."),
     out: Path = typer.Option(..., "--out", help="Manifest JSON to write."),
@@ -203,17 +216,14 @@ def manifest_build(
     """Scan FOLDER and write a manifest of its cases with stratified folds."""
     from planar3d.data.manifest import build_manifest, hash_manifest, save_manifest
 
-    try:
-        manifest = build_manifest(folder, layout, dataset=dataset, num_folds=folds, seed=seed)
-        if hash_files:
-            manifest = hash_manifest(manifest)
-        save_manifest(manifest, out)
-    except (Planar3DError, ValueError) as error:
-        fail(str(error))
+    manifest = build_manifest(folder, layout, dataset=dataset, num_folds=folds, seed=seed)
+    if hash_files:
+        manifest = hash_manifest(manifest)
+    save_manifest(manifest, out)
     typer.echo(f"wrote {out}: {len(manifest.cases)} cases, {len(manifest.folds)} folds")
 
 
-@manifest_app.command("merge")
+@command(manifest_app, "merge")
 def manifest_merge(
     manifests: List[Path] = typer.Argument(..., help="Manifests to merge (e.g. phantoms and lesion-injected scans)."),
     out: Path = typer.Option(..., "--out", help="Manifest JSON to write."),
@@ -222,15 +232,12 @@ def manifest_merge(
     """Write one manifest with the cases of several; ids become <dataset>_<id>, fold k joins every fold k."""
     from planar3d.data.manifest import load_manifest, merge_manifests, save_manifest
 
-    try:
-        merged = merge_manifests([load_manifest(path) for path in manifests], dataset)
-        save_manifest(merged, out)
-    except Planar3DError as error:
-        fail(str(error))
+    merged = merge_manifests([load_manifest(path) for path in manifests], dataset)
+    save_manifest(merged, out)
     typer.echo(f"wrote {out}: {len(merged.cases)} cases, {len(merged.folds)} folds")
 
 
-@manifest_app.command("hash")
+@command(manifest_app, "hash")
 def manifest_hash(
     manifest: Path = typer.Argument(..., help="Manifest JSON."),
     root: Optional[Path] = typer.Option(None, "--root", help="Data folder overriding the manifest's root."),
@@ -239,15 +246,12 @@ def manifest_hash(
     """Record the SHA-256 of every image and label in the manifest."""
     from planar3d.data.manifest import hash_manifest, load_manifest, save_manifest
 
-    try:
-        hashed = hash_manifest(load_manifest(manifest, root=root))
-        save_manifest(hashed, out or manifest)
-    except Planar3DError as error:
-        fail(str(error))
+    hashed = hash_manifest(load_manifest(manifest, root=root))
+    save_manifest(hashed, out or manifest)
     typer.echo(f"wrote {out or manifest}: checksums of {len(hashed.cases)} cases")
 
 
-@manifest_app.command("verify")
+@command(manifest_app, "verify")
 def manifest_verify(
     manifest: Path = typer.Argument(..., help="Manifest JSON."),
     root: Optional[Path] = typer.Option(None, "--root", help="Data folder overriding the manifest's root."),
@@ -255,14 +259,11 @@ def manifest_verify(
     """Check that every file exists and matches its recorded checksum; exit 1 listing problems."""
     from planar3d.data.manifest import load_manifest, verify_manifest
 
-    try:
-        problems = verify_manifest(load_manifest(manifest, root=root))
-    except Planar3DError as error:
-        fail(str(error))
+    problems = verify_manifest(load_manifest(manifest, root=root))
     _report_problems(problems, f"verify {manifest}")
 
 
-@manifest_app.command("check")
+@command(manifest_app, "check")
 def manifest_check(
     manifest: Path = typer.Argument(..., help="Manifest JSON."),
     root: Optional[Path] = typer.Option(None, "--root", help="Data folder overriding the manifest's root."),
@@ -272,15 +273,12 @@ def manifest_check(
     from planar3d.data.checks import check_manifest
     from planar3d.data.manifest import load_manifest
 
-    try:
-        loaded = load_manifest(manifest, root=root)
-        problems = check_manifest(loaded, cases=None if fold is None else loaded.test_cases(fold))
-    except Planar3DError as error:
-        fail(str(error))
+    loaded = load_manifest(manifest, root=root)
+    problems = check_manifest(loaded, cases=None if fold is None else loaded.test_cases(fold))
     _report_problems(problems, f"check {manifest}")
 
 
-@app.command()
+@command(app)
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="Folder of predicted masks (<image>_mask.nii.gz)."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="Folder of reference masks, paired by relative path."),
@@ -298,20 +296,17 @@ def evaluate(
         fail("--root and --fold need --manifest")
     from pipelines.evaluate import evaluate_folder
 
-    try:
-        result = evaluate_folder(
-            pred, ref_dir=ref, manifest=manifest, fold=fold, out_dir=out or pred / "evaluation",
-            root=root, qc=qc, min_lesion_size=min_lesion_size,
-        )
-    except Planar3DError as error:
-        fail(str(error))
+    result = evaluate_folder(
+        pred, ref_dir=ref, manifest=manifest, fold=fold, out_dir=out or pred / "evaluation",
+        root=root, qc=qc, min_lesion_size=min_lesion_size,
+    )
     typer.echo(result.markdown_summary())
     typer.echo(f"wrote {result.out_dir / 'report.md'}")
     if result.failed:
         fail(f"{len(result.failed)} of {len(result.cases)} cases failed (see above and {result.out_dir / 'summary.json'})")
 
 
-@app.command()
+@command(app)
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for data, run, predictions and report."),
     cases: int = typer.Option(14, "--cases", min=6, help="Synthetic cases to generate (fold 0 tests cases 0, 5 and 10)."),
@@ -322,16 +317,13 @@ def demo(
     """Synthetic data -> train -> predict held-out cases -> evaluate -> report (about 10 min on 2 CPU cores)."""
     from pipelines.demo import run_demo
 
-    try:
-        result = run_demo(out, cases=cases, seed=seed, encoder_weights=encoder_weights, device=device)
-    except Planar3DError as error:
-        fail(str(error))
+    result = run_demo(out, cases=cases, seed=seed, encoder_weights=encoder_weights, device=device)
     typer.echo(result.table)
     timing = ", ".join(f"{step} {seconds:.0f} s" for step, seconds in result.seconds.items())
     typer.echo(f"time: {timing}; report: {result.report}")
 
 
-@app.command()
+@command(app)
 def rerun(
     experiment: Path = typer.Argument(..., help="Experiment YAML (e.g. pipelines/experiments/msseg2016_paper.yaml)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/<experiment name>)."),
@@ -341,10 +333,7 @@ def rerun(
     """Train, predict and evaluate every fold x seed (resumable); write the reproducibility checklist."""
     from pipelines.rerun import rerun as run_experiment
 
-    try:
-        report = run_experiment(experiment, out_dir=out, root=root, compare_with=compare)
-    except Planar3DError as error:
-        fail(str(error))
+    report = run_experiment(experiment, out_dir=out, root=root, compare_with=compare)
     from pipelines.reproducibility import markdown
 
     typer.echo(markdown(report).split("## Checklist")[0].rstrip())
@@ -353,7 +342,7 @@ def rerun(
         fail("results disagree with the reference:\n  " + "\n  ".join(disagreements))
 
 
-@app.command()
+@command(app)
 def export(
     run: Path = typer.Argument(..., help="Run folder (best.pt) or planar3d-model checkpoint."),
     format: str = typer.Option(..., "--format", help="torchscript, onnx or bundle (a MONAI bundle)."),
@@ -362,10 +351,7 @@ def export(
     """Export a trained model as TorchScript, ONNX or a MONAI bundle."""
     from pipelines.export import export_model
 
-    try:
-        written = export_model(run, format, out)
-    except Planar3DError as error:
-        fail(str(error))
+    written = export_model(run, format, out)
     typer.echo(f"wrote {written}")
 
 

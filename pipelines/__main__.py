@@ -1,0 +1,5 @@
+"""``python -m pipelines`` runs the ``planar3d`` command (e.g. under ``torchrun -m pipelines``)."""
+
+from pipelines.cli import main
+
+main()
