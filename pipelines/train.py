@@ -31,7 +31,7 @@ from torch import nn
 
 from planar3d.checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint
 from planar3d.errors import ConfigError, InputError
-from planar3d.io import atomic_save_json, atomic_write_text, sha256_file
+from planar3d.io import atomic_save_json, atomic_write_text, ensure_writable_folder, sha256_file
 from planar3d.provenance import package_versions
 
 from pipelines.config import TrainConfig
@@ -453,7 +453,7 @@ def train(
         InputError: a problem in the data (all problems listed), before the first epoch.
         ConfigError: an impossible configuration.
     """
-    out_dir = Path(out_dir)
+    out_dir = ensure_writable_folder(out_dir)  # before any data is read or any epoch runs
     if encoder_weights is not None:
         config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"weights": str(encoder_weights)})})
     dev = choose_device(device)
