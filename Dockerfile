@@ -2,8 +2,8 @@
 # tools; the runtime stage installs that wheel with its runtime dependencies only (no pytest).
 #
 #   docker build -t planar3d .
-#   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/scans:/data:ro" -v "$PWD/model:/model:ro" \
-#       -v "$PWD/masks:/output" planar3d predict /data /output --model /model
+#   mkdir -p masks && docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/scans:/data:ro" \
+#       -v "$PWD/runs/fold0:/model:ro" -v "$PWD/masks:/output" planar3d predict -i /data -o /output --model /model
 #   (GPU: add --gpus all --shm-size=8g ... --device cuda; README "Container" has every command.)
 #
 # BASE_IMAGE: any image with `python` (3.10+) on PATH, pip, and torch 2.13.0 installed, run as
@@ -48,12 +48,17 @@ WORKDIR /opt/planar3d
 COPY constraints.txt ./
 COPY scripts/install.sh scripts/
 COPY --from=builder /wheels/ /tmp/wheels/
+# torch.hub puts downloaded ImageNet weights in TORCH_HOME: writable by any uid (mount a folder
+# there to keep them, or read-only to provide them offline).
 RUN bash scripts/install.sh --runtime "$(ls /tmp/wheels/planar3d-*.whl)" \
     && rm -rf /tmp/wheels \
     && ! python -m pip show --quiet pytest 2>/dev/null \
-    && mkdir -p /data /model /output /opt/torch "$HOME" \
-    && chmod 1777 "$HOME" /output \
-    && chmod 0755 /opt/torch
+    && mkdir -p /data /model /output "$TORCH_HOME" "$HOME" \
+    && chmod 1777 "$HOME" /output "$TORCH_HOME"
+# The shipped manifests and experiments, at the paths the README's commands use (an experiment
+# names its manifest relative to itself: ../../data_manifests/).
+COPY data_manifests/ data_manifests/
+COPY pipelines/experiments/ pipelines/experiments/
 
 # Not root by default; `docker run --user "$(id -u):$(id -g)"` gives outputs to the host user.
 # No VOLUME: without -v, outputs stay in the container's own layer (visible to `docker cp`,

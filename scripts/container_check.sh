@@ -115,17 +115,54 @@ check "train one tiny epoch as $RUN_AS" test $? = 0
 check "train metrics equal to the host's (all but seconds, voxels_per_second)" \
   cmp <(cut -d, -f1-5 "$WORK/host/train/metrics.csv") <(cut -d, -f1-5 "$WORK/container/train/run/metrics.csv")
 
+# The experiment as users run it: the container generates its synthetic data itself.
 container -v "$ROOT/pipelines/experiments:/experiments:ro" -v "$WORK/container/rerun:/output" \
   "$IMAGE" rerun /experiments/synthetic_tiny.yaml --out /output/synthetic_tiny \
   --compare /experiments/synthetic_tiny_reference.json > "$WORK/container/rerun.log" 2>&1
 check "rerun synthetic_tiny as $RUN_AS within the reference's tolerances" test $? = 0
-check "rerun results equal to the host's" "$PYTHON" -c '
+# Not a PASS/FAIL: the generated phantoms can differ from the host's by one intensity unit in a
+# voxel when the Python interpreter differs (docs/container.md), which moves the 4-epoch results.
+say "NOTE rerun data generated in the container: $(cd "$WORK/host/rerun/data" && find . -name '*.nii.gz' | sort \
+  | while read -r f; do cmp -s "$f" "$WORK/container/rerun/synthetic_tiny/data/$f" || echo "$f"; done | wc -l) of \
+$(find "$WORK/host/rerun/data" -name '*.nii.gz' | wc -l) files differ from the host's"
+# The same experiment on the host's generated data (rerun reuses out/data): training, prediction
+# and evaluation must then agree exactly.
+install -d -o "${RUN_AS%:*}" -g "${RUN_AS#*:}" -m 0755 "$WORK/container/rerun/on_host_data"
+cp -r "$WORK/host/rerun/data" "$WORK/container/rerun/on_host_data/" && chown -R "$RUN_AS" "$WORK/container/rerun/on_host_data/data"
+container -v "$ROOT/pipelines/experiments:/experiments:ro" -v "$WORK/container/rerun:/output" \
+  "$IMAGE" rerun /experiments/synthetic_tiny.yaml --out /output/on_host_data > "$WORK/container/rerun_on_host_data.log" 2>&1
+check "rerun synthetic_tiny on the host's data as $RUN_AS" test $? = 0
+check "rerun results on the host's data equal to the host's" "$PYTHON" -c '
 import json, sys
 host, container = (json.load(open(path))["results"] for path in sys.argv[1:])
-sys.exit(host != container)' "$WORK/host/rerun/reproducibility.json" "$WORK/container/rerun/synthetic_tiny/reproducibility.json"
-check "rerun masks byte-equal to the host's" diff -r -q \
-  "$WORK/host/rerun/runs/fold0_seed0/predictions" "$WORK/container/rerun/synthetic_tiny/runs/fold0_seed0/predictions" \
-  -x predictions.json
+sys.exit(host != container)' "$WORK/host/rerun/reproducibility.json" "$WORK/container/rerun/on_host_data/reproducibility.json"
+check "rerun masks on the host's data byte-equal to the host's" diff -r -q -x predictions.json \
+  "$WORK/host/rerun/runs/fold0_seed0/predictions" "$WORK/container/rerun/on_host_data/runs/fold0_seed0/predictions"
+
+# --- the Slurm array example, with a stand-in for apptainer (none installs here) ----------------
+# The stand-in maps `apptainer run [--nv] -B SRC:DST[:ro]... SIF ARGS` to docker run as $RUN_AS,
+# which checks the job script's sharding and mounts, not Apptainer itself.
+mkdir -p "$SCRATCH/apptainer-stand-in"
+cat > "$SCRATCH/apptainer-stand-in/apptainer" <<STAND_IN
+#!/usr/bin/env bash
+set -euo pipefail
+[ "\$1" = run ] && shift
+volumes=()
+while [ \$# -gt 0 ]; do case "\$1" in --nv) shift ;; -B) volumes+=(-v "\$2"); shift 2 ;; *) break ;; esac; done
+shift  # the .sif
+exec docker run --rm --user $RUN_AS "\${volumes[@]}" $IMAGE "\$@"
+STAND_IN
+chmod +x "$SCRATCH/apptainer-stand-in/apptainer"
+install -d -o "${RUN_AS%:*}" -g "${RUN_AS#*:}" -m 0755 "$WORK/container/slurm"
+slurm_status=0
+for part in 0 1; do
+  PATH="$SCRATCH/apptainer-stand-in:$PATH" SLURM_ARRAY_TASK_COUNT=2 SLURM_ARRAY_TASK_ID=$part DEVICE=cpu \
+    SIF=planar3d.sif SCANS="$WORK/data/images" MODEL="$WORK/host/train" OUT="$WORK/container/slurm" \
+    bash "$ROOT/scripts/slurm/predict_array.sbatch" > "$WORK/container/slurm_part$part.log" 2>&1 || slurm_status=1
+done
+check "slurm array job, 2 parts as $RUN_AS" test "$slurm_status" = 0 -a -f "$WORK/container/slurm/predictions_part0of2.json" \
+  -a -f "$WORK/container/slurm/predictions_part1of2.json"
+check "slurm array masks byte-equal to the host's" diff -r -q -x 'predictions*.json' "$WORK/host/predict" "$WORK/container/slurm"
 
 # --- what the host user gets -----------------------------------------------------------------
 check "every output owned by $RUN_AS" test -z "$(find "$WORK/container" -mindepth 1 -not -name '*.log' \( ! -uid "${RUN_AS%:*}" -o ! -gid "${RUN_AS#*:}" \) -print -quit)"
