@@ -125,7 +125,7 @@ def test_readme_container_commands_give_outputs_to_the_host_user_with_read_only_
 def test_the_check_runs_the_readme_predict_command():
     # The check's predict line is the README's, with the check's folders and user.
     check = CHECK.read_text()
-    assert 'container() { docker run --rm --user "$RUN_AS" "$@"; }' in check
+    assert 'container() { docker run --rm --user "$RUN_AS" "${BLAS_ENV[@]}" "$@"; }' in check
     assert re.search(r'container -v "\$WORK/data:/data:ro" -v "\$WORK/host/train:/model:ro" '
                      r'-v "\$WORK/container/predict:/output" \\\n\s+"\$IMAGE" predict -i /data/images -o /output --model /model',
                      check)
