@@ -31,7 +31,7 @@ import torch
 
 from planar3d.checkpoint import ModelCheckpoint, load_model
 from planar3d.errors import ConfigError, Planar3DError
-from planar3d.io import atomic_save_json, atomic_write, atomic_write_text, make_folder, make_parent_folder
+from planar3d.io import atomic_save_json, atomic_write, atomic_write_text, ensure_writable_folder, make_folder, make_parent_folder
 
 FORMATS = ("torchscript", "onnx", "bundle")
 
@@ -146,6 +146,8 @@ def export_model(run_or_checkpoint: str | Path, format: str, out: str | Path | N
         raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
     source = Path(run_or_checkpoint)
     base = (source if source.is_dir() else source.parent) / "export"
+    if source.exists():  # else the missing checkpoint is the error to report, and nothing is created
+        ensure_writable_folder(base if out is None else Path(out) if format == "bundle" else Path(out).parent)
     if format == "torchscript":
         return export_torchscript(_checkpoint(source), out or base / "model.ts")
     if format == "onnx":

@@ -46,7 +46,7 @@ import numpy as np
 
 from planar3d.checkpoint import ModelCheckpoint
 from planar3d.errors import ConfigError, InputError, Planar3DError, WeightsError
-from planar3d.io import atomic_save_json, make_folder, voxel_spacing, write_like
+from planar3d.io import atomic_save_json, ensure_writable_folder, make_folder, voxel_spacing, write_like
 from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3, label_lesions
 from planar3d.naming import MASK_SUFFIX, PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
 from planar3d.preprocess import NormalizationConfig, Reorientation, load_preprocessed
@@ -599,6 +599,7 @@ def predict_folder(
     if out_dir.is_file():  # checked before the scans are searched; created after the checkpoint loads
         make_folder(out_dir)
     scans = shard(find_inputs(inputs, fold, root, exclude=out_dir), num_parts, part_id)
+    ensure_writable_folder(out_dir)  # before the model loads, not after every scan is computed
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda asked for, but torch sees no CUDA device")
     model, checkpoint = load_model(resolve_checkpoint(model_path), device)

@@ -32,7 +32,7 @@ from torch import nn
 
 from planar3d.checkpoint import ModelCheckpoint
 from planar3d.errors import ConfigError, InputError
-from planar3d.io import atomic_save_json, atomic_write_text, sha256_file
+from planar3d.io import atomic_save_json, atomic_write_text, ensure_writable_folder, sha256_file
 from planar3d.provenance import package_versions
 
 from pipelines.config import TrainConfig
@@ -494,10 +494,9 @@ class TrainingRun:
 def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root, resume: bool, device) -> TrainingRun:
     """Check the data, resolve the geometry, build model/optimiser/schedule/data, write ``run.json``."""
     from planar3d.inference import prepare_model
-    from planar3d.io import make_folder
     from planar3d.losses import build_loss
 
-    make_folder(out_dir)
+    ensure_writable_folder(out_dir)  # before any data is read or any epoch runs
     dev = choose_device(device)
     dist = setup_distributed(dev)
     setup_logging(out_dir, dist.main)

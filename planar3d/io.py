@@ -4,7 +4,9 @@ Arrays are in NIfTI voxel order ``(i, j, k)``, as nibabel returns them. Every pr
 input file is an :class:`planar3d.errors.InputError` naming the file, never a nibabel, zlib or
 EOF traceback. Every file this module writes appears at its final path whole or not at all: it is
 written to a temporary file in the same folder, flushed to disk and moved into place with
-:func:`os.replace`.
+:func:`os.replace`, with the mode a plain ``open`` would give (``0o666`` less the umask, so
+``0644`` usually) rather than the ``0600`` of :func:`tempfile.mkstemp`: outputs written by a
+container or a batch job stay readable by the users and jobs that read them next.
 
 Example:
     >>> data, image = read_volume("flair.nii.gz")                     # doctest: +SKIP
@@ -39,12 +41,52 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux).
+
+    Elsewhere it is set and put back at once, which another thread creating a file in between
+    could notice; only where ``/proc`` lacks the line.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ensure_writable_folder(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` if needed and check that files can be written in it.
+
+    Called before a model loads or trains, so that a read-only mount or a folder owned by another
+    user fails in a second with one line, not after the work is done. The check creates and
+    removes a file, which also catches read-only file systems and ACLs that :func:`os.access`
+    may miss.
+
+    Raises:
+        InputError: ``path`` is a file, cannot be created, or is not writable.
+    """
+    path = make_folder(path)
+    try:
+        handle, name = tempfile.mkstemp(dir=path, prefix=".planar3d-write-check.")
+    except OSError:
+        raise InputError(path, "output folder is not writable") from None
+    os.close(handle)
+    os.unlink(name)
+    return path
+
+
 @contextlib.contextmanager
 def _temporary_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` if the block succeeds.
 
-    The temporary file keeps the extension of ``path`` (so nibabel picks the same format). On any
-    error it is removed and ``path`` is left as it was.
+    The temporary file keeps the extension of ``path`` (so nibabel picks the same format) and gets
+    the mode of a plainly created file before the move. On any error it is removed and ``path`` is
+    left as it was.
     """
     path = Path(path)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + _suffix(path))
@@ -54,6 +96,7 @@ def _temporary_path(path: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -221,11 +264,11 @@ def make_folder(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise InputError(path, "is a file, not a folder")
+        raise InputError(path, "exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(path, f"cannot create the folder ({error.strerror or error})") from None
+        raise InputError(path, f"folder cannot be created ({error.strerror or error})") from None
     return path
 
 

@@ -14,6 +14,8 @@ from planar3d.io import (
     atomic_save_json,
     atomic_write,
     atomic_write_text,
+    current_umask,
+    ensure_writable_folder,
     load_image,
     read_volume,
     sha256_file,
@@ -199,6 +201,58 @@ def test_atomic_write_failure_keeps_target(tmp_path):
         with atomic_write(tmp_path / "new.bin") as stream:
             raise RuntimeError("crash")
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and put the previous one back."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path, umask, mask, mode):
+    # mkstemp creates 0600 files; outputs must be readable like any file the user creates.
+    umask(mask)
+    assert current_umask() == mask
+    atomic_write_text(tmp_path / "t.txt", "x")
+    with atomic_write(tmp_path / "b.bin") as stream:
+        stream.write(b"x")
+    write_like(np.zeros((2, 2, 2), np.uint8), nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)),
+               tmp_path / "m.nii.gz")
+    (tmp_path / "plain.txt").write_text("x")
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert modes == {"t.txt": mode, "b.bin": mode, "m.nii.gz": mode, "plain.txt": mode}
+
+
+def test_ensure_writable_folder_creates_and_leaves_nothing(tmp_path):
+    folder = tmp_path / "a" / "b"
+    assert ensure_writable_folder(folder) == folder
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_ensure_writable_folder_refuses_a_file(tmp_path):
+    path = tmp_path / "out.nii.gz"
+    path.write_bytes(b"")
+    with pytest.raises(InputError, match=r"out.nii.gz: exists and is not a folder$"):
+        ensure_writable_folder(path)
+    # A folder under a file cannot be created, even by root.
+    with pytest.raises(InputError, match=r"out.nii.gz/sub: folder cannot be created \(Not a directory\)$"):
+        ensure_writable_folder(path / "sub")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_ensure_writable_folder_refuses_a_read_only_folder(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir(mode=0o555)
+    try:
+        with pytest.raises(InputError, match=r"read_only: output folder is not writable$"):
+            ensure_writable_folder(folder)
+        with pytest.raises(InputError, match=r"read_only/new: output folder cannot be created \(Permission denied\)$"):
+            ensure_writable_folder(folder / "new")
+    finally:
+        folder.chmod(0o755)
 
 
 def test_sha256_file(tmp_path):
