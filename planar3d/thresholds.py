@@ -16,6 +16,8 @@ Criteria (per-case scores averaged over the cases, then compared across threshol
 * ``"dice_and_f1"``: mean of (Dice + lesion F1) / 2 per case.
 
 Ties (equal scores up to 1e-12) go to the **higher** threshold: the more conservative mask.
+A threshold ``t`` keeps ``probability > t``, the rule ``planar3d predict`` applies, so the score
+of the chosen threshold is the score of what prediction will write.
 
 Example:
     >>> import numpy as np
@@ -71,7 +73,7 @@ def threshold_table(
     thresholds: Sequence[float],
     params: DetectionParameters = DetectionParameters(),
 ) -> List[Dict[str, float]]:
-    """Mean Dice and lesion-wise scores of ``probability >= t`` over the cases, for each ``t``.
+    """Mean Dice and lesion-wise scores of ``probability > t`` over the cases, for each ``t``.
 
     Args:
         probabilities: one foreground probability map per case.
@@ -95,7 +97,7 @@ def threshold_table(
             probability, label = np.asarray(probability), np.asarray(label).astype(bool, copy=False)
             if probability.shape != label.shape:
                 raise ValueError(f"probability shape {probability.shape} differs from label shape {label.shape}")
-            mask = probability >= t
+            mask = probability > t
             scores = lesion_metrics(mask, label, spacing, params)
             scores["dice"] = dice(mask, label)
             per_case.append(scores)
