@@ -21,7 +21,7 @@ maps is the better choice.
 
 Example:
     >>> import numpy as np
-    >>> float(average_probabilities([np.full((2, 2, 2), 0.2), np.full((2, 2, 2), 0.6)])[0, 0, 0])
+    >>> round(float(average_probabilities([np.full((2, 2, 2), 0.2), np.full((2, 2, 2), 0.6)])[0, 0, 0]), 6)
     0.4
     >>> ensemble_threshold([0.3, 0.5])
     0.4
