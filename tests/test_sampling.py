@@ -105,3 +105,28 @@ def test_torch_tensors_and_bad_arguments():
     small = PatchCentreIndicesd()(_volume())
     with pytest.raises(ValueError, match="pad it first"):
         RandCropByLesionHardNegatived(("image", "label"), (64, 8, 8))(small)
+
+
+def test_in_a_cached_monai_pipeline():
+    """Indices are cached by CacheDataset (first transform is deterministic), the patches collate."""
+    from monai.data import CacheDataset, DataLoader
+    from monai.transforms import Compose, EnsureTyped
+
+    transform = Compose([
+        PatchCentreIndicesd("image", "label"),
+        RandCropByLesionHardNegatived(("image", "label"), PATCH, ratios=(1, 1, 1), num_samples=4),
+        EnsureTyped(("image", "label"), dtype=torch.float32, track_meta=False),
+    ])
+    dataset = CacheDataset([_volume(0), _volume(1)], transform, progress=False)
+    assert "centre_hard_negative_indices" in dataset._cache[0]
+
+    def epoch(seed):  # as pipelines.data.make_loader: MONAI's loader reseeds the transforms from its generator
+        transform.set_random_state(seed=seed)
+        loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0, generator=torch.Generator().manual_seed(seed))
+        batches = list(loader)
+        assert [tuple(b["image"].shape) for b in batches] == [(4, 1) + PATCH] * 2
+        return [list(b["patch_kind"]) for b in batches], torch.cat([b["image"] for b in batches])
+
+    kinds, images = epoch(11)
+    kinds_again, images_again = epoch(11)
+    assert kinds == kinds_again and torch.equal(images, images_again)
