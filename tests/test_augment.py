@@ -95,3 +95,19 @@ def test_thick_slice_axis_and_spacing_cap():
     np.testing.assert_array_equal(coarse["image"], data["image"])
     capped = transform({**data, "spacing": (3.0, 1.0, 1.0)})["image"]  # factor 2, not 4
     np.testing.assert_allclose(capped, simulate_thick_slices(data["image"], 0, 2.0))
+
+
+def test_tensors_and_meta_tensors_keep_their_type():
+    from monai.data import MetaTensor
+
+    data = _data()
+    for wrap in (torch.from_numpy, lambda a: MetaTensor(torch.from_numpy(a), meta={"tag": 1})):
+        image = wrap(data["image"].copy())
+        out = simulate_thick_slices(image, 1, 3.0)
+        assert type(out) is type(image) and out.dtype == torch.float32 and out.shape == image.shape
+        np.testing.assert_allclose(np.asarray(out), simulate_thick_slices(data["image"], 1, 3.0), rtol=0, atol=1e-6)
+        transform = Compose(scanner_augmentation(ALL_ON, plane_axis=0))
+        transform.set_random_state(seed=1)
+        result = transform({"image": image, "label": data["label"]})
+        assert tuple(result["image"].shape) == data["image"].shape and result["image"].dtype == torch.float32
+    assert isinstance(out, MetaTensor) and out.meta["tag"] == 1
