@@ -1,0 +1,76 @@
+"""Pure parts of benchmarks/build_training_set.py (the synth runs themselves are not run here)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from planar3d.data.hosts import host_key
+from planar3d.data.manifest import load_manifest
+
+_SPEC = importlib.util.spec_from_file_location("build_training_set", Path(__file__).resolve().parents[1] / "benchmarks" / "build_training_set.py")
+bts = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bts)
+
+
+def _touch(folder: Path, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+
+
+def test_patient26_is_refused_as_host_and_template(tmp_path):
+    _touch(tmp_path / "real", "a.nii.gz", "patient26_flair.nii.gz")
+    with pytest.raises(SystemExit, match="patient26"):
+        bts.find_hosts(tmp_path / "real")
+    with pytest.raises(SystemExit, match="registration template"):
+        bts.check_template(str(tmp_path / "real" / "patient26_flair.nii.gz"), dry_run=True)
+
+
+def test_hosts_are_named_by_file_stem_and_filtered(tmp_path):
+    _touch(tmp_path / "real", "b.nii.gz", "a.nii", "notes.txt")
+    assert list(bts.find_hosts(tmp_path / "real")) == ["a", "b"]
+    assert list(bts.find_hosts(tmp_path / "real", ["b"])) == ["b"]
+    with pytest.raises(SystemExit, match="unknown host"):
+        bts.find_hosts(tmp_path / "real", ["c"])
+
+
+def test_patient26_mask_is_left_out_of_the_injected_masks(tmp_path):
+    _touch(tmp_path / "masks", "patient01_lesions.nii.gz", "patient26_lesions.nii.gz", "patient27_lesions.nii.gz")
+    folder, names = bts.checked_masks_dir(tmp_path / "masks", tmp_path / "out")
+    assert names == ["patient01_lesions.nii.gz", "patient27_lesions.nii.gz"]
+    assert sorted(p.name for p in folder.iterdir()) == names
+
+
+def test_the_shared_lesion_mask_folder_holds_no_patient26():
+    shared = Path("../shared/data/mslub_mni/lesion_masks")
+    if not shared.is_dir():
+        pytest.skip("shared data not present")
+    folder, names = bts.checked_masks_dir(shared, Path("/nonexistent"))
+    assert folder == shared and len(names) == 27 and not any("patient26" in n for n in names)
+
+
+def test_relabel_records_the_host_in_each_group(tmp_path):
+    manifest = {"format": "planar3d-manifest/1", "dataset": "synthetic", "root": ".", "description": "",
+                "cases": [{"id": f"case_{i:03d}", "image": f"images/{i}.nii.gz", "label": f"labels/{i}.nii.gz",
+                           "group": g, "sha256": {"image": None, "label": None}}
+                          for i, g in enumerate(["host-LPS", "host-LPS-brain", "host-LPS"])],
+                "folds": [["case_000"], ["case_001"], ["case_002"]]}
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    bts.relabel_part(path, "clinical_4mm", "clinical_4mm", keep=["case_000", "case_001"])
+    bts.relabel_part(path, "clinical_4mm", "clinical_4mm")  # idempotent
+    loaded = load_manifest(path)
+    assert loaded.dataset == "clinical_4mm"
+    assert [c.group for c in loaded.cases] == ["host-clinical_4mm-LPS", "host-clinical_4mm-LPS-brain"]
+    assert {host_key(c) for c in loaded.cases} == {"clinical_4mm-LPS"}
+    assert loaded.folds == [["case_000", "case_001"]]
+
+
+def test_select_by_load():
+    loads = {"a": 0.001, "b": 0.03, "c": 0.0019, "d": 0.005, "e": 0.01}
+    assert bts.select_by_load(loads, 1) == (["a"], ["b"])
+    assert bts.select_by_load(loads, 5) == (["a", "c"], ["b", "e"])
+    with pytest.raises(SystemExit, match="0 heavy"):
+        bts.select_by_load({"a": 0.001}, 2)

@@ -1,0 +1,95 @@
+"""Threshold choice by lesion-wise F1 / Dice, and the shared-host warning."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from planar3d.data.hosts import host_key, shared_host_warning, shared_hosts
+from planar3d.data.manifest import Case
+from planar3d.thresholds import choose_threshold, threshold_table
+
+
+def _two_lesions_and_false_positives():
+    """Two 6^3 lesions predicted confidently (0.9) except their first and last x-planes (0.3),
+    and eight 2^3 false-positive blobs at 0.3: a low threshold gains Dice and loses lesion F1."""
+    label = np.zeros((40, 40, 40), bool)
+    probability = np.zeros((40, 40, 40), np.float32)
+    for x in (4, 24):
+        label[x:x + 6, 4:10, 4:10] = True
+        probability[x:x + 6, 4:10, 4:10] = 0.3
+        probability[x + 1:x + 5, 4:10, 4:10] = 0.9
+    for k in range(8):
+        probability[4 * k + 2:4 * k + 4, 30:32, 30:32] = 0.3
+    return probability, label
+
+
+def test_f1_picks_higher_threshold_where_dice_picks_lower():
+    probability, label = _two_lesions_and_false_positives()
+    args = ([probability], [label], [(1.0, 1.0, 1.0)], [0.2, 0.5])
+    by_dice = choose_threshold(*args, criterion="dice")
+    by_f1 = choose_threshold(*args, criterion="lesion_f1")
+    by_both = choose_threshold(*args, criterion="dice_and_f1")
+    assert by_dice.threshold == 0.2
+    assert by_f1.threshold == 0.5
+    assert by_both.threshold == 0.5
+    low, high = by_f1.table
+    # t=0.2: all 432 lesion voxels + 64 false-positive voxels; 2 of 10 predicted lesions true.
+    assert low["dice"] == pytest.approx(2 * 432 / (432 + 496))
+    assert low["lesion_f1"] == pytest.approx(2 * 1.0 * 0.2 / 1.2)
+    assert low["n_pred"] == 10
+    # t=0.5: the two 4x6x6 cores only; both lesions detected, no false positive.
+    assert high["dice"] == pytest.approx(2 * 288 / (288 + 432))
+    assert high["lesion_f1"] == 1.0 and high["lesion_ppv"] == 1.0
+    assert by_f1.score == 1.0
+
+
+def test_ties_go_to_the_higher_threshold():
+    label = np.zeros((10, 10, 10), bool)
+    label[2:6, 2:6, 2:6] = True
+    probability = label.astype(np.float32)
+    for criterion in ("lesion_f1", "dice", "dice_and_f1"):
+        choice = choose_threshold([probability], [label], [(1, 1, 1)], [0.3, 0.7, 0.5], criterion=criterion)
+        assert choice.threshold == 0.7
+        assert [row["threshold"] for row in choice.table] == [0.3, 0.7, 0.5]
+
+
+def test_scores_are_means_over_cases():
+    probability, label = _two_lesions_and_false_positives()
+    empty = np.zeros((5, 5, 5), np.float32)
+    rows = threshold_table([probability, empty], [label, empty > 0], [(1, 1, 1)] * 2, [0.5])
+    # the lesion-free case predicted lesion-free scores Dice 1 and F1 1
+    assert rows[0]["dice"] == pytest.approx((2 * 288 / 720 + 1.0) / 2)
+    assert rows[0]["lesion_f1"] == 1.0
+
+
+def test_bad_arguments():
+    probability, label = _two_lesions_and_false_positives()
+    with pytest.raises(ValueError, match="criterion"):
+        choose_threshold([probability], [label], [(1, 1, 1)], [0.5], criterion="auc")
+    with pytest.raises(ValueError, match="shape"):
+        threshold_table([probability], [label[:-1]], [(1, 1, 1)], [0.5])
+    with pytest.raises(ValueError, match="as many"):
+        threshold_table([probability], [], [(1, 1, 1)], [0.5])
+
+
+def _case(case_id, group):
+    return Case(case_id, Path(f"{case_id}.nii.gz"), Path(f"{case_id}_l.nii.gz"), group)
+
+
+def test_host_key_rule():
+    assert host_key(_case("a", "host-RAS")) == "RAS"
+    assert host_key(_case("a", "host-flair_head_1mm-RAS-brain")) == "flair_head_1mm-RAS"
+    assert host_key(_case("a", "3d-LPS")) is None          # phantom
+    assert host_key(_case("a", "01")) is None              # MSSEG centre
+    assert host_key(_case("a", None)) is None
+
+
+def test_shared_host_warning():
+    train = [_case("t0", "host-a-LPS"), _case("t1", "host-a-LPS-brain"), _case("t2", "3d-RAS")]
+    assert shared_host_warning(train, [_case("v0", "host-b-LPS"), _case("v1", "3d-RAS")]) is None
+    val = [_case("v0", "host-a-LPS-brain"), _case("v1", "host-b-LPS"), _case("v2", "host-a-LPS")]
+    assert shared_hosts(train, val) == {"a-LPS": ["v0", "v2"]}
+    warning = shared_host_warning(train, val)
+    assert warning.startswith("2 of 3 validation case(s) share a host scan with training cases: a-LPS (v0, v2)")
+    assert "\n" not in warning
