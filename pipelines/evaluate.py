@@ -29,7 +29,7 @@ import numpy as np
 
 from planar3d.errors import InputError
 from planar3d.planes import plane_axis_from_spacing
-from planar3d.io import atomic_save_json, atomic_write_text, read_volume, voxel_spacing
+from planar3d.io import write_json, atomic_write_text, read_volume, voxel_spacing
 from planar3d.metrics import DEFINITIONS, METRIC_NAMES, case_metrics
 from planar3d.metrics.lesion import DetectionParameters
 from planar3d.naming import PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
@@ -382,7 +382,7 @@ def write_outputs(result: EvaluationResult, out_dir: str | os.PathLike) -> None:
     """Write metrics.csv, summary.json and report.md atomically into ``out_dir``."""
     out = Path(out_dir)
     atomic_write_text(out / "metrics.csv", metrics_csv_text(result))
-    atomic_save_json(out / "summary.json", {
+    write_json(out / "summary.json", {
         "parameters": result.parameters,
         "definitions": DEFINITIONS,
         "n_cases": len(result.cases),

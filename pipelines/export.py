@@ -31,7 +31,7 @@ import torch
 
 from planar3d.checkpoint import load_model
 from planar3d.errors import Planar3DError
-from planar3d.io import atomic_save_json, atomic_write, atomic_write_text
+from planar3d.io import write_json, atomic_write, atomic_write_text
 
 FORMATS = ("torchscript", "onnx", "bundle")
 
@@ -54,7 +54,7 @@ def export_torchscript(model_path: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, "wb") as stream:
-        torch.jit.save(scripted, stream, _extra_files={"planar3d.json": json.dumps(_metadata(checkpoint))})
+        torch.jit.save(scripted, stream, _extra_files={"planar3d.json": json.dumps(_metadata(checkpoint), allow_nan=False)})
     return out
 
 
@@ -76,7 +76,7 @@ def export_onnx(model_path: str | Path, out: str | Path) -> Path:
         )
         proto = program.model_proto
         entry = proto.metadata_props.add()
-        entry.key, entry.value = "planar3d", json.dumps(_metadata(checkpoint))
+        entry.key, entry.value = "planar3d", json.dumps(_metadata(checkpoint), allow_nan=False)
         onnx.save(proto, str(temporary))
         temporary.replace(out)
     finally:
@@ -136,8 +136,8 @@ def export_bundle(model_path: str | Path, out_dir: str | Path) -> Path:
         "min_lesion_size": 3.0,
         "run": ["$predict_folder(@input_dir, @output_dir, @ckpt_path, device=@device, tta=@tta, min_lesion_size=@min_lesion_size, progress=False)"],
     }
-    atomic_save_json(out_dir / "configs" / "metadata.json", metadata)
-    atomic_save_json(out_dir / "configs" / "inference.json", inference)
+    write_json(out_dir / "configs" / "metadata.json", metadata)
+    write_json(out_dir / "configs" / "inference.json", inference)
     atomic_write_text(out_dir / "docs" / "README.md", (
         "# planar3d bundle\n\nRun on a folder of FLAIR NIfTI scans (planar3d must be installed):\n\n"
         "```bash\npython -m monai.bundle run --config_file configs/inference.json "

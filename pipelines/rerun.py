@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from planar3d.errors import ConfigError, InputError
-from planar3d.io import atomic_save_json, load_image, sha256_file, voxel_spacing
+from planar3d.io import json_safe, write_json, load_image, sha256_file, voxel_spacing
 from pipelines.experiment import Experiment, load_experiment, resolve
 
 COMPLETE = "complete.json"
@@ -145,7 +145,8 @@ def run_one(experiment: Experiment, manifest_path: Path, root: Optional[Path], f
         "best_checkpoint": str(best),
         "cases": [{"id": c.id, "group": c.group, "metrics": c.metrics} for c in evaluation.cases],
     }
-    atomic_save_json(marker, record)
+    # undefined metrics (nan) are written as null; summarise() reads null back as undefined
+    write_json(marker, json_safe(record))
     return record
 
 

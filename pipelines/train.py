@@ -31,7 +31,7 @@ from torch import nn
 
 from planar3d.checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint
 from planar3d.errors import ConfigError, InputError
-from planar3d.io import atomic_save_json, atomic_write_text, sha256_file
+from planar3d.io import json_safe, write_json, atomic_write_text, sha256_file
 from planar3d.provenance import package_versions
 
 from pipelines.config import TrainConfig
@@ -381,10 +381,11 @@ def data_record(manifest, train_cases, val_cases) -> List[dict]:
 def write_run_json(out_dir: Path, name: str, config: TrainConfig, info: dict, extra: dict) -> None:
     from planar3d.provenance import git_state, machine_info
 
-    atomic_save_json(out_dir / name, {
+    # a validation Dice of an epoch without lesions is legitimately undefined: null, never NaN
+    write_json(out_dir / name, json_safe({
         "seed": config.seed, "config": config.to_dict(), "versions": info["versions"],
         "git": git_state(), "machine": machine_info(), **extra,
-    })
+    }))
 
 
 # --- the run ------------------------------------------------------------------------------------

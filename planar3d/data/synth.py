@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from planar3d.errors import InputError
-from planar3d.io import atomic_write, atomic_write_text, read_volume
+from planar3d.io import atomic_write, atomic_write_text, read_volume, write_json
 
 MANIFEST_FORMAT = "planar3d-manifest/1"
 
@@ -200,5 +199,5 @@ def write_synthetic_dataset(
         "folds": folds,
     }
     manifest_path = out_dir / "manifest.json"
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    write_json(manifest_path, manifest)
     return manifest_path
