@@ -184,6 +184,18 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _stored_spacing(path: Path) -> np.ndarray:
+    """``pixdim[1:4]`` as stored in the file (nibabel silently replaces negative ones by their abs)."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(path, "rb") as stream:
+        block = stream.read(108)
+    if len(block) < 108:
+        raise InputError(path, "not a readable NIfTI file (header shorter than 348 bytes)")
+    order = "<" if int(np.frombuffer(block[:4], "<i4")[0]) == 348 else ">"
+    return np.frombuffer(block[80:92], f"{order}f4").astype(np.float64)
+
+
 def _check_header(path: Path, image: nib.Nifti1Image, max_image_bytes: int) -> None:
     """Refuse, from the header alone (no voxel read yet), what :func:`load_image` cannot use."""
     header = image.header
@@ -200,7 +212,7 @@ def _check_header(path: Path, image: nib.Nifti1Image, max_image_bytes: int) -> N
     if dtype.fields is not None or dtype.kind not in ACCEPTED_DTYPE_KINDS:
         name = "RGB" if dtype.fields is not None else str(dtype)
         raise InputError(path, f"unsupported data type {name} (accepted: real integer or float voxels)")
-    spacing = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    spacing = _stored_spacing(path)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(path, f"voxel spacing {tuple(float(s) for s in spacing)} in the header must be finite and > 0")
     affine = image.affine
