@@ -29,7 +29,7 @@ import numpy as np
 
 from planar3d.errors import InputError
 from planar3d.planes import plane_axis_from_spacing
-from planar3d.io import write_json, atomic_write_text, read_volume, voxel_spacing
+from planar3d.io import check_output_folder, write_json, atomic_write_text, read_volume, voxel_spacing
 from planar3d.metrics import DEFINITIONS, METRIC_NAMES, case_metrics
 from planar3d.metrics.lesion import DetectionParameters
 from planar3d.naming import PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
@@ -243,6 +243,8 @@ def evaluate_folder(
     if not pred_dir.is_dir():
         raise InputError(pred_dir, "prediction folder not found")
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_output_folder(out)  # one line naming it, before any case is read
     unpaired: List[str] = []
     unlabeled: List[str] = []
     if ref_dir is not None:
@@ -252,7 +254,6 @@ def evaluate_folder(
     params = DetectionParameters(min_lesion_size=float(min_lesion_size))
     qc_dir = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         if qc:
             qc_dir = out / "qc"
             qc_dir.mkdir(exist_ok=True)

@@ -31,7 +31,7 @@ import torch
 
 from planar3d.checkpoint import load_model
 from planar3d.errors import Planar3DError
-from planar3d.io import write_json, atomic_write, atomic_write_text
+from planar3d.io import check_output_folder, write_json, atomic_write, atomic_write_text
 
 FORMATS = ("torchscript", "onnx", "bundle")
 
@@ -152,6 +152,8 @@ def export_model(run_or_checkpoint: str | Path, format: str, out: str | Path | N
         raise Planar3DError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     source = Path(run_or_checkpoint)
     base = (source if source.is_dir() else source.parent) / "export"
+    target = Path(out) if out is not None else base / ("bundle" if format == "bundle" else "model")
+    check_output_folder(target if format == "bundle" else target.parent)  # before the model loads
     if format == "torchscript":
         return export_torchscript(_checkpoint(source), out or base / "model.ts")
     if format == "onnx":

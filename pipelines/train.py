@@ -31,7 +31,7 @@ from torch import nn
 
 from planar3d.checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint
 from planar3d.errors import ConfigError, InputError
-from planar3d.io import json_safe, write_json, atomic_write_text, sha256_file
+from planar3d.io import check_output_folder, json_safe, write_json, atomic_write_text, sha256_file
 from planar3d.provenance import package_versions
 
 from pipelines.config import TrainConfig
@@ -454,7 +454,7 @@ def train(
         InputError: a problem in the data (all problems listed), before the first epoch.
         ConfigError: an impossible configuration.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_output_folder(out_dir)  # a read-only or mistyped run folder: one line, before any work
     if encoder_weights is not None:
         config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"weights": str(encoder_weights)})})
     dev = choose_device(device)

@@ -612,3 +612,19 @@ def test_kill_during_predict_then_rerun_gives_identical_masks(tmp_path, many_sca
     assert all(np.array_equal(_masks(out)[k], v) for k, v in expected.items())
     assert not [p for p in out.rglob(".*.tmp*")]
     assert json.loads((out / "predictions.json").read_text())["counts"]["failed"] == 0
+
+
+def test_train_export_and_evaluate_check_their_output_folder(tmp_path, tiny_run):
+    from pipelines.evaluate import evaluate_folder
+    from pipelines.export import export_model
+    from pipelines.train import train
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="a_file: output exists and is not a folder"):
+        train(tmp_path / "no-manifest.json", 0, blocker, config=None)  # refused before the config is used
+    with pytest.raises(InputError, match="a_file: output exists and is not a folder"):
+        export_model(tiny_run, "torchscript", blocker / "model.ts")
+    (tmp_path / "pred").mkdir()
+    with pytest.raises(InputError, match="a_file: output exists and is not a folder"):
+        evaluate_folder(tmp_path / "pred", ref_dir=tmp_path, out_dir=blocker)
