@@ -23,9 +23,10 @@ goes to part ``i % num_parts``) for several processes or machines.
 
 Reading the next scan and writing the previous one run in background threads while the model
 runs on the current one (at most one scan ahead, so memory stays bounded). A scan that fails is
-recorded with its path and reason and the others go on; ``predictions.json`` (or
-``predictions_part<I>of<N>.json`` when sharded) lists every scan's input, output, status,
-seconds, per-step timings and error.
+recorded with its path and reason and the others go on. Each scan is claimed before it is read
+(:mod:`planar3d.claims`), so concurrent workers on one output folder never do a scan twice; each
+worker writes its part summary and ``predictions.json`` is merged from all parts
+(:mod:`planar3d.summaries`): every scan's input, output, status, seconds, per-step timings and error.
 
 Example:
     >>> summary = predict_folder("scans/", "preds/", "runs/fold0")   # doctest: +SKIP

@@ -545,16 +545,35 @@ def _parts(out: Path) -> list:
     return [json.loads(p.read_text()) for p in sorted((out / ".planar3d" / "parts").glob("*.json"))]
 
 
+def _slurm_task(many_scans: Path, out: Path, run: Path, task: int, tasks: int, bin_dir: Path) -> subprocess.Popen:
+    """One task of scripts/slurm/predict_parts.sbatch, as Slurm would start it (``planar3d`` on PATH)."""
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "planar3d"
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m planar3d.cli \"$@\"\n")
+    shim.chmod(0o755)
+    env = {**_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_COUNT": str(tasks),
+           "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_CPUS_PER_TASK": "1"}
+    script = PROJECT_ROOT / "scripts" / "slurm" / "predict_parts.sbatch"
+    return subprocess.Popen(["bash", str(script), str(many_scans), str(out), str(run)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_concurrent_workers_share_one_output_folder(tmp_path, many_scans, tiny_run, sharded):
-    """Three processes at once (same -i/-o, or --num-parts 3): each scan done once, one merged summary."""
+    """Three processes at once: each scan done once, one merged summary, masks as a single run's.
+
+    Unsharded: three ``planar3d predict`` on the same -i/-o (the claims share the work). Sharded:
+    the three tasks of the Slurm array script (``--num-parts 3 --part-id $SLURM_ARRAY_TASK_ID``).
+    """
     out = tmp_path / "out"
-    workers = [
-        subprocess.Popen(_cli("predict", "-i", str(many_scans), "-o", str(out), "--model", str(tiny_run),
-                              *(["--num-parts", "3", "--part-id", str(i)] if sharded else [])),
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(3)
-    ]
+    if sharded:
+        workers = [_slurm_task(many_scans, out, tiny_run, i, 3, tmp_path / "bin") for i in range(3)]
+    else:
+        workers = [
+            subprocess.Popen(_cli("predict", "-i", str(many_scans), "-o", str(out), "--model", str(tiny_run)),
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(3)
+        ]
     outputs = [worker.communicate(timeout=300) for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0, 0], outputs
     parts = _parts(out)
@@ -573,6 +592,20 @@ def test_concurrent_workers_share_one_output_folder(tmp_path, many_scans, tiny_r
     predict_folder(many_scans, reference, tiny_run, progress=False)
     expected = _masks(reference)
     assert len(expected) == 9 and all(np.array_equal(_masks(out)[k], v) for k, v in expected.items())
+
+
+def test_kubernetes_indexed_job_runs_one_part_per_index():
+    import yaml
+
+    job = yaml.safe_load((PROJECT_ROOT / "scripts" / "k8s" / "predict-indexed-job.yaml").read_text())
+    spec = job["spec"]
+    assert job["kind"] == "Job" and spec["completionMode"] == "Indexed"
+    container = spec["template"]["spec"]["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert int(env["NUM_PARTS"]) == spec["completions"] == spec["parallelism"]
+    command = " ".join(container["args"])
+    assert command.startswith("exec planar3d predict ")
+    assert '--num-parts "$NUM_PARTS" --part-id "$JOB_COMPLETION_INDEX"' in command
 
 
 def test_merge_summaries_command(tmp_path, many_scans, tiny_run):
