@@ -448,9 +448,9 @@ class PredictionSummary:
         """A few lines: counts, time per scan, failures with their reasons."""
         done = self.done
         lines = [
-            f"{len(done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed, "
-            f"{len(self.claimed)} left to other workers "
-            f"of {len(self.results)} scans in {self.wall_seconds:.1f} s"
+            f"{len(done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed"
+            + (f", {len(self.claimed)} left to other workers" if self.claimed else "")
+            + f" of {len(self.results)} scans in {self.wall_seconds:.1f} s"
             + (f" ({self.wall_seconds / len(done):.1f} s per scan done)" if done else "")
         ]
         if done:

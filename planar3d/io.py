@@ -185,15 +185,21 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _stored_spacing(path: Path) -> np.ndarray:
-    """``pixdim[1:4]`` as stored in the file (nibabel silently replaces negative ones by their abs)."""
+    """``pixdim[1:4]`` as stored in the file (nibabel silently replaces negative ones by their abs).
+
+    NIfTI-1: float32 at bytes 80-91 of a 348-byte header; NIfTI-2: float64 at 112-135 of 540.
+    """
     from nibabel.openers import ImageOpener
 
     with ImageOpener(path, "rb") as stream:
-        block = stream.read(108)
-    if len(block) < 108:
-        raise InputError(path, "not a readable NIfTI file (header shorter than 348 bytes)")
-    order = "<" if int(np.frombuffer(block[:4], "<i4")[0]) == 348 else ">"
-    return np.frombuffer(block[80:92], f"{order}f4").astype(np.float64)
+        block = stream.read(136)
+    for order in "<>":
+        size = int(np.frombuffer(block[:4], f"{order}i4")[0]) if len(block) >= 4 else 0
+        if size == 348 and len(block) >= 92:
+            return np.frombuffer(block[80:92], f"{order}f4").astype(np.float64)
+        if size == 540 and len(block) >= 136:
+            return np.frombuffer(block[112:136], f"{order}f8").astype(np.float64)
+    raise InputError(path, "not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header)")
 
 
 def _check_header(path: Path, image: nib.Nifti1Image, max_image_bytes: int) -> None:

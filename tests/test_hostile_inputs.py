@@ -661,3 +661,15 @@ def test_train_export_and_evaluate_check_their_output_folder(tmp_path, tiny_run)
     (tmp_path / "pred").mkdir()
     with pytest.raises(InputError, match="a_file: output exists and is not a folder"):
         evaluate_folder(tmp_path / "pred", ref_dir=tmp_path, out_dir=blocker)
+
+
+def test_nifti2_spacing_is_checked_too(tmp_path):
+    image = nib.Nifti2Image(_good_data(), np.diag([1.0, 1.0, 2.0, 1.0]))
+    good = tmp_path / "good2.nii"
+    nib.save(image, good)
+    assert load_image(good).header.get_zooms()[:3] == (1.0, 1.0, 2.0)
+    raw = bytearray(good.read_bytes())
+    raw[112 + 8:112 + 16] = np.float64(np.nan).tobytes()  # pixdim[2] of a NIfTI-2 header
+    bad = _write(tmp_path / "nan2.nii.gz", bytes(raw))
+    with pytest.raises(InputError, match="nan2.nii.gz: voxel spacing .* must be finite and > 0"):
+        load_image(bad)
