@@ -39,8 +39,10 @@ def claim_name(key: str) -> str:
     a claim; the hash keeps two keys that sanitise alike apart.
 
     Example:
-        >>> claim_name("sub-01/Flair_mask.nii.gz")[:30]
-        'sub-01_flair_mask.nii.gz.23dd3'
+        >>> claim_name("sub-01/Flair_mask.nii.gz")
+        'sub-01_flair_mask.nii.gz.8154653c2399.claim'
+        >>> claim_name("sub-01/Flair_mask.nii.gz") == claim_name("sub-01/flair_mask.nii.gz")
+        True
     """
     folded = key.casefold()
     readable = re.sub(r"[^a-z0-9._-]", "_", folded)[-80:]
