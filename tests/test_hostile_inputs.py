@@ -547,10 +547,11 @@ def _parts(out: Path) -> list:
 
 def _slurm_task(many_scans: Path, out: Path, run: Path, task: int, tasks: int, bin_dir: Path) -> subprocess.Popen:
     """One task of scripts/slurm/predict_parts.sbatch, as Slurm would start it (``planar3d`` on PATH)."""
-    bin_dir.mkdir(exist_ok=True)
     shim = bin_dir / "planar3d"
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m planar3d.cli \"$@\"\n")
-    shim.chmod(0o755)
+    if not shim.exists():  # written once: rewriting it while another task runs it fails (text file busy)
+        bin_dir.mkdir(exist_ok=True)
+        shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m planar3d.cli \"$@\"\n")
+        shim.chmod(0o755)
     env = {**_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_COUNT": str(tasks),
            "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_CPUS_PER_TASK": "1"}
     script = PROJECT_ROOT / "scripts" / "slurm" / "predict_parts.sbatch"
