@@ -57,20 +57,36 @@ def _read_parts(out_dir: Path) -> List[Dict[str, Any]]:
     return sorted(parts, key=lambda part: part.get("finished", 0.0))
 
 
-def merged_scans(parts: Iterable[Dict[str, Any]], expected: Optional[Iterable[Dict[str, str]]] = None) -> List[Dict[str, Any]]:
+def _output_key(output: str, out_dir: Optional[str]) -> str:
+    """The output's path relative to its output folder: workers may spell the folder differently
+    (relative to another working directory, or through another mount point)."""
+    if out_dir:
+        try:
+            return Path(output).relative_to(out_dir).as_posix()
+        except ValueError:
+            pass
+    return output
+
+
+def merged_scans(
+    parts: Iterable[Dict[str, Any]],
+    expected: Optional[Iterable[Dict[str, str]]] = None,
+    out_dir: Optional[str | os.PathLike] = None,
+) -> List[Dict[str, Any]]:
     """One record per output path, chosen as the module docstring says, sorted by input.
 
     Args:
         parts: part summaries, oldest first.
         expected: ``{"input": ..., "output": ...}`` of every scan of the batch; when given, only
             these appear, missing ones as ``pending``.
+        out_dir: the output folder as ``expected`` spells it (outputs are matched relative to it).
     """
     newest: Dict[str, Dict[str, Any]] = {}
     newest_done: Dict[str, Dict[str, Any]] = {}
     claimed: Dict[str, Dict[str, Any]] = {}
     for part in parts:
         for scan in part.get("scans", []):
-            output = scan.get("output")
+            output = _output_key(scan.get("output") or "", part.get("out_dir"))
             if scan.get("status") in FINAL_STATUSES:
                 newest[output] = scan
                 if scan["status"] == "done":
@@ -84,8 +100,9 @@ def merged_scans(parts: Iterable[Dict[str, Any]], expected: Optional[Iterable[Di
             scan = newest_done[output]
         chosen[output] = scan
     if expected is not None:
+        base = None if out_dir is None else str(out_dir)
         chosen = {
-            scan["output"]: chosen.get(scan["output"]) or {**scan, "status": "pending", "error": None}
+            scan["output"]: chosen.get(_output_key(scan["output"], base)) or {**scan, "status": "pending", "error": None}
             for scan in expected
         }
     return sorted(chosen.values(), key=lambda scan: (scan.get("input") or "", scan.get("output") or ""))
@@ -119,7 +136,7 @@ def merge_part_summaries(
             raise TimeoutError(f"{out_dir / SUMMARY_NAME}: merge lock held by {locks.holder(SUMMARY_NAME)}")
         time.sleep(0.05)
     try:
-        scans = merged_scans(_read_parts(out_dir), expected)
+        scans = merged_scans(_read_parts(out_dir), expected, out_dir)
         counts: Dict[str, int] = {}
         for scan in scans:
             counts[scan["status"]] = counts.get(scan["status"], 0) + 1

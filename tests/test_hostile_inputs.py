@@ -674,3 +674,18 @@ def test_nifti2_spacing_is_checked_too(tmp_path):
     bad = _write(tmp_path / "nan2.nii.gz", bytes(raw))
     with pytest.raises(InputError, match="nan2.nii.gz: voxel spacing .* must be finite and > 0"):
         load_image(bad)
+
+
+def test_merge_matches_outputs_however_workers_spell_the_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    for index in range(4):
+        _write(folder / f"scan{index}.nii.gz", _nifti_bytes(_good_data(index)))
+    scans = find_inputs(folder)
+    settings = InferenceSettings.from_checkpoint(META, min_lesion_size=0)
+    predict_with_model(ThresholdModel(), META, scans[0::2], tmp_path / "out", settings, progress=False,
+                       num_parts=2, part_id=0, all_scans=scans)
+    monkeypatch.chdir(tmp_path)  # the second worker names the folder relative to its working directory
+    predict_with_model(ThresholdModel(), META, scans[1::2], Path("out"), settings, progress=False,
+                       num_parts=2, part_id=1, all_scans=scans)
+    merged = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert merged["counts"] == {"done": 4, "skipped": 0, "failed": 0}
