@@ -216,8 +216,8 @@ app.add_typer(manifest_app, name="manifest")
 def _report_problems(problems: List[str], what: str) -> None:
     """Print each problem to stderr and exit 1, or print that all is well."""
     if problems:
-        for problem in problems:
-            typer.echo(problem, err=True)
+        for problem in problems:  # one line each, whatever the file names hold
+            typer.echo(display_path(problem), err=True)
         fail(f"{len(problems)} problem(s) found by {what}")
     typer.echo(f"{what}: no problem found")
 

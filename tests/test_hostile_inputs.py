@@ -263,6 +263,11 @@ def test_manifest_check_and_training_checks_refuse_each_bad_image(tmp_path, bad_
     result = CliRunner().invoke(app, ["manifest", "check", str(tmp_path / "manifest.json")])
     assert result.exit_code == 1
     assert all(name in result.output for name in names)
+    _write(bad_folder / "x\nerror: forged.nii.gz", b"broken")  # a name that would forge a line
+    _manifest_of(bad_folder, ["x\nerror: forged.nii.gz"], tmp_path / "forged.json")
+    result = CliRunner().invoke(app, ["manifest", "check", str(tmp_path / "forged.json")])
+    assert result.exit_code == 1 and "x\\nerror: forged.nii.gz" in result.output
+    assert not any(line.startswith("error: forged") for line in result.output.splitlines())
 
 
 # --- JSON ---------------------------------------------------------------------------------------
