@@ -367,9 +367,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nPlanar inference reaches {best:.0f} % of the run-wide fp32 matmul peak ({best_local:.0f} % of the"
               f" in-process one): {verdict} the 60 % goal.")
     if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump({"device": device_name, "torch": torch.__version__, "date": datetime.datetime.now().isoformat(),
-                       "matmul_peak_flops": peaks, "matmul_n": n, "quick": args.quick, "rows": rows}, fh, indent=1)
+        from planar3d.io import json_safe, write_json
+
+        write_json(args.json_out, json_safe({"device": device_name, "torch": torch.__version__,
+                                             "date": datetime.datetime.now().isoformat(),
+                                             "matmul_peak_flops": peaks, "matmul_n": n, "quick": args.quick, "rows": rows}))
     return 0
 
 

@@ -36,7 +36,6 @@ Outputs: ``DIR/parts/<part>/`` (one ``planar3d synth`` folder per host and for t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -51,20 +50,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 DATA = PROJECT.parent / "shared" / "data"
 
 
-def cli_module() -> str:
-    """The module of the ``planar3d`` command line: ``pipelines.cli`` once it moves there, else ``planar3d.cli``."""
-    for name in ("pipelines.cli", "planar3d.cli"):
-        try:
-            if importlib.util.find_spec(name) is not None:
-                return name
-        except ModuleNotFoundError:
-            continue
-    raise SystemExit("cannot find the planar3d command line (pipelines.cli or planar3d.cli)")
-
-
 def run_cli(args: Sequence[str], dry_run: bool = False) -> str:
     """Run ``python -m <cli> ARGS``; its stdout, or stop with its last error line."""
-    command = [sys.executable, "-m", cli_module(), *[str(a) for a in args]]
+    command = [sys.executable, "-m", "pipelines.cli", *[str(a) for a in args]]
     print("$ planar3d " + " ".join(str(a) for a in args), flush=True)
     if dry_run:
         return ""
@@ -142,7 +130,7 @@ def check_template(template: str, dry_run: bool) -> None:
 def relabel_part(manifest_path: Path, dataset: str, host: Optional[str], keep: Optional[Sequence[str]] = None) -> None:
     """Rename a synth manifest's data set (merged ids become ``<dataset>_<id>``), record the host
     in each injected case's group (``host-<host>-<axcodes>[-brain]``), optionally keep only ``keep``."""
-    from planar3d.io import atomic_write_text
+    from planar3d.io import write_json
 
     data = json.loads(Path(manifest_path).read_text())
     data["dataset"] = dataset
@@ -154,7 +142,7 @@ def relabel_part(manifest_path: Path, dataset: str, host: Optional[str], keep: O
             group = case.get("group") or ""
             if group.startswith("host-") and not group.startswith(f"host-{host}-"):
                 case["group"] = f"host-{host}-" + group[len("host-"):]
-    atomic_write_text(manifest_path, json.dumps(data, indent=2) + "\n")
+    write_json(manifest_path, data)
 
 
 def mni_brain_mm3() -> float:
@@ -202,7 +190,7 @@ def build(args) -> dict:
     masks, mask_names = checked_masks_dir(args.lesion_masks, out)
     check_template(args.template, args.dry_run)
     record: dict = {"hosts": {}, "masks": mask_names, "template": args.template, "leave_out": args.leave_out,
-                    "seed": args.seed, "cli": cli_module()}
+                    "seed": args.seed, "cli": "pipelines.cli"}
     parts = []
     for index, (name, path) in enumerate(hosts.items()):
         if name == args.leave_out:
@@ -240,9 +228,9 @@ def build(args) -> dict:
                               "light": light, "heavy": heavy, "brain_mm3": brain}
         run_cli(["manifest", "merge", manifest, "--out", out / "test_manifest.json", "--dataset", "test"], args.dry_run)
     if not args.dry_run:
-        from planar3d.io import atomic_write_text
+        from planar3d.io import write_json
 
-        atomic_write_text(out / "build.json", json.dumps(record, indent=2) + "\n")
+        write_json(out / "build.json", record)
     return record
 
 
@@ -273,7 +261,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     record = build(parse_args(argv))
-    print(json.dumps({k: v for k, v in record.items() if k != "test"}, indent=1)[:2000])
+    print(json.dumps({k: v for k, v in record.items() if k != "test"}, indent=1, allow_nan=False)[:2000])
     if "test" in record:
         print(f"test set of {record['test']['host']}: light {record['test']['light']}, heavy {record['test']['heavy']}")
 

@@ -14,6 +14,7 @@ never imports them. Run it as ``planar3d`` (console script), ``python -m pipelin
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -21,7 +22,8 @@ from typing import List, Optional
 import typer
 
 from planar3d import __version__
-from planar3d.errors import Planar3DError
+from planar3d.errors import Planar3DError, SummaryWriteError
+from planar3d.naming import display_path
 
 app = typer.Typer(
     name="planar3d",
@@ -124,7 +126,7 @@ def train(
 def predict(
     inputs: Path = typer.Option(..., "-i", "--input", help="Folder (searched recursively), one .nii/.nii.gz file, or a manifest JSON."),
     out: Path = typer.Option(..., "-o", "--output", help="Output folder; masks mirror the inputs' relative paths (<name>_mask.nii.gz)."),
-    model: Path = typer.Option(..., "--model", help="planar3d-model/1 checkpoint, or a run folder (best.pt, else last.pt)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="planar3d-model/1 checkpoint, or a run folder (best.pt, else last.pt). Required unless --merge-summaries."),
     fold: Optional[int] = typer.Option(None, "--fold", help="With a manifest: this fold's test cases only (0-based)."),
     root: Optional[Path] = typer.Option(None, "--root", help="With a manifest: data folder overriding its root."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -138,8 +140,17 @@ def predict(
     num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the sorted scans into this many parts..."),
     part_id: int = typer.Option(0, "--part-id", min=0, help="...and predict only part I (scan i goes to part i % N)."),
     qc: bool = typer.Option(False, "--qc", help="Also write a <name>_qc.png overlay next to each mask."),
+    max_image_gb: float = typer.Option(2.0, "--max-image-gb", help="Refuse, unread, scans whose header claims more GiB of voxels than this."),
+    merge_summaries: bool = typer.Option(False, "--merge-summaries", help="Only merge the part summaries of every worker into OUT/predictions.json (no model needed)."),
 ) -> None:
     """Segment lesions in raw FLAIR scans; exits 1 if any scan failed (see predictions.json)."""
+    if merge_summaries:
+        _merge_prediction_summaries(inputs, out, fold, root)
+        return
+    if model is None:
+        fail("--model is required (a checkpoint or a run folder)")
+    if max_image_gb <= 0:
+        fail(f"--max-image-gb must be > 0, got {max_image_gb}")
     if device not in ("cpu", "cuda"):
         fail(f"--device must be cpu or cuda, got {device!r}")
     if part_id >= num_parts:
@@ -152,14 +163,36 @@ def predict(
             fail(f"--roi-size must be three integers like '-1,-1,16', got {roi_size!r}")
     from pipelines.predict import predict_folder
 
-    summary = predict_folder(
-        inputs, out, model, fold=fold, root=root, device=device, threshold=threshold,
-        min_lesion_size=min_lesion_size, tta=tta, save_probabilities=save_probabilities, overlap=overlap,
-        roi_size=roi, overwrite=overwrite, num_parts=num_parts, part_id=part_id, qc=qc,
-    )
+    try:
+        summary = predict_folder(
+            inputs, out, model, fold=fold, root=root, device=device, threshold=threshold,
+            min_lesion_size=min_lesion_size, tta=tta, save_probabilities=save_probabilities, overlap=overlap,
+            roi_size=roi, overwrite=overwrite, num_parts=num_parts, part_id=part_id, qc=qc,
+            max_image_bytes=int(max_image_gb * 1024 ** 3),
+        )
+    except SummaryWriteError as error:  # the batch ran: show its results, then why they are not on disk
+        typer.echo(error.summary.text())  # type: ignore[attr-defined]
+        fail(str(error))
     typer.echo(summary.text())
     if summary.failed:
-        fail(f"{len(summary.failed)} of {len(summary.results)} scans failed: " + ", ".join(r.input for r in summary.failed))
+        fail(f"{len(summary.failed)} of {len(summary.results)} scans failed: " + ", ".join(display_path(r.input) for r in summary.failed))
+
+
+def _merge_prediction_summaries(inputs: Path, out: Path, fold: Optional[int], root: Optional[Path]) -> None:
+    """``predict --merge-summaries``: rewrite OUT/predictions.json from the workers' part summaries."""
+    from pipelines.predict import OutputPaths, find_inputs
+    from planar3d.summaries import merge_part_summaries
+
+    try:
+        expected = [{"input": str(scan.path), "output": str(OutputPaths.of(out, scan.relative).mask)}
+                    for scan in find_inputs(inputs, fold, root, exclude=out)]
+        path = merge_part_summaries(out, expected)
+    except (Planar3DError, OSError, TimeoutError) as error:
+        fail(display_path(error))
+    counts = json.loads(path.read_text(encoding="utf-8"))["counts"]
+    typer.echo(f"wrote {display_path(path)}: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    if counts.get("failed"):
+        fail(f"{counts['failed']} scans failed (see {display_path(path)})")
 
 
 @command(app)
@@ -197,8 +230,8 @@ app.add_typer(manifest_app, name="manifest")
 def _report_problems(problems: List[str], what: str) -> None:
     """Print each problem to stderr and exit 1, or print that all is well."""
     if problems:
-        for problem in problems:
-            typer.echo(problem, err=True)
+        for problem in problems:  # one line each, whatever the file names hold
+            typer.echo(display_path(problem), err=True)
         fail(f"{len(problems)} problem(s) found by {what}")
     typer.echo(f"{what}: no problem found")
 

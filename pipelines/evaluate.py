@@ -29,7 +29,7 @@ import numpy as np
 
 from planar3d.errors import ConfigError, InputError
 from planar3d.planes import plane_axis_from_spacing
-from planar3d.io import atomic_save_json, atomic_write_text, ensure_writable_folder, make_folder, read_volume, voxel_spacing
+from planar3d.io import atomic_write_text, check_output_folder, make_folder, read_volume, voxel_spacing, write_json
 from planar3d.metrics import DEFINITIONS, METRIC_NAMES, case_metrics
 from planar3d.metrics.lesion import DetectionParameters
 from planar3d.naming import PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
@@ -242,7 +242,7 @@ def evaluate_folder(
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise InputError(pred_dir, "prediction folder not found")
-    out = ensure_writable_folder(out_dir) if out_dir is not None else None
+    out = check_output_folder(out_dir) if out_dir is not None else None  # one line naming it, before any case is read
     unpaired: List[str] = []
     unlabeled: List[str] = []
     if ref_dir is not None:
@@ -380,7 +380,7 @@ def write_outputs(result: EvaluationResult, out_dir: str | os.PathLike) -> None:
     """Write metrics.csv, summary.json and report.md atomically into ``out_dir``."""
     out = Path(out_dir)
     atomic_write_text(out / "metrics.csv", metrics_csv_text(result))
-    atomic_save_json(out / "summary.json", {
+    write_json(out / "summary.json", {
         "parameters": result.parameters,
         "definitions": DEFINITIONS,
         "n_cases": len(result.cases),

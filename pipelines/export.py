@@ -31,7 +31,7 @@ import torch
 
 from planar3d.checkpoint import ModelCheckpoint, load_model
 from planar3d.errors import ConfigError, Planar3DError
-from planar3d.io import atomic_save_json, atomic_write, atomic_write_text, ensure_writable_folder, make_folder, make_parent_folder
+from planar3d.io import atomic_write, atomic_write_text, check_output_folder, make_folder, make_parent_folder, write_json
 
 FORMATS = ("torchscript", "onnx", "bundle")
 
@@ -52,7 +52,7 @@ def export_torchscript(model_path: str | Path, out: str | Path) -> Path:
     scripted = torch.jit.script(model)
     out = make_parent_folder(out)
     with atomic_write(out, "wb") as stream:
-        torch.jit.save(scripted, stream, _extra_files={"planar3d.json": json.dumps(_metadata(checkpoint))})
+        torch.jit.save(scripted, stream, _extra_files={"planar3d.json": json.dumps(_metadata(checkpoint), allow_nan=False)})
     return out
 
 
@@ -73,7 +73,7 @@ def export_onnx(model_path: str | Path, out: str | Path) -> Path:
         )
         proto = program.model_proto
         entry = proto.metadata_props.add()
-        entry.key, entry.value = "planar3d", json.dumps(_metadata(checkpoint))
+        entry.key, entry.value = "planar3d", json.dumps(_metadata(checkpoint), allow_nan=False)
         onnx.save(proto, str(temporary))
         temporary.replace(out)
     finally:
@@ -130,8 +130,8 @@ def export_bundle(model_path: str | Path, out_dir: str | Path) -> Path:
         "min_lesion_size": 3.0,
         "run": ["$predict_folder(@input_dir, @output_dir, @ckpt_path, device=@device, tta=@tta, min_lesion_size=@min_lesion_size, progress=False)"],
     }
-    atomic_save_json(out_dir / "configs" / "metadata.json", metadata)
-    atomic_save_json(out_dir / "configs" / "inference.json", inference)
+    write_json(out_dir / "configs" / "metadata.json", metadata)
+    write_json(out_dir / "configs" / "inference.json", inference)
     atomic_write_text(out_dir / "docs" / "README.md", (
         "# planar3d bundle\n\nRun on a folder of FLAIR NIfTI scans (planar3d must be installed):\n\n"
         "```bash\npython -m monai.bundle run --config_file configs/inference.json "
@@ -147,7 +147,8 @@ def export_model(run_or_checkpoint: str | Path, format: str, out: str | Path | N
     source = Path(run_or_checkpoint)
     base = (source if source.is_dir() else source.parent) / "export"
     if source.exists():  # else the missing checkpoint is the error to report, and nothing is created
-        ensure_writable_folder(base if out is None else Path(out) if format == "bundle" else Path(out).parent)
+        target = Path(out) if out is not None else base / ("bundle" if format == "bundle" else "model")
+        check_output_folder(target if format == "bundle" else target.parent)  # before the model loads
     if format == "torchscript":
         return export_torchscript(_checkpoint(source), out or base / "model.ts")
     if format == "onnx":

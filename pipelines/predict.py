@@ -24,9 +24,10 @@ goes to part ``i % num_parts``) for several processes or machines.
 
 Reading the next scan and writing the previous one run in background threads while the model
 runs on the current one (at most one scan ahead, so memory stays bounded). A scan that fails is
-recorded with its path and reason and the others go on; ``predictions.json`` (or
-``predictions_part<I>of<N>.json`` when sharded) lists every scan's input, output, status,
-seconds, per-step timings and error.
+recorded with its path and reason and the others go on. Each scan is claimed before it is read
+(:mod:`planar3d.claims`), so concurrent workers on one output folder never do a scan twice; each
+worker writes its part summary and ``predictions.json`` is merged from all parts
+(:mod:`planar3d.summaries`): every scan's input, output, status, seconds, per-step timings and error.
 
 Example:
     >>> summary = predict_folder("scans/", "preds/", "runs/fold0")   # doctest: +SKIP
@@ -38,18 +39,25 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from planar3d.checkpoint import ModelCheckpoint
-from planar3d.errors import ConfigError, InputError, Planar3DError, WeightsError
-from planar3d.io import atomic_save_json, ensure_writable_folder, make_folder, voxel_spacing, write_like
+from planar3d.claims import ScanClaims
+from planar3d.errors import ConfigError, InputError, Planar3DError, SummaryWriteError, WeightsError
+from planar3d.io import (
+    MAX_IMAGE_BYTES, check_output_folder, display_path, json_safe, make_folder, remove_stale_temporaries, voxel_spacing,
+    write_json, write_like,
+)
 from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3, label_lesions
-from planar3d.naming import MASK_SUFFIX, PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
+from planar3d.naming import (
+    MASK_SUFFIX, PROBABILITY_SUFFIX, is_nifti, output_collisions, output_path, strip_nifti_extension,
+)
 from planar3d.preprocess import NormalizationConfig, Reorientation, load_preprocessed
+from planar3d.summaries import claims_folder, merge_part_summaries, part_file
 
 #: Slab thickness (planes along the network's plane axis) used when the checkpoint gives no window.
 DEFAULT_SLAB_PLANES = 16
@@ -57,8 +65,10 @@ DEFAULT_SLAB_PLANES = 16
 DEFAULT_OVERLAP = 0.25
 QC_SUFFIX = "_qc"
 STEPS = ("load", "preprocess", "model", "postprocess", "write")
-#: Per-scan errors a batch records and goes past (anything else is a bug and propagates).
-SCAN_ERRORS = (Planar3DError, ValueError, OSError, RuntimeError, MemoryError)
+#: Per-scan errors a batch records and goes past: any exception. A bug met on one scan (a
+#: TypeError on an exotic file) must not cost the other scans of the batch nor its summary; it is
+#: recorded with its type name. KeyboardInterrupt and SystemExit still stop the batch.
+SCAN_ERRORS = (Exception,)
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -79,6 +89,7 @@ class InferenceSettings:
         min_lesion_size: components of at most this volume (mm³) are removed.
         sw_batch_size: windows per forward pass.
         device: torch device string.
+        max_image_bytes: largest image accepted (see :func:`planar3d.io.load_image`).
     """
 
     normalization: NormalizationConfig = NormalizationConfig()
@@ -91,6 +102,7 @@ class InferenceSettings:
     min_lesion_size: float = MIN_LESION_SIZE_MM3
     sw_batch_size: int = 1
     device: str = "cpu"
+    max_image_bytes: int = MAX_IMAGE_BYTES
 
     @classmethod
     def from_checkpoint(
@@ -270,7 +282,8 @@ def prepare_scan(scan: ScanInput, settings: InferenceSettings, keep_raw: bool = 
     Raises:
         InputError: the file cannot be used (unreadable, truncated, not 3D, NaN, constant).
     """
-    loaded = load_preprocessed(scan.path, settings.normalization, keep_raw=keep_raw)
+    loaded = load_preprocessed(scan.path, settings.normalization, keep_raw=keep_raw,
+                              max_image_bytes=settings.max_image_bytes)
     return PreparedScan(scan, loaded.image, loaded.reorientation, loaded.volume, loaded.raw, dict(loaded.seconds))
 
 
@@ -342,7 +355,8 @@ def finish_scan(
 
 @dataclass
 class ScanResult:
-    """What happened to one scan. ``status``: ``"done"``, ``"skipped"`` (output existed) or ``"failed"``."""
+    """What happened to one scan. ``status``: ``"done"``, ``"skipped"`` (output existed),
+    ``"failed"``, or ``"claimed"`` (another live worker on the same output folder has it)."""
 
     input: str
     output: str
@@ -402,6 +416,7 @@ class PredictionSummary:
     summary_path: Path
     wall_seconds: float
     settings: Dict[str, Any] = field(default_factory=dict)
+    part_path: Optional[Path] = None  # this worker's own part summary (see planar3d.summaries)
 
     def _with(self, status: str) -> List[ScanResult]:
         return [r for r in self.results if r.status == status]
@@ -418,6 +433,10 @@ class PredictionSummary:
     def failed(self) -> List[ScanResult]:
         return self._with("failed")
 
+    @property
+    def claimed(self) -> List[ScanResult]:
+        return self._with("claimed")
+
     def step_totals(self) -> Dict[str, float]:
         """Seconds spent in each step, summed over the scans done."""
         return {step: sum(r.timings.get(step, 0.0) for r in self.done) for step in STEPS}
@@ -426,14 +445,15 @@ class PredictionSummary:
         """A few lines: counts, time per scan, failures with their reasons."""
         done = self.done
         lines = [
-            f"{len(done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed "
-            f"of {len(self.results)} scans in {self.wall_seconds:.1f} s"
+            f"{len(done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed"
+            + (f", {len(self.claimed)} left to other workers" if self.claimed else "")
+            + f" of {len(self.results)} scans in {self.wall_seconds:.1f} s"
             + (f" ({self.wall_seconds / len(done):.1f} s per scan done)" if done else "")
         ]
         if done:
             totals = self.step_totals()
             lines.append("time per scan: " + ", ".join(f"{step} {totals[step] / len(done):.2f} s" for step in STEPS))
-        lines += [f"FAILED {r.input}: {r.error}" for r in self.failed]
+        lines += [f"FAILED {display_path(r.input)}: {display_path(r.error)}" for r in self.failed]
         lines.append(f"wrote {self.summary_path}")
         return "\n".join(lines)
 
@@ -442,15 +462,17 @@ class PredictionSummary:
             "format": "planar3d-predictions/1",
             "out_dir": str(self.out_dir),
             "wall_seconds": self.wall_seconds,
-            "counts": {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed)},
+            "finished": time.time(),
+            "counts": {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
+                       **({"claimed": len(self.claimed)} if self.claimed else {})},
             "settings": self.settings,
-            "scans": [asdict(r) for r in self.results],
+            "scans": [json_safe(asdict(r)) for r in self.results],
         }
 
 
 def summary_file(out_dir: Path, num_parts: int = 1, part_id: int = 0) -> Path:
-    """``predictions.json``, or ``predictions_part<I>of<N>.json`` for one shard."""
-    return out_dir / ("predictions.json" if num_parts == 1 else f"predictions_part{part_id}of{num_parts}.json")
+    """``predictions.json``: the folder summary, merged from every worker's part (any shard)."""
+    return out_dir / "predictions.json"
 
 
 def _error(error: BaseException) -> str:
@@ -469,15 +491,27 @@ def predict_with_model(
     qc: bool = False,
     summary_path: Optional[Path] = None,
     progress: bool = True,
+    num_parts: int = 1,
+    part_id: int = 0,
+    all_scans: Optional[Sequence[ScanInput]] = None,
 ) -> PredictionSummary:
     """Predict ``scans`` with a ready model, reading ahead and writing behind in threads.
 
-    See :func:`predict_folder` for the arguments; ``scans`` are already found and sharded.
+    See :func:`predict_folder` for the arguments; ``scans`` are already found and sharded, and
+    ``all_scans`` (default ``scans``) are those of every part, listed in the merged summary.
+    Each scan is claimed (:class:`planar3d.claims.ScanClaims`) before it is read, so workers
+    sharing ``out_dir`` never do one twice; this worker's part summary is written, then
+    ``predictions.json`` merged from every part (:mod:`planar3d.summaries`).
+
+    Raises:
+        SummaryWriteError: the summaries could not be written (it carries the results).
     """
     from tqdm import tqdm
 
     out_dir = make_folder(out_dir)
     summary_path = summary_path or summary_file(out_dir)
+    remove_stale_temporaries(out_dir)  # left by a worker killed between write and rename
+    claims = ScanClaims(claims_folder(out_dir))
     start = time.perf_counter()
     results: Dict[int, ScanResult] = {}
     todo: List[Tuple[int, ScanInput, OutputPaths]] = []
@@ -488,59 +522,98 @@ def predict_with_model(
         else:
             todo.append((index, scan, outputs))
 
+    def key(outputs: OutputPaths) -> str:
+        return outputs.mask.relative_to(out_dir).as_posix()
+
     def failed(index: int, scan: ScanInput, outputs: OutputPaths, error: BaseException, timings=None) -> None:
         results[index] = ScanResult(str(scan.path), str(outputs.mask), "failed", sum((timings or {}).values()), _error(error), dict(timings or {}))
+        claims.release(key(outputs))  # a rerun retries it
 
     bar = tqdm(total=len(todo), desc="predict", unit="scan", disable=not progress or not todo, dynamic_ncols=True)
-    with ThreadPoolExecutor(1, thread_name_prefix="planar3d-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="planar3d-write") as writer:
-        read_next: Optional[Future] = reader.submit(prepare_scan, todo[0][1], settings, qc) if todo else None
-        writing: Optional[Tuple[int, ScanInput, OutputPaths, PreparedScan, Future]] = None
 
-        def collect(entry) -> None:
-            index, scan, outputs, prepared, future = entry
-            try:
-                stats = future.result()
-            except SCAN_ERRORS as error:
-                failed(index, scan, outputs, error, prepared.timings)
+    def claimed_todo():
+        """The scans of ``todo`` this worker gets, claimed one at a time as it reaches them."""
+        for index, scan, outputs in todo:
+            if not claims.acquire(key(outputs)):
+                results[index] = ScanResult(str(scan.path), str(outputs.mask), "claimed", error=f"claimed by {claims.holder(key(outputs))}")
+                bar.update(1)
+            elif outputs.exist() and not overwrite:  # finished by another worker since we looked
+                claims.release(key(outputs))
+                results[index] = ScanResult(str(scan.path), str(outputs.mask), "skipped")
+                bar.update(1)
             else:
-                results[index] = ScanResult(str(scan.path), str(outputs.mask), "done", sum(prepared.timings.values()), None, dict(prepared.timings), **stats)
-            bar.set_postfix_str(f"{scan.relative}: {results[index].seconds:.1f} s")
-            bar.update(1)
+                yield index, scan, outputs
 
-        for position, (index, scan, outputs) in enumerate(todo):
-            assert read_next is not None
-            current, read_next = read_next, None
-            try:
-                prepared = current.result()
-            except SCAN_ERRORS as error:
-                prepared = None
-                failed(index, scan, outputs, error)
-            # read one scan ahead while the model runs on this one
-            if position + 1 < len(todo):
-                read_next = reader.submit(prepare_scan, todo[position + 1][1], settings, qc)
-            if prepared is None:
-                bar.write(f"FAILED {scan.path}: {results[index].error}")
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="planar3d-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="planar3d-write") as writer:
+            pending = claimed_todo()
+            item = next(pending, None)
+            read_next: Optional[Future] = reader.submit(prepare_scan, item[1], settings, qc) if item else None
+            writing: Optional[Tuple[int, ScanInput, OutputPaths, PreparedScan, Future]] = None
+
+            def collect(entry) -> None:
+                index, scan, outputs, prepared, future = entry
+                try:
+                    stats = future.result()
+                except SCAN_ERRORS as error:
+                    failed(index, scan, outputs, error, prepared.timings)
+                    bar.write(f"FAILED {display_path(scan.path)}: {display_path(results[index].error)}")
+                else:
+                    results[index] = ScanResult(str(scan.path), str(outputs.mask), "done", sum(prepared.timings.values()), None, dict(prepared.timings), **stats)
+                    claims.release(key(outputs))
+                bar.set_postfix_str(f"{display_path(scan.relative)}: {results[index].seconds:.1f} s")
                 bar.update(1)
-                continue
-            try:
-                probability = run_model(model, prepared, settings)
-            except SCAN_ERRORS as error:
-                failed(index, scan, outputs, error, prepared.timings)
-                bar.write(f"FAILED {scan.path}: {results[index].error}")
-                bar.update(1)
-                continue
-            if writing is not None:  # at most one scan being written
+
+            while item is not None:
+                index, scan, outputs = item
+                assert read_next is not None
+                current, read_next = read_next, None
+                try:
+                    prepared = current.result()
+                except SCAN_ERRORS as error:
+                    prepared = None
+                    failed(index, scan, outputs, error)
+                # claim and read one scan ahead while the model runs on this one
+                item = next(pending, None)
+                if item is not None:
+                    read_next = reader.submit(prepare_scan, item[1], settings, qc)
+                if prepared is None:
+                    bar.write(f"FAILED {display_path(scan.path)}: {display_path(results[index].error)}")
+                    bar.update(1)
+                    continue
+                try:
+                    probability = run_model(model, prepared, settings)
+                except SCAN_ERRORS as error:
+                    failed(index, scan, outputs, error, prepared.timings)
+                    bar.write(f"FAILED {display_path(scan.path)}: {display_path(results[index].error)}")
+                    bar.update(1)
+                    continue
+                if writing is not None:  # at most one scan being written
+                    collect(writing)
+                writing = (index, scan, outputs, prepared, writer.submit(finish_scan, prepared, probability, outputs, settings))
+                del probability, prepared
+            if writing is not None:
                 collect(writing)
-            writing = (index, scan, outputs, prepared, writer.submit(finish_scan, prepared, probability, outputs, settings))
-            del probability, prepared
-        if writing is not None:
-            collect(writing)
+    finally:
+        for _, _, outputs in todo:  # only ours are removed; a crash leaves none held
+            claims.release(key(outputs))
     bar.close()
     summary = PredictionSummary(
         [results[i] for i in range(len(scans))], out_dir, summary_path, time.perf_counter() - start,
         settings={**asdict(settings), "normalization": settings.normalization.to_dict()},
+        part_path=part_file(out_dir, num_parts, part_id),
     )
-    atomic_save_json(summary_path, summary.to_json_dict())
+    expected = [
+        {"input": str(scan.path), "output": str(OutputPaths.of(out_dir, scan.relative).mask)} for scan in (all_scans or scans)
+    ]
+    try:
+        assert summary.part_path is not None
+        summary.part_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(summary.part_path, summary.to_json_dict())
+        merge_part_summaries(out_dir, expected, extra={"settings": summary.settings})
+    except (OSError, ValueError) as error:
+        reason = f"{error.strerror} [errno {error.errno}]" if isinstance(error, OSError) and error.strerror else str(error)
+        raise SummaryWriteError(summary.part_path or summary_path, f"cannot write the batch summary: {reason}", summary) from None
     return summary
 
 
@@ -563,6 +636,7 @@ def predict_folder(
     qc: bool = False,
     sw_batch_size: int = 1,
     progress: bool = True,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> PredictionSummary:
     """Predict lesion masks for every scan of ``inputs`` (see the module docstring).
 
@@ -582,13 +656,17 @@ def predict_folder(
         qc: also write ``_qc.png`` overlays (planes normal to the network's plane axis).
         sw_batch_size: windows per forward pass.
         progress: show a tqdm progress bar on stderr.
+        max_image_bytes: scans whose header claims more bytes are refused unread.
 
     Returns:
-        The :class:`PredictionSummary` (also written to ``predictions.json`` in ``out_dir``).
+        The :class:`PredictionSummary` of this worker (its part summary is in ``.planar3d/parts``;
+        ``predictions.json`` in ``out_dir`` is merged from every worker's part).
 
     Raises:
-        InputError: no inputs, bad manifest or fold, output folder is a file; WeightsError: bad
-            checkpoint; ConfigError: bad settings. A failing *scan* does not raise: it is in ``summary.failed``.
+        InputError: no inputs, bad manifest or fold, two inputs with one output, an output folder
+            that is the input or cannot be written (all checked before the model loads);
+            WeightsError: bad checkpoint; ConfigError: bad settings; SummaryWriteError: the
+            summary could not be written. A failing *scan* does not raise: it is in ``summary.failed``.
     """
     import torch
 
@@ -596,10 +674,15 @@ def predict_folder(
     from planar3d.inference import prepare_model
 
     out_dir = Path(out_dir)
-    if out_dir.is_file():  # checked before the scans are searched; created after the checkpoint loads
-        make_folder(out_dir)
-    scans = shard(find_inputs(inputs, fold, root, exclude=out_dir), num_parts, part_id)
-    ensure_writable_folder(out_dir)  # before the model loads, not after every scan is computed
+    if Path(inputs).is_dir() and Path(out_dir).resolve() == Path(inputs).resolve():
+        raise InputError(out_dir, "output folder is the input folder: masks would be mixed with the scans; choose another -o")
+    found = find_inputs(inputs, fold, root, exclude=out_dir)
+    collisions = output_collisions([scan.relative for scan in found])
+    if collisions:
+        raise InputError(inputs, "inputs that would write the same output (rename one of each pair): " + "; ".join(
+            f"{display_path(a)} and {display_path(b)} -> {display_path(output_path(b))}" for a, b in collisions))
+    scans = shard(found, num_parts, part_id)
+    check_output_folder(out_dir, inputs)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda asked for, but torch sees no CUDA device")
     model, checkpoint = load_model(resolve_checkpoint(model_path), device)
@@ -607,8 +690,10 @@ def predict_folder(
         checkpoint, threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta,
         min_lesion_size=min_lesion_size, sw_batch_size=sw_batch_size, device=device,
     )
+    settings = replace(settings, max_image_bytes=int(max_image_bytes))
     model = prepare_model(model, torch.device(device))
     return predict_with_model(
         model, checkpoint, scans, out_dir, settings, save_probabilities=save_probabilities,
         overwrite=overwrite, qc=qc, summary_path=summary_file(out_dir, num_parts, part_id), progress=progress,
+        num_parts=num_parts, part_id=part_id, all_scans=found,
     )

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from planar3d.io import atomic_save_json, atomic_write_text, sha256_file
+from planar3d.io import write_json, atomic_write_text, sha256_file
 from planar3d.provenance import git_state, machine_info, package_versions
 
 
@@ -138,5 +138,5 @@ def _jsonable(value):
 
 def write_report(report: Dict[str, object], out_dir: Path) -> None:
     """``reproducibility.json`` and ``reproducibility.md`` in ``out_dir`` (atomically)."""
-    atomic_save_json(out_dir / "reproducibility.json", _jsonable(json.loads(json.dumps(report, default=str))))
+    write_json(out_dir / "reproducibility.json", _jsonable(json.loads(json.dumps(report, default=str))))
     atomic_write_text(out_dir / "reproducibility.md", markdown(report))

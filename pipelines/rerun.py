@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from planar3d.errors import ConfigError, InputError
-from planar3d.io import atomic_save_json, load_image, ensure_writable_folder, sha256_file, voxel_spacing
+from planar3d.io import check_output_folder, json_safe, load_image, sha256_file, voxel_spacing, write_json
 from pipelines.experiment import Experiment, load_experiment, resolve
 
 COMPLETE = "complete.json"
@@ -145,7 +145,8 @@ def run_one(experiment: Experiment, manifest_path: Path, root: Optional[Path], f
         "best_checkpoint": str(best),
         "cases": [{"id": c.id, "group": c.group, "metrics": c.metrics} for c in evaluation.cases],
     }
-    atomic_save_json(marker, record)
+    # undefined metrics (nan) are written as null; summarise() reads null back as undefined
+    write_json(marker, json_safe(record))
     return record
 
 
@@ -213,7 +214,7 @@ def rerun(experiment_path: str | Path, out_dir: Optional[str | Path] = None, roo
 
     experiment_file = Path(experiment_path).resolve()
     experiment = load_experiment(experiment_file)
-    out_dir = ensure_writable_folder(out_dir or Path("runs") / experiment.name)
+    out_dir = check_output_folder(out_dir or Path("runs") / experiment.name)
     root = Path(root) if root else (resolve(experiment.data.root, experiment_file) if experiment.data.root else None)
     manifest_path = prepare_data(experiment, experiment_file, out_dir)
     checksums = verify_data(manifest_path, root)  # before any training

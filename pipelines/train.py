@@ -32,7 +32,7 @@ from torch import nn
 
 from planar3d.checkpoint import ModelCheckpoint
 from planar3d.errors import ConfigError, InputError
-from planar3d.io import atomic_save_json, atomic_write_text, ensure_writable_folder, sha256_file
+from planar3d.io import atomic_write_text, check_output_folder, json_safe, sha256_file, write_json
 from planar3d.provenance import package_versions
 
 from pipelines.config import TrainConfig
@@ -384,10 +384,11 @@ def data_record(manifest, train_cases, val_cases) -> List[dict]:
 def write_run_json(out_dir: Path, name: str, config: TrainConfig, info: dict, extra: dict) -> None:
     from planar3d.provenance import git_state, machine_info
 
-    atomic_save_json(out_dir / name, {
+    # a validation Dice of an epoch without lesions is legitimately undefined: null, never NaN
+    write_json(out_dir / name, json_safe({
         "seed": config.seed, "config": config.to_dict(), "versions": info["versions"],
         "git": git_state(), "machine": machine_info(), **extra,
-    })
+    }))
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -496,7 +497,7 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
     from planar3d.inference import prepare_model
     from planar3d.losses import build_loss
 
-    ensure_writable_folder(out_dir)  # before any data is read or any epoch runs
+    check_output_folder(out_dir)  # before any data is read or any epoch runs
     dev = choose_device(device)
     dist = setup_distributed(dev)
     setup_logging(out_dir, dist.main)

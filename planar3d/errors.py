@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from planar3d.naming import display_path
+
 
 class Planar3DError(Exception):
     """Base class of all errors raised on purpose by planar3d."""
@@ -26,7 +28,7 @@ class InputError(Planar3DError, ValueError):
     """
 
     def __init__(self, source: str | Path, problem: str):
-        self.source = str(source)
+        self.source = display_path(source)  # a file name may hold a newline: one line per error
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
 
@@ -38,3 +40,17 @@ class WeightsError(InputError):
 class ConfigError(Planar3DError, ValueError):
     """A setting has an impossible value: a configuration or experiment file with unknown keys or
     values of the wrong type, or an argument out of range (also a ``ValueError``)."""
+
+
+class SummaryWriteError(Planar3DError):
+    """A batch finished but its summary could not be written (full disk, folder gone...).
+
+    Args:
+        path: the summary file.
+        problem: why it could not be written.
+        summary: the batch's results, so that a caller can still print them.
+    """
+
+    def __init__(self, path: str | Path, problem: str, summary: object):
+        self.summary = summary
+        super().__init__(f"{display_path(path)}: {problem}")

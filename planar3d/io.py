@@ -16,20 +16,64 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Optional
 
 import nibabel as nib
 import numpy as np
 
 from planar3d.errors import InputError
-from planar3d.naming import NIFTI_EXTENSIONS
+from planar3d.naming import NIFTI_EXTENSIONS, display_path
+
+__all__ = [
+    "MAX_IMAGE_BYTES", "atomic_write", "atomic_write_text", "write_json", "json_safe",
+    "sha256_file", "load_image", "read_volume", "voxel_spacing", "write_like", "display_path",
+    "check_output_folder", "remove_stale_temporaries",
+]
 
 _CHUNK = 1 << 20
+
+#: Largest image :func:`load_image` accepts by default, in bytes as stored (voxels x bytes per
+#: voxel claimed by the header). A clinical FLAIR is 20-200 MB; the cap is checked on the header
+#: alone, before any voxel is read, so a header claiming a huge volume cannot exhaust memory.
+#: Callers pass ``max_image_bytes`` (``planar3d predict --max-image-gb``) to change it.
+MAX_IMAGE_BYTES = 2 * 1024 ** 3
+
+#: Stored data types :func:`load_image` accepts: real integers and floats. RGB (structured),
+#: complex and boolean voxels are refused by name rather than converted.
+ACCEPTED_DTYPE_KINDS = "iuf"
+
+#: Temporary files of :func:`atomic_write` are ``.<name>.p<pid>@<host>.<random>.tmp<ext>`` in the
+#: final file's folder: hidden, and naming the process that owns them (see
+#: :func:`remove_stale_temporaries`).
+_TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.p(?P<pid>\d+)@(?P<host>[^/]*?)\.(?P<random>[A-Za-z0-9_]+)\.tmp(?P<ext>\.[^/]*)?$")
+
+
+def host_name() -> str:
+    """This machine's name as used in temporary and claim file names (no dots or slashes)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
+
+
+def process_alive(pid: int) -> bool:
+    """True when a process ``pid`` exists on this machine (signal 0 probes without signalling)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _suffix(path: Path) -> str:
@@ -59,27 +103,6 @@ def current_umask() -> int:
     return mask
 
 
-def ensure_writable_folder(path: str | os.PathLike) -> Path:
-    """Create the output folder ``path`` if needed and check that files can be written in it.
-
-    Called before a model loads or trains, so that a read-only mount or a folder owned by another
-    user fails in a second with one line, not after the work is done. The check creates and
-    removes a file, which also catches read-only file systems and ACLs that :func:`os.access`
-    may miss.
-
-    Raises:
-        InputError: ``path`` is a file, cannot be created, or is not writable.
-    """
-    path = make_folder(path)
-    try:
-        handle, name = tempfile.mkstemp(dir=path, prefix=".planar3d-write-check.")
-    except OSError:
-        raise InputError(path, "output folder is not writable") from None
-    os.close(handle)
-    os.unlink(name)
-    return path
-
-
 @contextlib.contextmanager
 def _temporary_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` if the block succeeds.
@@ -89,7 +112,9 @@ def _temporary_path(path: str | os.PathLike) -> Iterator[Path]:
     left as it was.
     """
     path = Path(path)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + _suffix(path))
+    handle, name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.p{os.getpid()}@{host_name()}.", suffix=".tmp" + _suffix(path)
+    )
     os.close(handle)
     temporary = Path(name)
     try:
@@ -128,9 +153,44 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         stream.write(text)
 
 
-def atomic_save_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (with a final newline) to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (JSON ``null``).
+
+    For values that can legitimately be undefined (a Dice of two empty masks, a distance to no
+    surface): call it explicitly on them before :func:`write_json`, which refuses NaN.
+
+    Example:
+        >>> json_safe({"dice": float("nan"), "n": [1, float("inf"), 2.5]})
+        {'dice': None, 'n': [1, None, 2.5]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    """Indented, strict JSON with a final newline; NaN and infinity raise ``ValueError``.
+
+    Python's default writes a bare ``NaN``, which is not JSON and which other readers refuse.
+    """
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict, indented JSON to ``path`` atomically (the one JSON writer).
+
+    Raises:
+        ValueError: ``obj`` holds NaN or infinity (pass it through :func:`json_safe` first where
+            undefined values are legitimate); nothing is written then.
+    """
+    text = json_text(obj)
+    atomic_write_text(path, text)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -142,31 +202,93 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
+def _stored_spacing(path: Path) -> np.ndarray:
+    """``pixdim[1:4]`` as stored in the file (nibabel silently replaces negative ones by their abs).
+
+    NIfTI-1: float32 at bytes 80-91 of a 348-byte header; NIfTI-2: float64 at 112-135 of 540.
+    """
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(path, "rb") as stream:
+        block = stream.read(136)
+    for order in "<>":
+        size = int(np.frombuffer(block[:4], f"{order}i4")[0]) if len(block) >= 4 else 0
+        if size == 348 and len(block) >= 92:
+            return np.frombuffer(block[80:92], f"{order}f4").astype(np.float64)
+        if size == 540 and len(block) >= 136:
+            return np.frombuffer(block[112:136], f"{order}f8").astype(np.float64)
+    raise InputError(path, "not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header)")
+
+
+def _check_header(path: Path, image: nib.Nifti1Image, max_image_bytes: int) -> None:
+    """Refuse, from the header alone (no voxel read yet), what :func:`load_image` cannot use."""
+    header = image.header
+    shape = tuple(int(n) for n in image.shape)
+    spatial = [n for n in shape[3:] if n != 1]
+    if len(shape) < 3 or spatial:
+        raise InputError(path, f"expected a 3D volume, got shape {shape}")
+    if any(n <= 0 for n in shape):
+        raise InputError(path, f"image has no voxels (shape {shape})")
+    try:
+        dtype = np.dtype(header.get_data_dtype())
+    except Exception as error:  # an unknown datatype code
+        raise InputError(path, f"unsupported data type ({error})") from None
+    if dtype.fields is not None or dtype.kind not in ACCEPTED_DTYPE_KINDS:
+        name = "RGB" if dtype.fields is not None else str(dtype)
+        raise InputError(path, f"unsupported data type {name} (accepted: real integer or float voxels)")
+    spacing = _stored_spacing(path)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(path, f"voxel spacing {tuple(float(s) for s in spacing)} in the header must be finite and > 0")
+    affine = image.affine
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path, "affine has non-finite values")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(path, "affine is degenerate (zero determinant)")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if claimed > max_image_bytes:
+        raise InputError(
+            path, f"header claims {claimed / 1024 ** 3:.2f} GiB of voxels {shape}, over the limit of "
+            f"{max_image_bytes / 1024 ** 3:.2f} GiB (raise it with --max-image-gb)"
+        )
+    if not path.name.lower().endswith(".gz"):
+        offset = int(header.get_data_offset())
+        size = path.stat().st_size
+        if offset + claimed > size:
+            raise InputError(path, f"truncated: the header claims {offset + claimed} bytes, the file has {size}")
+
+
+def load_image(path: str | os.PathLike, max_image_bytes: Optional[int] = None) -> nib.Nifti1Image:
     """Load a 3D NIfTI image, reading its data once so that a damaged file fails here.
 
-    A 4D image whose trailing axes have size 1 is squeezed to 3D. The returned image holds the
-    data in memory (scaled by ``scl_slope``/``scl_inter`` if the file has them).
+    The header is checked before any voxel is read: 3D (trailing axes of size 1 are squeezed),
+    at least one voxel, real integer or float data (not RGB, complex or bool), finite positive
+    voxel spacing (``pixdim``), finite non-singular affine, claimed size at most
+    ``max_image_bytes`` and, for an uncompressed ``.nii``, not larger than the file. The returned
+    image holds the data in memory (scaled by ``scl_slope``/``scl_inter`` if the file has them).
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
+        max_image_bytes: largest claimed size (voxels x bytes per stored voxel) accepted;
+            default :data:`MAX_IMAGE_BYTES`.
 
     Returns:
         The image, with a 3D in-memory array and the file's header.
 
     Raises:
-        InputError: missing or unreadable file, not NIfTI, truncated or corrupt data, not 3D,
-            non-finite or degenerate affine.
+        InputError: missing or unreadable file, not NIfTI, truncated or corrupt data, not 3D, no
+            voxels, unsupported data type, bad spacing, non-finite or degenerate affine, too large.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
     if not path.is_file():
         raise InputError(path, "not a file")
+    limit = MAX_IMAGE_BYTES if max_image_bytes is None else int(max_image_bytes)
     try:
         image = nib.load(path)
         if not isinstance(image, nib.Nifti1Image):
             raise InputError(path, f"not a NIfTI file (read as {type(image).__name__})")
+        _check_header(path, image, limit)
         data = np.asanyarray(image.dataobj)
     except InputError:
         raise
@@ -176,20 +298,18 @@ def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
         data = data[..., 0]
     if data.ndim != 3:
         raise InputError(path, f"expected a 3D volume, got shape {tuple(image.shape)}")
-    affine = image.affine
-    if not np.all(np.isfinite(affine)):
-        raise InputError(path, "affine has non-finite values")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(path, "affine is degenerate (zero determinant)")
-    return type(image)(data, affine, image.header, extra=image.extra)
+    return type(image)(data, image.affine, image.header, extra=image.extra)
 
 
-def read_volume(path: str | os.PathLike, dtype: Any = np.float32) -> tuple[np.ndarray, nib.Nifti1Image]:
+def read_volume(
+    path: str | os.PathLike, dtype: Any = np.float32, max_image_bytes: Optional[int] = None
+) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Read a 3D NIfTI volume as an array, with its image for the geometry.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
         dtype: array type to return (``None`` keeps the stored type).
+        max_image_bytes: size limit of :func:`load_image`.
 
     Returns:
         ``(data, image)``: the ``(i, j, k)`` array and the image from :func:`load_image`.
@@ -197,7 +317,7 @@ def read_volume(path: str | os.PathLike, dtype: Any = np.float32) -> tuple[np.nd
     Raises:
         InputError: as :func:`load_image`, or when voxels are NaN or infinite.
     """
-    image = load_image(path)
+    image = load_image(path, max_image_bytes)
     data = np.asarray(image.dataobj, dtype=dtype)
     if data.dtype.kind in "fc":
         bad = data.size - int(np.count_nonzero(np.isfinite(data)))
@@ -283,3 +403,67 @@ def make_parent_folder(path: str | Path) -> Path:
         raise InputError(path, "is a folder, not a file")
     make_folder(path.parent)
     return path
+
+
+def check_output_folder(folder: str | os.PathLike, inputs: Optional[str | os.PathLike] = None) -> Path:
+    """Make sure results can be written to ``folder`` before any work starts; create it.
+
+    Args:
+        folder: the output folder (created with its parents if missing).
+        inputs: the input folder or file, if any: the output may not be that folder (masks would
+            be mixed with the scans they come from) nor the input file itself.
+
+    Returns:
+        ``folder`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        InputError: ``folder`` is a file, equals ``inputs``, cannot be created, or is not writable.
+    """
+    folder = Path(folder)
+    if inputs is not None:
+        source = Path(inputs)
+        if source.exists() and folder.exists() and folder.resolve() == source.resolve():
+            what = "folder" if source.is_dir() else "file"
+            raise InputError(folder, f"output folder is the input {what}: outputs would be mixed with the scans; choose another -o")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(folder, "output exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".planar3d-write-probe.p{os.getpid()}@{host_name()}.", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise InputError(folder, "output folder is not writable (read-only or no permission)") from None
+        raise InputError(folder, f"output folder cannot be written: {error.strerror or type(error).__name__}") from None
+    return folder
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, older_than: float = 3600.0) -> list[Path]:
+    """Delete temporary files left by :func:`atomic_write` in processes that died before renaming.
+
+    Only files matching this module's temporary-name pattern are considered (any other file,
+    hidden or not, is left alone). One is removed when the process named in it is gone (same
+    machine), or, for a file written by another machine sharing the folder, when it has not been
+    modified for ``older_than`` seconds.
+
+    Returns:
+        The files removed.
+    """
+    host, now, removed = host_name(), time.time(), []
+    for file in Path(folder).rglob(".*.tmp*"):
+        match = _TEMPORARY_NAME.match(file.name)
+        if match is None or not file.is_file() or file.is_symlink():
+            continue
+        try:
+            age = now - file.stat().st_mtime
+        except FileNotFoundError:  # its owner just renamed it
+            continue
+        same_host = match["host"] == host
+        if (same_host and not process_alive(int(match["pid"]))) or (not same_host and age > older_than):
+            try:
+                file.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(file)
+    return removed

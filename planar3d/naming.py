@@ -220,11 +220,11 @@ def write_dataset_description(derivative_root: str | PurePath, version: str | No
     """Write ``derivative_root/dataset_description.json`` atomically (folder created); return its path."""
     from pathlib import Path
 
-    from planar3d.io import atomic_save_json  # planar3d.io imports this module: import at call time
+    from planar3d.io import write_json  # planar3d.io imports this module: import at call time
 
     path = Path(derivative_root) / "dataset_description.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_json(path, dataset_description(version, source))
+    write_json(path, dataset_description(version, source))
     return path
 
 
@@ -245,3 +245,52 @@ def index_by_case_id(paths, role: str = "mask") -> dict:
             raise ValueError(f"{path}: case id {key!r} is also the id of {index[key]}")
         index[key] = path
     return index
+
+
+def display_path(path: object) -> str:
+    r"""``path`` as text safe for one console or log line: control characters are escaped.
+
+    A file name may hold a newline or an escape sequence; printed raw it could forge a log line
+    or rewrite the terminal. Backslashes are doubled so that the escaping cannot be faked.
+
+    Example:
+        >>> display_path("scans/evil\nerror: forged.nii.gz")
+        'scans/evil\\nerror: forged.nii.gz'
+        >>> display_path("a\x1b[2Jb\\c")
+        'a\\x1b[2Jb\\\\c'
+    """
+    text = str(path)
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for char in text:
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable():
+            out.append(char)
+        else:
+            escaped = repr(char)[1:-1]  # '\n', '\t', '\x1b', '\u2028'...
+            out.append(escaped if escaped != char else f"\\u{ord(char):04x}")
+    return "".join(out)
+
+
+def output_collisions(relative_images: "list[PurePath]", suffix: str = MASK_SUFFIX) -> "list[tuple[PurePath, PurePath]]":
+    """Pairs of inputs whose outputs would be the same file.
+
+    ``scan.nii`` and ``scan.nii.gz`` both give ``scan_mask.nii.gz``; names differing only in case
+    give one file on a case-insensitive disk (macOS, Windows, many network shares). Either way the
+    last one written would silently win, so both must be refused before any work.
+
+    Example:
+        >>> output_collisions([PurePath("a/scan.nii"), PurePath("a/scan.nii.gz"), PurePath("b.nii")])
+        [(PurePosixPath('a/scan.nii'), PurePosixPath('a/scan.nii.gz'))]
+    """
+    first: dict = {}
+    pairs = []
+    for relative in relative_images:
+        key = output_path(relative, suffix).as_posix().casefold()
+        if key in first:
+            pairs.append((first[key], relative))
+        else:
+            first[key] = relative
+    return pairs

@@ -235,19 +235,22 @@ def load_preprocessed(
     normalization: NormalizationConfig = NormalizationConfig(),
     label: Optional[str | Path] = None,
     keep_raw: bool = False,
+    max_image_bytes: Optional[int] = None,
 ) -> PreprocessedScan:
     """Read a FLAIR scan (with the input checks of :func:`planar3d.io.read_volume`), reorient it
     to RAS exactly and normalise its intensities; also read and reorient its ``label``.
 
+    ``max_image_bytes`` caps what a header may claim (default: :data:`planar3d.io.MAX_IMAGE_BYTES`).
+
     Raises:
         InputError: naming the file: unreadable, truncated, not 3D, NaN, constant intensities,
-            or a label of another shape.
+            a header claiming too much, or a label of another shape.
     """
     from planar3d.errors import InputError
     from planar3d.io import read_volume
 
     start = time.perf_counter()
-    data, image = read_volume(path)
+    data, image = read_volume(path, max_image_bytes=max_image_bytes)
     loaded = time.perf_counter()
     reorientation = Reorientation.of_image(image)
     raw = reorientation.forward(data)
@@ -257,7 +260,7 @@ def load_preprocessed(
         raise InputError(path, str(error)) from None
     mask = None
     if label is not None:
-        label_data, _ = read_volume(label, dtype=None)
+        label_data, _ = read_volume(label, dtype=None, max_image_bytes=max_image_bytes)
         if label_data.shape[:3] != tuple(reorientation.source_shape):
             raise InputError(label, f"label shape {label_data.shape} differs from the image's {reorientation.source_shape}")
         mask = reorientation.forward(np.asarray(label_data) > 0)

@@ -32,7 +32,7 @@ check() {  # check NAME COMMAND...: PASS when COMMAND succeeds
   if "$@"; then say "PASS $name"; else say "FAIL $name"; FAILED=1; fi
 }
 die() { say "FAIL $*"; exit 1; }
-host() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c 'from planar3d.cli import main; main()' "$@"; }
+host() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c 'from pipelines.cli import main; main()' "$@"; }
 # OpenBLAS picks its kernels from the CPU unless told (this machine's environment sets
 # OPENBLAS_CORETYPE); numpy's matrix products, hence the synthetic phantoms, round differently
 # with other kernels. The container gets the host's settings so that results can be equal.

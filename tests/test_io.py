@@ -11,15 +11,15 @@ import pytest
 
 from planar3d.errors import InputError
 from planar3d.io import (
-    atomic_save_json,
     atomic_write,
     atomic_write_text,
     current_umask,
-    ensure_writable_folder,
+    check_output_folder,
     load_image,
     read_volume,
     sha256_file,
     voxel_spacing,
+    write_json,
     write_like,
 )
 
@@ -181,7 +181,7 @@ def test_degenerate_affine(tmp_path):
 
 def test_atomic_write_success(tmp_path):
     target = tmp_path / "out.json"
-    atomic_save_json(target, {"a": [1, 2]})
+    write_json(target, {"a": [1, 2]})
     assert target.read_text() == '{\n  "a": [\n    1,\n    2\n  ]\n}\n'
     atomic_write_text(tmp_path / "t.txt", "héllo")
     assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo"
@@ -226,31 +226,31 @@ def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path, umask, mask, mode)
     assert modes == {"t.txt": mode, "b.bin": mode, "m.nii.gz": mode, "plain.txt": mode}
 
 
-def test_ensure_writable_folder_creates_and_leaves_nothing(tmp_path):
+def test_check_output_folder_creates_and_leaves_nothing(tmp_path):
     folder = tmp_path / "a" / "b"
-    assert ensure_writable_folder(folder) == folder
+    assert check_output_folder(folder) == folder
     assert folder.is_dir() and list(folder.iterdir()) == []
 
 
-def test_ensure_writable_folder_refuses_a_file(tmp_path):
+def test_check_output_folder_refuses_a_file(tmp_path):
     path = tmp_path / "out.nii.gz"
     path.write_bytes(b"")
-    with pytest.raises(InputError, match=r"out.nii.gz: exists and is not a folder$"):
-        ensure_writable_folder(path)
+    with pytest.raises(InputError, match=r"out.nii.gz: output exists and is not a folder$"):
+        check_output_folder(path)
     # A folder under a file cannot be created, even by root.
-    with pytest.raises(InputError, match=r"out.nii.gz/sub: folder cannot be created \(Not a directory\)$"):
-        ensure_writable_folder(path / "sub")
+    with pytest.raises(InputError, match=r"out.nii.gz/sub: output folder cannot be written: Not a directory$"):
+        check_output_folder(path / "sub")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_ensure_writable_folder_refuses_a_read_only_folder(tmp_path):
+def test_check_output_folder_refuses_a_read_only_folder(tmp_path):
     folder = tmp_path / "read_only"
     folder.mkdir(mode=0o555)
     try:
-        with pytest.raises(InputError, match=r"read_only: output folder is not writable$"):
-            ensure_writable_folder(folder)
-        with pytest.raises(InputError, match=r"read_only/new: output folder cannot be created \(Permission denied\)$"):
-            ensure_writable_folder(folder / "new")
+        with pytest.raises(InputError, match=r"read_only: output folder is not writable \(read-only or no permission\)$"):
+            check_output_folder(folder)
+        with pytest.raises(InputError, match=r"read_only/new: output folder is not writable \(read-only or no permission\)$"):
+            check_output_folder(folder / "new")
     finally:
         folder.chmod(0o755)
 

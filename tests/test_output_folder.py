@@ -52,7 +52,7 @@ def commands(tmp_path, not_a_model):
 
 @pytest.mark.parametrize("command", ["predict", "train", "evaluate", "export", "rerun"])
 def test_a_file_as_output_folder_fails_first(tmp_path, not_a_folder, not_a_model, command):
-    with pytest.raises(InputError, match=r"output: exists and is not a folder$"):
+    with pytest.raises(InputError, match=r"output: output exists and is not a folder$"):
         commands(tmp_path, not_a_model)[command](not_a_folder)
 
 
@@ -62,7 +62,7 @@ def test_a_read_only_output_folder_fails_first(tmp_path, not_a_model, command):
     read_only = tmp_path / "read_only"
     read_only.mkdir(mode=0o555)
     try:
-        with pytest.raises(InputError, match=r"read_only: output folder is not writable$"):
+        with pytest.raises(InputError, match=r"read_only: output folder is not writable \(read-only or no permission\)$"):
             commands(tmp_path, not_a_model)[command](read_only)
     finally:
         read_only.chmod(0o755)

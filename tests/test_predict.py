@@ -142,11 +142,14 @@ def test_shards_partition_the_inputs(folder, checkpoint, tmp_path):
     seen = []
     for part in range(3):
         summary = predict_folder(folder, tmp_path / "out", checkpoint, num_parts=3, part_id=part, progress=False)
-        assert summary.summary_path.name == f"predictions_part{part}of3.json"
+        assert summary.part_path.name.startswith(f"part{part}of3-") and summary.summary_path.name == "predictions.json"
         seen += [r.input for r in summary.results]
     everything = [str(s.path) for s in find_inputs(folder)]
     assert sorted(seen) == sorted(everything) and len(seen) == len(set(seen)) == 5
     assert len(_masks(tmp_path / "out")) == 5
+    merged = json.loads((tmp_path / "out" / "predictions.json").read_text())  # every part, once each
+    assert merged["counts"] == {"done": 5, "skipped": 0, "failed": 0}
+    assert sorted(scan["input"] for scan in merged["scans"]) == sorted(everything)
 
 
 @pytest.fixture

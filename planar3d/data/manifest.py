@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from planar3d.errors import ConfigError, InputError
-from planar3d.io import atomic_save_json, make_parent_folder, sha256_file
+from planar3d.io import make_parent_folder, sha256_file, write_json
 
 FORMAT = "planar3d-manifest/1"
 _REQUIRED = ("format", "dataset", "root", "cases")
@@ -145,7 +145,10 @@ class Manifest:
 
 
 def _inside(root: Path, value: str) -> Optional[Path]:
-    """``root / value`` if it stays inside ``root`` (lexically), else ``None``."""
+    """``root / value`` if it stays inside ``root`` (lexically), else ``None``.
+
+    The text alone is checked here; :func:`_resolves_inside` then follows symlinks.
+    """
     path = PurePosixPath(value.replace("\\", "/"))
     if ".." in path.parts or not value:
         return None
@@ -158,6 +161,18 @@ def _inside(root: Path, value: str) -> Optional[Path]:
                 continue
         return None
     return root.joinpath(*path.parts)
+
+
+def _resolves_inside(root: Path, path: Path) -> bool:
+    """False when ``path`` exists and, symlinks followed, lies outside ``root`` (also resolved).
+
+    A link inside the data folder to a file elsewhere would let a manifest read (and a checksum
+    or QC picture reveal) any file the user can read; a missing file is reported later.
+    """
+    if not os.path.lexists(path):
+        return True
+    resolved, base = path.resolve(), root.resolve()
+    return resolved == base or base in resolved.parents
 
 
 def _check_keys(source: Path, where: str, data: Any, required: tuple, optional: tuple) -> None:
@@ -187,6 +202,9 @@ def _parse_case(source: Path, root: Path, index: int, data: Any) -> Case:
         paths[key] = _inside(root, value)
         if paths[key] is None:
             raise InputError(source, f"case {case_id!r}: {key} path {value!r} escapes the root {root}")
+        if not _resolves_inside(root, paths[key]):
+            raise InputError(source, f"case {case_id!r}: {key} path {value!r} is a symlink (or under one) "
+                                     f"that resolves to {paths[key].resolve()}, outside the root {root}")
     hashes = data.get("sha256") or {}
     if not isinstance(hashes, dict) or set(hashes) - {"image", "label"}:
         raise InputError(source, f"case {case_id!r}: 'sha256' must be an object with keys 'image' and 'label'")
@@ -269,7 +287,7 @@ def load_manifest(path: str | os.PathLike, root: Optional[str | os.PathLike] = N
 def save_manifest(manifest: Manifest, path: str | os.PathLike) -> None:
     """Write ``manifest`` atomically (creating its folder); the root is written relative to it."""
     path = make_parent_folder(path)
-    atomic_save_json(path, manifest.to_json_dict(relative_to=path.parent))
+    write_json(path, manifest.to_json_dict(relative_to=path.parent))
 
 
 def merge_manifests(manifests: list[Manifest], dataset: str) -> Manifest:

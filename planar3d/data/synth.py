@@ -21,7 +21,7 @@ import numpy as np
 
 from planar3d.data.manifest import Case, Manifest, save_manifest
 from planar3d.errors import InputError
-from planar3d.io import atomic_write, make_folder, read_volume
+from planar3d.io import atomic_write, make_folder, read_volume, write_json
 
 
 def save_nifti_deterministic(array: np.ndarray, affine: np.ndarray, path: Path, header=None, code: int = 1) -> str:
