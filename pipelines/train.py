@@ -134,9 +134,8 @@ def network_config(config: TrainConfig, plane_axis: int, pools: Sequence[bool]):
 
 def build_model(config: TrainConfig, plane_axis: int, pools: Sequence[bool], weights: str) -> Tuple[nn.Module, str]:
     """The network with its encoder initialised from ``weights``; returns ``(model, source description)``."""
-    from planar3d.inflate import vgg16_to_planar_encoder
+    from planar3d.inflate import encoder_state_from_source
     from planar3d.networks import PlanarResUNet
-    from planar3d.vgg import load_vgg16_state_dict
 
     model = PlanarResUNet(network_config(config, plane_axis, pools))
     # CUDA's max-pool backward is non-deterministic; the network swaps in an exact equivalent.
@@ -144,11 +143,14 @@ def build_model(config: TrainConfig, plane_axis: int, pools: Sequence[bool], wei
     if str(weights) == "none":
         log.warning("encoder weights: none -- random initialisation, no transfer learning")
         return model, "none (random initialisation)"
-    state, description = load_vgg16_state_dict(weights)
-    encoder_state = vgg16_to_planar_encoder(
-        state, plane_axis=plane_axis, in_channels=config.network.in_channels,
+    normalization = config.normalization.to_config()
+    # The source's input convention is folded into the stem for this run's normalisation.
+    encoder_state, source = encoder_state_from_source(
+        weights, plane_axis=plane_axis, in_channels=config.network.in_channels,
         mode=config.network.encoder_mode, i3d_depth=config.network.i3d_depth,
+        product_mean=normalization.mean, product_std=normalization.std,
     )
+    description = source.summary
     if config.network.width != 1.0:
         raise ConfigError(
             f"network.width={config.network.width}: transferred VGG-16 weights need width 1.0 "
