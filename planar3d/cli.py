@@ -159,7 +159,7 @@ def synth(
     lesion_masks: Optional[Path] = typer.Option(None, "--lesion-masks", help="Folder of lesion masks to inject into the host."),
     brain_extracted: float = typer.Option(0.0, "--brain-extracted", min=0.0, max=1.0,
                                           help="Fraction of cases written skull-stripped (0 outside the brain); with --host needs --template."),
-    template: Optional[Path] = typer.Option(None, "--template", help="With --host: brain-extracted image in the masks' space, registered to the host to place the masks."),
+    template: Optional[Path] = typer.Option(None, "--template", help="With --host: 'mni152' (nilearn's ICBM152 2009a T1, recommended for MNI masks) or a brain-extracted image in the masks' space, registered to the host to place the masks."),
 ) -> None:
     """Write synthetic FLAIR cases with lesion labels and a manifest; print the manifest path."""
     from planar3d.data.synth import write_synthetic_dataset
