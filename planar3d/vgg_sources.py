@@ -192,11 +192,11 @@ def load_vgg16_weights(source: str | Path, convention: Optional[str] = None, url
             state, ignored, nhwc = _read_onnx(path)
             # An ONNX file says nothing about its preprocessing; Keras exports (tf2onnx) feed
             # NHWC images through a Transpose, torch exports feed NCHW directly.
-            layout, description = ("keras" if nhwc else "torchvision"), f"onnx file {path.resolve()}"
+            file_kind, layout = "onnx", ("keras" if nhwc else "torchvision")
         else:
             state, ignored = (read_keras_vgg16 if layout == "keras" else read_torchvision_vgg16)(path)
-            description = f"{layout} file {path.resolve()}"
-        weights = VGG16Weights(state, f"{description} (sha256 {sha256_file(path)})", None, ignored)
+            file_kind = layout
+        weights = VGG16Weights(state, f"file {path.resolve()} ({file_kind} layout, sha256 {sha256_file(path)})", None, ignored)
     weights.convention = INPUT_CONVENTIONS[chosen or DEFAULT_CONVENTIONS[layout]]
     if weights.convention.channel_order == "bgr":
         weights.state = reverse_stem_channels(weights.state)
@@ -309,7 +309,7 @@ def read_keras_vgg16(path: Path) -> Tuple[Dict[str, torch.Tensor], List[str]]:
             if not isinstance(item, h5py.Dataset):
                 return
             layer = next((part for part in name.split("/") if part in KERAS_CONV_NAMES), None)
-            if layer is None:
+            if layer is None or name.startswith("optimizer_weights/"):  # Adam moments of a saved model
                 other.append(name)
             else:
                 layers.setdefault(layer, {}).setdefault(item.ndim, []).append((name, item[()]))

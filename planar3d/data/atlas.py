@@ -92,6 +92,52 @@ def register_mni152_to_host(host_img: nib.Nifti1Image, host_data: np.ndarray | N
     return register_to_host(np.asarray(t1.dataobj), t1.affine, data, host_img.affine, seed=seed)
 
 
+def without_scaling(host_to_mni: np.ndarray, host_point: np.ndarray) -> np.ndarray:
+    """The rotation and translation of ``host_to_mni`` about ``host_point`` (host world, mm).
+
+    The rotation is the orthogonal factor of the matrix's polar decomposition; ``host_point``
+    maps where the full affine maps it. Sizes are kept: the map for lesion masks that live in a
+    *rigidly* aligned MNI space at their patients' own brain size (the MSLUB masks: see
+    :func:`mni152_placement`), which the template's 12-parameter fit would shrink or stretch.
+
+    Example:
+        >>> m = np.diag([1.2, 1.2, 1.2, 1.0]); m[:3, 3] = [1.0, 2.0, 3.0]
+        >>> without_scaling(m, np.zeros(3))[:3].round(3).tolist()
+        [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 2.0], [0.0, 0.0, 1.0, 3.0]]
+    """
+    matrix = np.asarray(host_to_mni, dtype=np.float64)
+    u, _, vt = np.linalg.svd(matrix[:3, :3])
+    rotation = u @ vt
+    if np.linalg.det(rotation) < 0:  # a reflection is no rigid motion; keep it proper
+        u[:, -1] *= -1
+        rotation = u @ vt
+    point = np.asarray(host_point, dtype=np.float64)[:3]
+    out = np.eye(4)
+    out[:3, :3] = rotation
+    out[:3, 3] = matrix[:3, :3] @ point + matrix[:3, 3] - rotation @ point
+    return out
+
+
+def mni152_placement(host_img: nib.Nifti1Image, host_data: np.ndarray | None = None, seed: int = 0):
+    """Host-world maps for the template's own images and for rigidly aligned MNI lesion masks.
+
+    Returns:
+        ``(host_to_mni, host_to_masks)``: the full affine (for :func:`prior_in_host` and the brain
+        mask) and its rotation and translation about the host's white-matter centre
+        (:func:`without_scaling`). The MSLUB masks are in MNI position and orientation but at
+        each patient's own size (patient26's brain is 1.1 l against 1.9 l for the ICBM152 brain
+        mask; the template fits it with scales 1.20-1.29), so placing them through the full
+        affine would pull every lesion ~17 % towards the brain centre.
+    """
+    host_to_mni = register_mni152_to_host(host_img, host_data, seed=seed)
+    # Centred on white matter, where MS lesions are (closer than the whole brain's centre, which
+    # the cerebellum and a cropped brainstem move: see docs/synthetic_data.md).
+    wm = load_mni152().wm
+    centre_mni = wm.affine @ np.r_[np.argwhere(np.asarray(wm.dataobj) > 0.5).mean(axis=0), 1.0]
+    centre_host = np.linalg.solve(host_to_mni, centre_mni)
+    return host_to_mni, without_scaling(host_to_mni, centre_host[:3])
+
+
 def prior_in_host(prior: nib.Nifti1Image, host_img: nib.Nifti1Image, host_to_mni: np.ndarray) -> np.ndarray:
     """A template image (e.g. :attr:`MNI152Templates.gm`) on the host's grid, float32.
 

@@ -131,6 +131,7 @@ def write_synthetic_dataset(
     if host is not None:
         from scipy import ndimage
 
+        from planar3d.data.atlas import MNI152, mni152_placement
         from planar3d.data.inject import inject_lesions, lesion_masks_from_folder, resample_to_host
         from planar3d.data.register import register_to_host
 
@@ -143,12 +144,18 @@ def write_synthetic_dataset(
         host_to_masks, brain = None, None
         if template is not None:
             template_data, template_img = read_template(template)
+            host_to_template = None
             try:
-                host_to_masks = register_to_host(template_data, template_img.affine, host_data, host_img.affine, seed=seed)
+                if str(template) == MNI152:
+                    # The masks are rigidly in MNI space at their patients' size: rigid part only.
+                    host_to_template, host_to_masks = mni152_placement(host_img, host_data, seed=seed)
+                else:
+                    host_to_masks = register_to_host(template_data, template_img.affine, host_data, host_img.affine, seed=seed)
             except (RuntimeError, ValueError) as error:  # SimpleITK raises RuntimeError
                 raise InputError(template, f"registration to {Path(host).name} failed: {error}") from None
             if brain_extracted:
-                brain = resample_to_host((template_data > 0).astype(np.uint8), template_img.affine, host_img, host_to_masks)
+                to_template = host_to_masks if host_to_template is None else host_to_template
+                brain = resample_to_host((template_data > 0).astype(np.uint8), template_img.affine, host_img, to_template)
                 brain = ndimage.binary_fill_holes(brain > 0)
         masks = lesion_masks_from_folder(lesion_masks_dir, host_img, host_to_masks)
         host_group = "host-" + "".join(nib.aff2axcodes(host_img.affine))
