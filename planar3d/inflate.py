@@ -90,7 +90,8 @@ def fold_input_affine(state: Dict[str, torch.Tensor], scale: torch.Tensor, shift
     scale = torch.as_tensor(scale, dtype=torch.float64)
     shift = torch.as_tensor(shift, dtype=torch.float64)
     if scale.shape != (weight.shape[1],) or shift.shape != (weight.shape[1],):
-        raise ValueError(f"need one scale and shift per stem input channel ({weight.shape[1]}), got {tuple(scale.shape)} and {tuple(shift.shape)}")
+        raise ValueError(f"need one scale and shift per stem input channel ({weight.shape[1]}), "
+                         f"got {tuple(scale.shape)} and {tuple(shift.shape)}")
     w64 = weight.detach().double()
     folded = dict(state)
     folded["features.0.weight"] = (w64 * scale[None, :, None, None]).to(weight.dtype)

