@@ -130,7 +130,7 @@ class VGG16Weights:
         if self.convention is not None:
             text += f"; input convention {self.convention.name} ({self.convention.description})"
         if self.ignored:
-            text += f"; ignored {len(self.ignored)} non-conv tensor(s) (classifier head)"
+            text += f"; ignored {len(self.ignored)} tensor(s) that are not VGG-16 convs (a classifier head)"
         return text
 
 
