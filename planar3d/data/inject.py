@@ -118,16 +118,17 @@ def inject_lesions(
 
 
 def resample_to_host(data: np.ndarray, affine: np.ndarray, host_img: nib.Nifti1Image,
-                     host_to_world: np.ndarray | None = None) -> np.ndarray:
-    """Nearest-neighbour resampling of ``data`` (placed by ``affine``) onto the grid of ``host_img``.
+                     host_to_world: np.ndarray | None = None, order: int = 0) -> np.ndarray:
+    """Resampling of ``data`` (placed by ``affine``) onto the grid of ``host_img``.
 
     The path is host voxel -> host world -> (``host_to_world``, e.g. from
     :func:`planar3d.data.register.register_to_host`) -> the data's world -> data voxel.
+    ``order`` 0 (nearest neighbour) keeps masks binary; 1 (trilinear) suits probability maps.
     """
     world = np.eye(4) if host_to_world is None else np.asarray(host_to_world, dtype=np.float64)
     matrix = np.linalg.inv(affine) @ world @ host_img.affine
     return ndimage.affine_transform(
-        data, matrix[:3, :3], offset=matrix[:3, 3], output_shape=host_img.shape[:3], order=0, mode="constant", cval=0
+        data, matrix[:3, :3], offset=matrix[:3, 3], output_shape=host_img.shape[:3], order=order, mode="constant", cval=0
     )
 
 

@@ -39,6 +39,16 @@ def save_nifti_deterministic(array: np.ndarray, affine: np.ndarray, path: Path, 
     return hashlib.sha256(raw).hexdigest()
 
 
+def read_template(template: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """A registration template: ``"mni152"`` (nilearn's ICBM152 2009a T1) or a NIfTI file."""
+    from planar3d.data.atlas import MNI152, load_mni152
+
+    if str(template) == MNI152:
+        t1 = load_mni152().t1
+        return np.asarray(t1.dataobj, dtype=np.float32), t1
+    return read_volume(template)
+
+
 def write_synthetic_dataset(
     out_dir: str | Path,
     cases: int,
@@ -75,7 +85,9 @@ def write_synthetic_dataset(
             which cases are is drawn from ``default_rng([seed, i, 1])``, so the other cases do
             not change. With a host, the brain is the ``template``'s foreground mapped onto it.
         template: with ``host``: the brain-extracted image the lesion masks were drawn on (same
-            world space as the masks, e.g. a FLAIR or template in MNI space). It is registered
+            world space as the masks, e.g. a FLAIR or template in MNI space), or ``"mni152"``
+            for nilearn's ICBM152 2009a T1 (:mod:`planar3d.data.atlas`; the recommended choice
+            for the MNI lesion masks: no test patient is used as reference). It is registered
             to the host (affine, :mod:`planar3d.data.register`) and the masks are placed through
             that registration, so they land in the host's white matter even when the host is in
             its own scanner space. Without it the masks are placed by world coordinates.
@@ -117,6 +129,7 @@ def write_synthetic_dataset(
     if host is not None:
         from scipy import ndimage
 
+        from planar3d.data.atlas import MNI152, mni152_placement
         from planar3d.data.inject import inject_lesions, lesion_masks_from_folder, resample_to_host
         from planar3d.data.register import register_to_host
 
@@ -128,13 +141,19 @@ def write_synthetic_dataset(
                 raise InputError(host_label, f"host label shape {own.shape} differs from the host's {host_data.shape}")
         host_to_masks, brain = None, None
         if template is not None:
-            template_data, template_img = read_volume(template)
+            template_data, template_img = read_template(template)
+            host_to_template = None
             try:
-                host_to_masks = register_to_host(template_data, template_img.affine, host_data, host_img.affine, seed=seed)
+                if str(template) == MNI152:
+                    # The masks are rigidly in MNI space at their patients' size: rigid part only.
+                    host_to_template, host_to_masks = mni152_placement(host_img, host_data, seed=seed)
+                else:
+                    host_to_masks = register_to_host(template_data, template_img.affine, host_data, host_img.affine, seed=seed)
             except (RuntimeError, ValueError) as error:  # SimpleITK raises RuntimeError
                 raise InputError(template, f"registration to {Path(host).name} failed: {error}") from None
             if brain_extracted:
-                brain = resample_to_host((template_data > 0).astype(np.uint8), template_img.affine, host_img, host_to_masks)
+                to_template = host_to_masks if host_to_template is None else host_to_template
+                brain = resample_to_host((template_data > 0).astype(np.uint8), template_img.affine, host_img, to_template)
                 brain = ndimage.binary_fill_holes(brain > 0)
         masks = lesion_masks_from_folder(lesion_masks_dir, host_img, host_to_masks)
         host_group = "host-" + "".join(nib.aff2axcodes(host_img.affine))
