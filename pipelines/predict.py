@@ -5,10 +5,11 @@ Each scan goes through the steps training used, recorded in the ``planar3d-model
 1. **load**: :func:`planar3d.io.read_volume` (missing, truncated, 4D, NaN files are refused);
 2. **preprocess**: exact RAS reorientation (:class:`planar3d.preprocess.Reorientation`) and
    head-percentile intensity normalisation with the checkpoint's parameters;
-3. **model**: :func:`planar3d.inference.predict_probabilities` with the checkpoint's window size
-   and overlap (``roi_size``/``overlap`` override them; a checkpoint without a window size gets
-   slabs of :data:`DEFAULT_SLAB_PLANES` whole planes along the network's plane axis, which keeps
-   memory bounded on any scan), optional flip TTA over the two in-plane axes;
+3. **model**: :func:`planar3d.inference.predict_probabilities`: one pass over the whole scan
+   when its memory fits, else slabs along the network's plane axis with discarded margins (a
+   checkpoint's window of whole planes means this too); a checkpoint's 3D window, or
+   ``roi_size``/``overlap``, gives blended sliding windows instead; optional flip TTA over the
+   two in-plane axes;
 4. **postprocess**: threshold (the checkpoint's, or ``threshold``), then removal of 6-connected
    components of volume ≤ ``min_lesion_size`` mm³ (the MSSEG rule of
    :func:`planar3d.metrics.lesion.label_lesions`, so evaluation counts exactly the lesions kept);
@@ -21,8 +22,9 @@ Outputs mirror the inputs' relative paths (:func:`planar3d.naming.output_path`):
 is skipped unless ``overwrite``. ``num_parts``/``part_id`` shard the sorted scan list (scan ``i``
 goes to part ``i % num_parts``) for several processes or machines.
 
-Reading the next scan and writing the previous one run in background threads while the model
-runs on the current one (at most one scan ahead, so memory stays bounded). A scan that fails is
+Reading the next scans and writing finished ones run in worker threads while the model runs on
+the current one (:mod:`planar3d.pipelining`: a bounded number of scans ahead and behind, so
+memory stays bounded); on CUDA one small warm-up pass runs while the first scans are read. A scan that fails is
 recorded with its path and reason and the others go on; ``predictions.json`` (or
 ``predictions_part<I>of<N>.json`` when sharded) lists every scan's input, output, status,
 seconds, per-step timings and error.
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -47,10 +48,11 @@ from planar3d.errors import InputError, Planar3DError, WeightsError
 from planar3d.io import atomic_save_json, read_volume, voxel_spacing, write_like
 from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3, label_lesions
 from planar3d.naming import MASK_SUFFIX, PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
+from planar3d.pipelining import ReadAhead, WriteBehind
 from planar3d.preprocess import NormalizationConfig, Reorientation, normalize_intensity
 
-#: Slab thickness (planes along the network's plane axis) used when the checkpoint gives no window.
-DEFAULT_SLAB_PLANES = 16
+#: Window meaning "the whole volume in one pass, or slabs along the plane axis when memory requires".
+WHOLE_VOLUME = (-1, -1, -1)
 #: Window overlap used when the checkpoint gives none.
 DEFAULT_OVERLAP = 0.25
 QC_SUFFIX = "_qc"
@@ -83,7 +85,7 @@ class InferenceSettings:
     plane_axis: int = 2
     in_channels: int = 1
     threshold: float = 0.5
-    roi_size: Tuple[int, int, int] = (-1, -1, DEFAULT_SLAB_PLANES)
+    roi_size: Tuple[int, int, int] = WHOLE_VOLUME
     overlap: float = DEFAULT_OVERLAP
     flip_axes: Tuple[int, ...] = ()
     min_lesion_size: float = MIN_LESION_SIZE_MM3
@@ -111,9 +113,11 @@ class InferenceSettings:
         plane_axis = int(network.get("plane_axis", 2))
         inference = checkpoint.get("inference") or {}
         if roi_size is None:
-            roi_size = inference.get("roi_size")
-        if roi_size is None:
-            roi_size = tuple(DEFAULT_SLAB_PLANES if axis == plane_axis else -1 for axis in range(3))
+            stored = inference.get("roi_size")
+            # Slabs of whole planes (training validation's setting) become the whole-volume pass,
+            # cut into slabs only when memory requires (planar3d.inference): the least work.
+            whole_planes = stored is None or all(int(r) < 0 for axis, r in enumerate(stored) if axis != plane_axis)
+            roi_size = WHOLE_VOLUME if whole_planes else stored
         roi_size = tuple(int(r) for r in roi_size)
         if len(roi_size) != 3 or any(r == 0 or r < -1 for r in roi_size):
             raise ValueError(f"roi_size must be 3 positive sizes or -1 (whole axis), got {roi_size}")
@@ -480,6 +484,8 @@ def predict_with_model(
     """
     from tqdm import tqdm
 
+    from planar3d.inference import warm_up
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_path = summary_path or summary_file(out_dir)
@@ -497,9 +503,11 @@ def predict_with_model(
         results[index] = ScanResult(str(scan.path), str(outputs.mask), "failed", sum((timings or {}).values()), _error(error), dict(timings or {}))
 
     bar = tqdm(total=len(todo), desc="predict", unit="scan", disable=not progress or not todo, dynamic_ncols=True)
-    with ThreadPoolExecutor(1, thread_name_prefix="planar3d-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="planar3d-write") as writer:
-        read_next: Optional[Future] = reader.submit(prepare_scan, todo[0][1], settings, qc) if todo else None
-        writing: Optional[Tuple[int, ScanInput, OutputPaths, PreparedScan, Future]] = None
+    with ReadAhead(lambda scan: prepare_scan(scan, settings, qc), [scan for _, scan, _ in todo]) as reads, \
+            WriteBehind(lambda *entry: collect(entry)) as writes:
+        reads.start()  # decode the first scans while the model warms up
+        if todo:
+            warm_up(model, settings.device, settings.in_channels)
 
         def collect(entry) -> None:
             index, scan, outputs, prepared, future = entry
@@ -512,17 +520,12 @@ def predict_with_model(
             bar.set_postfix_str(f"{scan.relative}: {results[index].seconds:.1f} s")
             bar.update(1)
 
-        for position, (index, scan, outputs) in enumerate(todo):
-            assert read_next is not None
-            current, read_next = read_next, None
+        for (index, scan, outputs), current in zip(todo, reads):
             try:
                 prepared = current.result()
             except SCAN_ERRORS as error:
                 prepared = None
                 failed(index, scan, outputs, error)
-            # read one scan ahead while the model runs on this one
-            if position + 1 < len(todo):
-                read_next = reader.submit(prepare_scan, todo[position + 1][1], settings, qc)
             if prepared is None:
                 bar.write(f"FAILED {scan.path}: {results[index].error}")
                 bar.update(1)
@@ -534,12 +537,8 @@ def predict_with_model(
                 bar.write(f"FAILED {scan.path}: {results[index].error}")
                 bar.update(1)
                 continue
-            if writing is not None:  # at most one scan being written
-                collect(writing)
-            writing = (index, scan, outputs, prepared, writer.submit(finish_scan, prepared, probability, outputs, settings))
+            writes.submit((index, scan, outputs, prepared), finish_scan, prepared, probability, outputs, settings)
             del probability, prepared
-        if writing is not None:
-            collect(writing)
     bar.close()
     summary = PredictionSummary(
         [results[i] for i in range(len(scans))], out_dir, summary_path, time.perf_counter() - start,
@@ -568,6 +567,7 @@ def predict_folder(
     qc: bool = False,
     sw_batch_size: int = 1,
     progress: bool = True,
+    compile_model: bool = False,
 ) -> PredictionSummary:
     """Predict lesion masks for every scan of ``inputs`` (see the module docstring).
 
@@ -587,6 +587,7 @@ def predict_folder(
         qc: also write ``_qc.png`` overlays (planes normal to the network's plane axis).
         sw_batch_size: windows per forward pass.
         progress: show a tqdm progress bar on stderr.
+        compile_model: ``torch.compile`` the network (:func:`planar3d.inference.prepare_for_inference`).
 
     Returns:
         The :class:`PredictionSummary` (also written to ``predictions.json`` in ``out_dir``).
@@ -598,7 +599,7 @@ def predict_folder(
     import torch
 
     from planar3d.checkpoint import load_model
-    from planar3d.inference import prepare_model
+    from planar3d.inference import prepare_for_inference
 
     out_dir = Path(out_dir)
     scans = shard(find_inputs(inputs, fold, root, exclude=out_dir), num_parts, part_id)
@@ -609,7 +610,7 @@ def predict_folder(
         checkpoint, threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta,
         min_lesion_size=min_lesion_size, sw_batch_size=sw_batch_size, device=device,
     )
-    model = prepare_model(model, torch.device(device))
+    model = prepare_for_inference(model, device, compile_model=compile_model)
     return predict_with_model(
         model, checkpoint, scans, out_dir, settings, save_probabilities=save_probabilities,
         overwrite=overwrite, qc=qc, summary_path=summary_file(out_dir, num_parts, part_id), progress=progress,

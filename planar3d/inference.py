@@ -187,6 +187,20 @@ def _slab_axis(model: nn.Module, slab_axis: Optional[int], shape: Sequence[int])
     return int(np.argmax(shape))
 
 
+def warm_up(model: nn.Module, device: torch.device | str, in_channels: int = 1, amp: bool = True) -> None:
+    """One small forward pass on CUDA, so the first scan does not pay the one-time start-up
+    (cuDNN handles, lazy initialisation, compilation under ``torch.compile``). Nothing on the
+    CPU: oneDNN prepares its kernels per input shape, so a small pass would not help a scan."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    shape = [2 * m for m in size_multiple(model)]
+    x = torch.zeros(1, in_channels, *shape, device=device).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode(), autocast_context(device, amp):
+        model(x)
+    torch.cuda.synchronize(device)
+
+
 def _is_channels_last(model: nn.Module) -> bool:
     """Whether the model's 5D weights are in channels_last_3d (:func:`prepare_for_inference`)."""
     for parameter in model.parameters():
