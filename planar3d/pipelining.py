@@ -47,20 +47,20 @@ class ReadAhead(Generic[Item, Result]):
         self.submitted: Deque[Future] = deque()
         self.next_index = 0
 
-    def _fill(self) -> None:
-        while self.next_index < len(self.items) and len(self.submitted) < self.depth + 1:
+    def _fill(self, limit: int) -> None:
+        while self.next_index < len(self.items) and len(self.submitted) < limit:
             self.submitted.append(self.pool.submit(self.function, self.items[self.next_index]))
             self.next_index += 1
 
     def start(self) -> None:
         """Submit the first items now (iterating does it too)."""
-        self._fill()
+        self._fill(self.depth + 1)
 
     def __iter__(self) -> Iterator["Future[Result]"]:
-        self._fill()
+        self._fill(self.depth + 1)
         while self.submitted:
             current = self.submitted.popleft()
-            self._fill()  # the consumer works on `current` while `depth` more are decoded
+            self._fill(self.depth)  # the consumer works on `current` while `depth` more are decoded
             yield current
 
     def close(self) -> None:
