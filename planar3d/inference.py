@@ -178,6 +178,18 @@ def plan_slabs(length: int, max_planes: int, margin: int, align: int = 1) -> Lis
     return slabs
 
 
+def _fitting_slabs(length: int, max_planes: int, margin: int, align: int) -> List[Slab]:
+    """:func:`plan_slabs`, halving the margin when the budget leaves it no room; at worst slabs
+    of ``align`` planes without margins (over budget, but the least memory possible)."""
+    while True:
+        try:
+            return plan_slabs(length, max(max_planes, 1), margin, align)
+        except ValueError:
+            if margin <= 0:
+                return plan_slabs(length, max(align, 1), 0, align)
+            margin //= 2
+
+
 def _slab_axis(model: nn.Module, slab_axis: Optional[int], shape: Sequence[int]) -> int:
     if slab_axis is not None:
         return int(slab_axis)
@@ -279,7 +291,7 @@ def predict_probabilities(
         axis = _slab_axis(model, slab_axis, shape)
         budget = memory_budget_bytes(device) if memory_budget is None else int(memory_budget)
         per_plane = max(estimated_forward_bytes(model, shape, device) // max(shape[axis], 1), 1)
-        slabs = plan_slabs(shape[axis], max(budget // per_plane, 1), margin, size_multiple(model)[axis])
+        slabs = _fitting_slabs(shape[axis], budget // per_plane, margin, size_multiple(model)[axis])
 
         def one_pass(x: torch.Tensor) -> torch.Tensor:
             probability = torch.empty(shape, dtype=torch.float32, device=device)

@@ -26,6 +26,15 @@ def test_slab_plan_tiles_the_axis_aligned_with_margins():
         plan_slabs(100, 40, 16, 16)
 
 
+def test_a_tiny_memory_budget_still_predicts_with_smaller_margins():
+    net = _net()
+    volume = np.random.default_rng(2).normal(size=(8, 8, 40)).astype(np.float32)
+    whole = predict_probabilities(net, volume)
+    starved = predict_probabilities(net, volume, margin=16, memory_budget=1)  # 16-plane slabs, no margin
+    assert starved.shape == whole.shape and np.isfinite(starved).all()
+    assert np.abs(starved - whole).max() < 0.05
+
+
 @pytest.mark.parametrize("depth", [2, 3])
 def test_receptive_field_along_the_plane_axis_fits_the_exact_margin(depth):
     # EXACT_MARGIN_PLANES rests on this: an output plane depends on at most 45 planes each side
