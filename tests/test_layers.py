@@ -47,3 +47,17 @@ def test_network_with_deepest_depth_2_runs_without_warning_and_scripts():
     scripted = torch.jit.script(net)
     with torch.inference_mode():
         assert torch.equal(scripted(x), out)
+
+
+def test_inference_head_on_split_halves_equals_the_training_forward():
+    # without autograd the head runs on the two halves of the last concatenation (no full-size cat)
+    torch.manual_seed(0)
+    for config in (PlanarResUNetConfig(width=0.125, deepest_kernel_depth=2),
+                   PlanarResUNetConfig(width=0.0625, plane_axis=0, in_channels=3, out_channels=2, norm="batch")):
+        net = PlanarResUNet(config).eval()
+        x = torch.randn(1, config.in_channels, 20, 17, 19)
+        expected = net(x)  # grad enabled: the plain concatenation path
+        with torch.inference_mode():
+            fast = net(x)
+        assert fast.shape == expected.shape
+        assert (fast - expected.detach()).abs().max().item() <= 1e-6
