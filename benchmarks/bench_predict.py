@@ -303,9 +303,10 @@ def head_rows(scan: Path, width: float) -> None:
             print(f"| {names[phase]} | {row['status']}: {row['error']} ||||||||")
             continue
         rate = row["flops"] / row["model"]
+        versus = "reference" if phase == "dynunet" else f"{reference / row['model']:.2f}x faster"
         print(f"| {names[phase]} | {row['plan']} | {row['flops'] / 1e9:.0f} | {row['model']:.1f} | "
               f"{sum(row[s] for s in STEPS):.1f} | {rate / 1e9:.0f} | {100 * rate / gemm:.0f} % | "
-              f"{reference / row['model']:.2f}x faster | {result['rss'] / 1024:.1f} GiB |")
+              f"{versus} | {result['rss'] / 1024:.1f} GiB |")
 
 
 def main() -> None:
