@@ -406,10 +406,13 @@ def models(
     """List the trained planar3d models found (path, SHA-256, threshold); none ships with planar3d."""
     from planar3d.models import default_search_roots, list_models
 
+    for folder in folders or []:
+        if not folder.exists():
+            fail(f"{display_path(folder)}: no such file or folder")
     listing = list_models(folders or [], include_defaults=not no_cache)
     where = [str(f) for f in folders or []] + ([] if no_cache else [str(p) for p in default_search_roots()])
     if not listing.models:
-        typer.echo(f"no trained planar3d model found in {', '.join(map(display_path, where)) or 'nothing'}.\n"
+        typer.echo(f"no trained planar3d model found{' in ' + ', '.join(map(display_path, where)) if where else ' (no folder searched)'}.\n"
                    "No trained model ships with planar3d. Shortest paths to one:\n"
                    "  planar3d demo --out demo_out                      (synthetic data, a tiny model in ~10 min on CPU)\n"
                    "  planar3d train --manifest M.json --fold 0 --out runs/fold0   (your data; see docs/training.md)\n"

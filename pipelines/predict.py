@@ -816,7 +816,8 @@ def predict_with_model(
         assert summary.part_path is not None
         summary.part_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(summary.part_path, summary.to_json_dict())
-        merge_part_summaries(out_dir, expected, extra={"settings": summary.settings, "provenance": record})
+        merge_part_summaries(out_dir, expected, extra={"settings": summary.settings, "provenance": record,
+                                                       "left_out": summary.to_json_dict()["left_out"]})
         if num_parts == 1:  # a sharded run gets its reports from a later unsharded run (it reuses every output)
             summary.reports = write_batch_reports(summary, reports, qc)
     except (OSError, ValueError) as error:
