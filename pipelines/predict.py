@@ -16,11 +16,15 @@ Each scan goes through the steps training used, recorded in the ``planar3d-model
 5. **write**: back to the scan's own voxel order and written with :func:`planar3d.io.write_like`:
    the mask has the input's shape, affine, qform/sform and codes, voxel for voxel (uint8, 0/1).
 
-Outputs mirror the inputs' relative paths (:func:`planar3d.naming.output_path`):
-``OUT/sub-01/flair_mask.nii.gz``, ``_prob.nii.gz`` (float32) with ``save_probabilities``,
-``_qc.png`` with ``qc``. Every file is written atomically, so an existing output is complete: it
-is skipped unless ``overwrite``. ``num_parts``/``part_id`` shard the sorted scan list (scan ``i``
-goes to part ``i % num_parts``) for several processes or machines.
+Outputs mirror the inputs' relative paths in a ``layout`` (:func:`planar3d.naming.layout_output_path`:
+``suffix`` ``OUT/sub-01/flair_mask.nii.gz``, ``nnunet`` ``case.nii.gz``, ``bids`` derivatives),
+``_prob.nii.gz`` (float32) with ``save_probabilities``, ``_qc.png`` with ``qc``, and a provenance
+sidecar ``_mask.json`` (:mod:`pipelines.prediction_record`). Every file is written atomically and
+the sidecar last: an existing output is reused only when its sidecar shows the same model(s) and
+settings, else recomputed (always with ``overwrite``). After the batch the lesion report CSVs
+(:mod:`planar3d.lesion_report`) and, with ``qc``, ``qc/index.html`` (:mod:`planar3d.qc_page`) are
+written. Several models make an :class:`Ensemble`. ``num_parts``/``part_id`` shard the sorted
+scan list (scan ``i`` goes to part ``i % num_parts``) for several processes or machines.
 
 Reading the next scan and writing the previous one run in background threads while the model
 runs on the current one (at most one scan ahead, so memory stays bounded). A scan that fails is
