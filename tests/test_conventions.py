@@ -312,3 +312,17 @@ def test_models_lists_checkpoints(runs):
     assert str(runs[0] / "best.pt") in result.output and sha256_file(runs[0] / "best.pt")[:12] in result.output
     empty = CliRunner().invoke(app, ["models", "--no-cache"])
     assert empty.exit_code == 0 and "No trained model ships with planar3d" in empty.output
+
+
+def test_output_that_is_a_file_and_text_model_are_one_line(scans, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", "-i", str(scans), "-o", str(tmp_path / "p"), "--model", str(text)])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"error: {text}: not a planar3d checkpoint (refused by the safe loader)"]
+    for argv in (["predict", "-i", str(scans), "--output", str(text), "--model", str(text)],
+                 ["evaluate", "--pred", str(scans), "--ref", str(scans), "--output", str(text)],
+                 ["train", "--manifest", str(text), "--fold", "0", "--output", str(text)]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {text}: output exists and is not a folder"]
