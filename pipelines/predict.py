@@ -735,8 +735,9 @@ def predict_with_model(
 
     reports: Dict[int, Tuple[Any, List[str]]] = {}
     bar = tqdm(total=len(todo), desc="predict", unit="scan", disable=not progress or not todo, dynamic_ncols=True)
-    for index, why in redo.items():
-        bar.write(f"redoing {display_path(scans[index].relative)}: {why}")
+    if redo:  # one line, however many: the summary and predictions.json have every reason
+        index, why = next(iter(redo.items()))
+        bar.write(f"recomputing {len(redo)} existing outputs made otherwise, e.g. {display_path(scans[index].relative)}: {why}")
 
     def claimed_todo():
         """The scans of ``todo`` this worker gets, claimed one at a time as it reaches them."""
