@@ -139,7 +139,7 @@ def predict(
     tta: bool = typer.Option(False, "--tta", help="Average with flips of the two in-plane axes (3x the time)."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write <name>_prob.nii.gz (float32)."),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap (default: the checkpoint's)."),
-    roi_size: Optional[str] = typer.Option(None, "--roi-size", help="Window 'x,y,z' (-1: whole axis; default: the checkpoint's, else 16-plane slabs)."),
+    roi_size: Optional[str] = typer.Option(None, "--roi-size", help="Window 'x,y,z' (-1: whole axis; default: the whole scan, in slabs along the plane axis when memory requires; a checkpoint's 3D window is kept)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every scan (default: reuse an output only when made by the same model and settings, else redo it)."),
     num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the sorted scans into this many parts..."),
     part_id: int = typer.Option(0, "--part-id", min=0, help="...and predict only part I (scan i goes to part i % N)."),

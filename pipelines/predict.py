@@ -6,12 +6,13 @@ Each scan goes through the steps training used, recorded in the ``planar3d-model
 2. **preprocess**: exact RAS reorientation (:class:`planar3d.preprocess.Reorientation`) and
    intensity normalisation with the checkpoint's parameters (both through
    :func:`planar3d.preprocess.load_preprocessed`, as in training);
-3. **model**: :func:`planar3d.inference.predict_probabilities` with the checkpoint's window size
-   and overlap (``roi_size``/``overlap`` override them; a checkpoint without a window size gets
-   slabs of :data:`DEFAULT_SLAB_PLANES` whole planes along the network's plane axis, which keeps
-   memory bounded on any scan), optional flip TTA over the two in-plane axes;
-4. **postprocess** (:func:`lesion_mask`): threshold (the checkpoint's, or ``threshold``), then
-   removal of 6-connected components of volume ≤ ``min_lesion_size`` mm³ (the MSSEG rule of
+3. **model**: :func:`planar3d.inference.predict_probabilities`: one pass over the whole scan
+   when its memory fits, else slabs along the network's plane axis with discarded margins (a
+   checkpoint's window of whole planes means this too); a checkpoint's 3D window, or
+   ``roi_size``/``overlap``, gives blended sliding windows instead; optional flip TTA over the
+   two in-plane axes;
+4. **postprocess** (:func:`lesion_mask`): threshold (the checkpoint's, or ``threshold``), then removal of 6-connected
+   components of volume ≤ ``min_lesion_size`` mm³ (the MSSEG rule of
    :func:`planar3d.metrics.lesion.label_lesions`, so evaluation counts exactly the lesions kept);
 5. **write**: back to the scan's own voxel order and written with :func:`planar3d.io.write_like`:
    the mask has the input's shape, affine, qform/sform and codes, voxel for voxel (uint8, 0/1).
@@ -26,11 +27,12 @@ settings, else recomputed (always with ``overwrite``). After the batch the lesio
 written. Several models make an :class:`Ensemble`. ``num_parts``/``part_id`` shard the sorted
 scan list (scan ``i`` goes to part ``i % num_parts``) for several processes or machines.
 
-Reading the next scan and writing the previous one run in background threads while the model
-runs on the current one (at most one scan ahead, so memory stays bounded). A scan that fails is
-recorded with its path and reason and the others go on. Each scan is claimed before it is read
-(:mod:`planar3d.claims`), so concurrent workers on one output folder never do a scan twice; each
-worker writes its part summary and ``predictions.json`` is merged from all parts
+Reading the next scans and writing finished ones run in worker threads while the model runs on
+the current one (:mod:`planar3d.pipelining`: a bounded number of scans ahead and behind, so
+memory stays bounded); on CUDA one small warm-up pass runs while the first scans are read. A scan
+that fails is recorded with its path and reason and the others go on. Each scan is claimed before
+it is read (:mod:`planar3d.claims`), so concurrent workers on one output folder never do a scan
+twice; each worker writes its part summary and ``predictions.json`` is merged from all parts
 (:mod:`planar3d.summaries`): every scan's input, output, status, seconds, per-step timings and error.
 
 Example:
@@ -42,7 +44,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -65,11 +66,12 @@ from planar3d.inputs import Skipped, select_flair_inputs
 from pipelines.prediction_record import (
     MASK_INTENT_NAME, header_description, prediction_record, read_sidecar, reuse_problem, sidecar_path,
 )
+from planar3d.pipelining import ReadAhead, WriteBehind
 from planar3d.preprocess import NormalizationConfig, Reorientation, load_preprocessed
 from planar3d.summaries import claims_folder, merge_part_summaries, part_file
 
-#: Slab thickness (planes along the network's plane axis) used when the checkpoint gives no window.
-DEFAULT_SLAB_PLANES = 16
+#: Window meaning "the whole volume in one pass, or slabs along the plane axis when memory requires".
+WHOLE_VOLUME = (-1, -1, -1)
 #: Window overlap used when the checkpoint gives none.
 DEFAULT_OVERLAP = 0.25
 QC_SUFFIX = "_qc"
@@ -105,7 +107,7 @@ class InferenceSettings:
     plane_axis: int = 2
     in_channels: int = 1
     threshold: float = 0.5
-    roi_size: Tuple[int, int, int] = (-1, -1, DEFAULT_SLAB_PLANES)
+    roi_size: Tuple[int, int, int] = WHOLE_VOLUME
     overlap: float = DEFAULT_OVERLAP
     flip_axes: Tuple[int, ...] = ()
     min_lesion_size: float = MIN_LESION_SIZE_MM3
@@ -127,17 +129,19 @@ class InferenceSettings:
     ) -> "InferenceSettings":
         """Settings of a :class:`planar3d.checkpoint.ModelCheckpoint`; arguments not None override it.
 
-        A checkpoint without a window size gets slabs of :data:`DEFAULT_SLAB_PLANES` whole
-        planes along the network's plane axis.
+        A checkpoint without a window size, or with whole-plane slabs, gets :data:`WHOLE_VOLUME`
+        (one pass, or slabs along the plane axis when memory requires).
 
         Raises:
             ConfigError: a value out of range (threshold outside (0, 1), roi_size not 3 values...).
         """
         plane_axis = int(checkpoint.network.plane_axis)
         if roi_size is None:
-            roi_size = checkpoint.roi_size
-        if roi_size is None:
-            roi_size = tuple(DEFAULT_SLAB_PLANES if axis == plane_axis else -1 for axis in range(3))
+            stored = checkpoint.roi_size
+            # Slabs of whole planes (training validation's setting) become the whole-volume pass,
+            # cut into slabs only when memory requires (planar3d.inference): the least work.
+            whole_planes = stored is None or all(int(r) < 0 for axis, r in enumerate(stored) if axis != plane_axis)
+            roi_size = WHOLE_VOLUME if whole_planes else stored
         roi_size = tuple(int(r) for r in roi_size)
         if len(roi_size) != 3 or any(r == 0 or r < -1 for r in roi_size):
             raise ConfigError(f"roi_size must be 3 positive sizes or -1 (whole axis), got {roi_size}")
@@ -704,6 +708,8 @@ def predict_with_model(
     """
     from tqdm import tqdm
 
+    from planar3d.inference import warm_up
+
     out_dir = make_folder(out_dir)
     summary_path = summary_path or summary_file(out_dir)
     remove_stale_temporaries(out_dir)  # left by a worker killed between write and rename
@@ -732,6 +738,7 @@ def predict_with_model(
     def failed(index: int, scan: ScanInput, outputs: OutputPaths, error: BaseException, timings=None) -> None:
         results[index] = ScanResult(str(scan.path), str(outputs.mask), "failed", sum((timings or {}).values()), _error(error), dict(timings or {}))
         claims.release(key(outputs))  # a rerun retries it
+        bar.write(f"FAILED {display_path(scan.path)}: {display_path(results[index].error)}")
 
     reports: Dict[int, Tuple[Any, List[str]]] = {}
     bar = tqdm(total=len(todo), desc="predict", unit="scan", disable=not progress or not todo, dynamic_ncols=True)
@@ -740,7 +747,8 @@ def predict_with_model(
         bar.write(f"recomputing {len(redo)} existing outputs made otherwise, e.g. {display_path(scans[index].relative)}: {why}")
 
     def claimed_todo():
-        """The scans of ``todo`` this worker gets, claimed one at a time as it reaches them."""
+        """The scans of ``todo`` this worker gets, claimed as the read-ahead reaches them (a few
+        scans ahead of the model), so concurrent workers never read the same scan."""
         for index, scan, outputs in todo:
             if not claims.acquire(key(outputs)):
                 results[index] = ScanResult(str(scan.path), str(outputs.mask), "claimed", error=f"claimed by {claims.holder(key(outputs))}")
@@ -752,58 +760,41 @@ def predict_with_model(
             else:
                 yield index, scan, outputs
 
+    def collect(index: int, scan: ScanInput, outputs: OutputPaths, prepared: PreparedScan, future) -> None:
+        try:
+            stats = future.result()
+        except SCAN_ERRORS as error:
+            failed(index, scan, outputs, error, prepared.timings)
+        else:
+            results[index] = ScanResult(str(scan.path), str(outputs.mask), "done", sum(prepared.timings.values()), None,
+                                        dict(prepared.timings), **stats, redone=redo.get(index))
+            reports[index] = (prepared.report, prepared.warnings)
+            claims.release(key(outputs))
+        bar.set_postfix_str(f"{display_path(scan.relative)}: {results[index].seconds:.1f} s")
+        bar.update(1)
+
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="planar3d-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="planar3d-write") as writer:
-            pending = claimed_todo()
-            item = next(pending, None)
-            read_next: Optional[Future] = reader.submit(prepare_scan, item[1], settings, keep_raw) if item else None
-            writing: Optional[Tuple[int, ScanInput, OutputPaths, PreparedScan, Future]] = None
-
-            def collect(entry) -> None:
-                index, scan, outputs, prepared, future = entry
-                try:
-                    stats = future.result()
-                except SCAN_ERRORS as error:
-                    failed(index, scan, outputs, error, prepared.timings)
-                    bar.write(f"FAILED {display_path(scan.path)}: {display_path(results[index].error)}")
-                else:
-                    results[index] = ScanResult(str(scan.path), str(outputs.mask), "done", sum(prepared.timings.values()), None,
-                                                dict(prepared.timings), **stats, redone=redo.get(index))
-                    reports[index] = (prepared.report, prepared.warnings)
-                    claims.release(key(outputs))
-                bar.set_postfix_str(f"{display_path(scan.relative)}: {results[index].seconds:.1f} s")
-                bar.update(1)
-
-            while item is not None:
-                index, scan, outputs = item
-                assert read_next is not None
-                current, read_next = read_next, None
+        with ReadAhead(lambda item: prepare_scan(item[1], settings, keep_raw), claimed_todo()) as reads, \
+                WriteBehind(collect) as writes:
+            reads.start()  # claim and decode the first scans while the model warms up
+            if todo:
+                for member in (model.models if isinstance(model, Ensemble) else [model]):
+                    warm_up(member, settings.device, settings.in_channels)
+            for (index, scan, outputs), current in reads:
                 try:
                     prepared = current.result()
                 except SCAN_ERRORS as error:
-                    prepared = None
                     failed(index, scan, outputs, error)
-                # claim and read one scan ahead while the model runs on this one
-                item = next(pending, None)
-                if item is not None:
-                    read_next = reader.submit(prepare_scan, item[1], settings, keep_raw)
-                if prepared is None:
-                    bar.write(f"FAILED {display_path(scan.path)}: {display_path(results[index].error)}")
                     bar.update(1)
                     continue
                 try:
                     probability = run_model(model, prepared, settings)
                 except SCAN_ERRORS as error:
                     failed(index, scan, outputs, error, prepared.timings)
-                    bar.write(f"FAILED {display_path(scan.path)}: {display_path(results[index].error)}")
                     bar.update(1)
                     continue
-                if writing is not None:  # at most one scan being written
-                    collect(writing)
-                writing = (index, scan, outputs, prepared, writer.submit(finish_scan, prepared, probability, outputs, settings, record))
+                writes.submit((index, scan, outputs, prepared), finish_scan, prepared, probability, outputs, settings, record)
                 del probability, prepared
-            if writing is not None:
-                collect(writing)
     finally:
         for _, _, outputs in todo:  # only ours are removed; a crash leaves none held
             claims.release(key(outputs))
@@ -853,6 +844,7 @@ def predict_folder(
     max_image_bytes: int = MAX_IMAGE_BYTES,
     layout: str = "suffix",
     pattern: Optional[str] = None,
+    compile_model: bool = False,
 ) -> PredictionSummary:
     """Predict lesion masks for every scan of ``inputs`` (see the module docstring).
 
@@ -881,6 +873,7 @@ def predict_folder(
         layout: ``suffix`` (``x_mask.nii.gz``), ``nnunet`` (``case.nii.gz``) or ``bids``
             (``derivatives/planar3d/sub-*/[ses-*/]anat/*_desc-lesion_mask.nii.gz``).
         pattern: with a folder, take exactly the files matching this glob.
+        compile_model: ``torch.compile`` the network (:func:`planar3d.inference.prepare_for_inference`).
 
     Returns:
         The :class:`PredictionSummary` of this worker (its part summary is in ``.planar3d/parts``;
@@ -905,7 +898,7 @@ def predict_folder(
     model, settings, record = load_models(
         [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path), device,
         threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta, min_lesion_size=min_lesion_size,
-        sw_batch_size=sw_batch_size, layout=layout)
+        sw_batch_size=sw_batch_size, layout=layout, compile_model=compile_model)
     settings = replace(settings, max_image_bytes=int(max_image_bytes))
     return predict_with_model(
         model, None, scans, out_dir, settings, save_probabilities=save_probabilities,  # type: ignore[arg-type]
@@ -940,7 +933,7 @@ def check_layout(inputs: str | os.PathLike, scans: Sequence[ScanInput], layout: 
 
 def load_models(
     model_paths: Sequence[str | os.PathLike], device: str, threshold: Optional[float] = None, layout: str = "suffix",
-    **overrides: Any,
+    compile_model: bool = False, **overrides: Any,
 ) -> Tuple[Any, InferenceSettings, Dict[str, Any]]:
     """The model (one, or an :class:`Ensemble` of several), the batch's settings and the provenance record.
 
@@ -951,11 +944,9 @@ def load_models(
     Raises:
         WeightsError: a missing or unreadable checkpoint, not a planar3d model, or members on another voxel convention.
     """
-    import torch
-
     from planar3d.checkpoint import load_model
     from planar3d.ensemble import check_member_conventions, ensemble_threshold
-    from planar3d.inference import prepare_model
+    from planar3d.inference import prepare_for_inference
 
     if not model_paths:
         raise ConfigError("no model given (--model RUN_FOLDER or CHECKPOINT)")
@@ -964,7 +955,7 @@ def load_models(
         path = resolve_checkpoint(model_path)
         model, checkpoint = load_model(path, device)
         member = InferenceSettings.from_checkpoint(checkpoint, threshold=threshold, device=device, **overrides)
-        models.append(prepare_model(model, torch.device(device)))
+        models.append(prepare_for_inference(model, device, compile_model=compile_model))
         member_settings.append(member)
         described.append({"path": str(path), "sha256": sha256_file(path), "threshold": float(checkpoint.threshold),
                           "orientation": getattr(checkpoint, "orientation", "RAS")})

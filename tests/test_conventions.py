@@ -86,7 +86,7 @@ def test_provenance_in_header_sidecar_and_summary(scans, runs, tmp_path):
     assert sidecar_path(out / "s1_mask.nii.gz") == out / "s1_mask.json"
     assert record["models"] == [{"path": str(runs[0] / "best.pt"), "sha256": sha, "threshold": 0.4}]
     assert record["planar3d_version"] == __version__
-    assert {k: v for k, v in record["settings"].items() if k != "device"} == {"threshold": 0.4, "min_lesion_size": 3.0, "tta": False, "roi_size": [-1, -1, 16],
+    assert {k: v for k, v in record["settings"].items() if k != "device"} == {"threshold": 0.4, "min_lesion_size": 3.0, "tta": False, "roi_size": [-1, -1, -1],
                                   "overlap": 0.25, "layout": "suffix"}
     assert record["scan"]["name"] == "s1.nii.gz"
     summary = json.loads((out / "predictions.json").read_text())
