@@ -52,7 +52,7 @@ def _env() -> dict:
 
 
 def _cli(*args: str) -> List[str]:
-    return [sys.executable, "-m", "planar3d.cli", *args]
+    return [sys.executable, "-m", "pipelines.cli", *args]  # the console command lives in pipelines
 
 
 # --- 1. model ------------------------------------------------------------------------------------
