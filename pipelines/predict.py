@@ -354,7 +354,7 @@ class Ensemble:
         """A member normalises differently from ``settings``: the raw intensities must be kept."""
         return any(member.normalization != settings.normalization for member in self.settings)
 
-    def probabilities(self, prepared: PreparedScan, settings: InferenceSettings) -> np.ndarray:
+    def probabilities(self, prepared: PreparedScan, settings: InferenceSettings, progress: bool = False) -> np.ndarray:
         from planar3d.ensemble import average_probabilities
         from planar3d.preprocess import normalize_intensity
 
@@ -362,28 +362,28 @@ class Ensemble:
         for model, member in zip(self.models, self.settings):
             volume = prepared.volume if member.normalization == settings.normalization \
                 else normalize_intensity(prepared.raw_ras, member.normalization)
-            maps.append(_probabilities(model, volume, member))
+            maps.append(_probabilities(model, volume, member, progress))
         return average_probabilities(maps)
 
 
-def _probabilities(model: Any, volume: np.ndarray, settings: InferenceSettings) -> np.ndarray:
+def _probabilities(model: Any, volume: np.ndarray, settings: InferenceSettings, progress: bool = False) -> np.ndarray:
     from planar3d.inference import predict_probabilities
 
     return predict_probabilities(
         model, volume, roi_size=settings.roi_size, overlap=settings.overlap,
         sw_batch_size=settings.sw_batch_size, device=settings.device, flip_axes=settings.flip_axes,
-        in_channels=settings.in_channels,
+        in_channels=settings.in_channels, progress=progress,
     )
 
 
-def run_model(model: Any, prepared: PreparedScan, settings: InferenceSettings) -> np.ndarray:
+def run_model(model: Any, prepared: PreparedScan, settings: InferenceSettings, progress: bool = False) -> np.ndarray:
     """Step 3: lesion probabilities in RAS order (the prepared volume is released); ``model``
     may be an :class:`Ensemble`."""
     start = time.perf_counter()
     if isinstance(model, Ensemble):
-        probability = model.probabilities(prepared, settings)
+        probability = model.probabilities(prepared, settings, progress)
     else:
-        probability = _probabilities(model, prepared.volume, settings)
+        probability = _probabilities(model, prepared.volume, settings, progress)
     prepared.volume = None  # type: ignore[assignment]
     prepared.timings["model"] = time.perf_counter() - start
     return probability
@@ -788,7 +788,7 @@ def predict_with_model(
                     bar.update(1)
                     continue
                 try:
-                    probability = run_model(model, prepared, settings)
+                    probability = run_model(model, prepared, settings, progress)  # per-window bar on long scans
                 except SCAN_ERRORS as error:
                     failed(index, scan, outputs, error, prepared.timings)
                     bar.update(1)

@@ -244,6 +244,7 @@ def predict_probabilities(
     slab_axis: Optional[int] = None,
     margin: int = DEFAULT_MARGIN_PLANES,
     memory_budget: Optional[int] = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Lesion probability (sigmoid of the logits) for every voxel of ``volume``.
 
@@ -263,6 +264,8 @@ def predict_probabilities(
         margin: planes computed and discarded on each inner side of a slab
             (:data:`EXACT_MARGIN_PLANES` for the whole-volume result to rounding).
         memory_budget: bytes one pass may use (default :func:`memory_budget_bytes`).
+        progress: a tqdm bar (stderr) over the windows or slabs of a pass that has several, so
+            a long scan shows it is moving.
 
     Returns:
         float32 array of ``volume``'s shape.
@@ -285,7 +288,8 @@ def predict_probabilities(
             from monai.inferers import sliding_window_inference
 
             return torch.sigmoid(sliding_window_inference(
-                x, window, sw_batch_size, run, overlap=overlap, mode="gaussian", padding_mode="constant"
+                x, window, sw_batch_size, run, overlap=overlap, mode="gaussian", padding_mode="constant",
+                progress=progress,
             ))[0, 0]
     else:
         axis = _slab_axis(model, slab_axis, shape)
@@ -294,8 +298,10 @@ def predict_probabilities(
         slabs = _fitting_slabs(shape[axis], budget // per_plane, margin, size_multiple(model)[axis])
 
         def one_pass(x: torch.Tensor) -> torch.Tensor:
+            from tqdm import tqdm
+
             probability = torch.empty(shape, dtype=torch.float32, device=device)
-            for slab in slabs:
+            for slab in tqdm(slabs, desc="slabs", unit="slab", leave=False, disable=not progress or len(slabs) < 2):
                 logits = run(x.narrow(2 + axis, slab.start, slab.stop - slab.start))[0, 0]
                 kept = logits.narrow(axis, slab.keep_start - slab.start, slab.keep_stop - slab.keep_start)
                 torch.sigmoid(kept, out=probability.narrow(axis, slab.keep_start, slab.keep_stop - slab.keep_start))

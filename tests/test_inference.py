@@ -83,6 +83,15 @@ def test_a_tiny_memory_budget_still_predicts_with_smaller_margins():
     assert np.abs(starved - whole).max() < 0.05
 
 
+def test_progress_counts_the_slabs_of_a_long_scan(capsys):
+    net = _net()
+    volume = np.random.default_rng(2).normal(size=(8, 8, 40)).astype(np.float32)
+    quiet = predict_probabilities(net, volume, margin=16, memory_budget=1)
+    assert capsys.readouterr().err == ""
+    shown = predict_probabilities(net, volume, margin=16, memory_budget=1, progress=True)
+    assert "slabs" in capsys.readouterr().err and np.array_equal(shown, quiet)
+
+
 @pytest.mark.parametrize("depth", [2, 3])
 def test_receptive_field_along_the_plane_axis_fits_the_exact_margin(depth):
     # EXACT_MARGIN_PLANES rests on this: an output plane depends on at most 45 planes each side
