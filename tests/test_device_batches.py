@@ -142,8 +142,8 @@ def test_training_with_the_device_loader_resumes_bit_identically(tmp_path):
     from pipelines.train import train
 
     manifest = write_synthetic_dataset(tmp_path / "data", 3, 0, size="small", geometries=("3d",))
-    config = load_config("tiny", ["data.loader=device", "data.cache=disk", "data.patch_size=[32, 32, 16]",
-                                  "data.samples_per_volume=2", "data.batch_size=2", "optim.epochs=2", "validation.every=100", "val_cases=0",
+    config = load_config("tiny", ["data.loader=device", "data.cache=disk", "data.patch_size=[16, 16, 8]", "network.norm=null",
+                                  "data.samples_per_volume=1", "data.batch_size=2", "optim.epochs=2", "validation.every=100", "val_cases=0",
                                   *ALL_AUG])
     train(manifest, 0, tmp_path / "a", config, device="cpu")
     train(manifest, 0, tmp_path / "b", config, device="cpu", max_epochs_this_run=1)
