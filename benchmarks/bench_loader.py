@@ -32,6 +32,26 @@ def _synchronise(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _host_syncs(run, device) -> Optional[int]:
+    """Run ``run()``; on CUDA count the host-device synchronisations it caused (each one stops the
+    host from queueing work ahead of the GPU). ``None`` on the CPU."""
+    import warnings
+
+    import torch
+
+    if torch.device(device).type != "cuda":
+        run()
+        return None
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def loader_rate(manifest, config, device, epochs: int = 2) -> dict:
     """``{"setup_s", "voxels_per_second", "batches"}`` of ``config.data.loader`` on fold 0's training cases."""
     import torch
@@ -57,8 +77,7 @@ def loader_rate(manifest, config, device, epochs: int = 2) -> dict:
             for image, label in D.patch_batches(D.make_loader(dataset, config, epoch, device=device), config.data.batch_size):
                 yield image.to(device, non_blocking=True), label.to(device, non_blocking=True)
     setup = time.perf_counter() - start
-    for _ in batches(0):  # warm-up: worker start, first allocations
-        pass
+    syncs = _host_syncs(lambda: [None for _ in batches(0)], device)  # warm-up: worker start, first allocations
     _synchronise(device)
     voxels, count = 0, 0
     start = time.perf_counter()
@@ -67,7 +86,8 @@ def loader_rate(manifest, config, device, epochs: int = 2) -> dict:
             voxels += label.numel()
             count += 1
     _synchronise(device)
-    return {"setup_s": setup, "voxels_per_second": voxels / (time.perf_counter() - start), "batches": count}
+    return {"setup_s": setup, "voxels_per_second": voxels / (time.perf_counter() - start), "batches": count,
+            "host_syncs": syncs}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -96,12 +116,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     variants.append(["data.loader=device"])
     print(f"config {args.config} {' '.join(args.overrides)}; device {args.device}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads\n")
-    print("| loader | setup s | batches | training voxels/s delivered |")
-    print("|---|---|---|---|")
+    print("| loader | setup s | batches | training voxels/s delivered | host syncs in the warm-up epoch (CUDA) |")
+    print("|---|---|---|---|---|")
     for variant in variants:
         config = load_config(args.config, list(args.overrides) + ["val_cases=0"] + variant)
         result = loader_rate(manifest, config, args.device, args.epochs)
-        print(f"| {' '.join(variant)} | {result['setup_s']:.1f} | {result['batches']} | {result['voxels_per_second']:.3g} |",
+        print(f"| {' '.join(variant)} | {result['setup_s']:.1f} | {result['batches']} | {result['voxels_per_second']:.3g} | "
+              f"{result['host_syncs']} |",
               flush=True)
     return 0
 

@@ -157,11 +157,11 @@ def check_train(tiny: bool, work: Path, device: str) -> None:
     from pipelines.config import load_config
 
     print("\nLoaders alone (benchmarks/bench_loader.py, same data and config, no network):\n")
-    print("| loader | training voxels/s delivered |")
-    print("|---|---|")
+    print("| loader | training voxels/s delivered | host syncs in the warm-up epoch (CUDA) |")
+    print("|---|---|---|")
     for name, loader in TRAIN_LOADERS:
         result = loader_rate(manifest, load_config(config, overrides + loader), device, epochs=1 if tiny else 2)
-        print(f"| {name} | {result['voxels_per_second']:.3g} |", flush=True)
+        print(f"| {name} | {result['voxels_per_second']:.3g} | {result['host_syncs']} |", flush=True)
 
 
 # --- 3. folder prediction ------------------------------------------------------------------------

@@ -168,7 +168,7 @@ class DevicePatchLoader:
                 image, label = image.pin_memory(), label.pin_memory()
             self.volumes.append(_Volume(image, label, lesions, P.background_ranks(lesions)))
         self.noise_generator = torch.Generator(device=self.device)
-        self._legendre_cache: dict = {}
+        self._legendre: Optional[Tuple[torch.Tensor, ...]] = None  # bias-field bases of the patch shape
         log.info("device loader: %d volumes (%.0f MB) kept on %s, patches %s made on %s", len(self.volumes),
                  sum(v.image.numel() * 5 for v in self.volumes) / 1e6,
                  self.device if self.storage == "device" else "the host (pinned)" if self.device.type == "cuda" else "the host",
@@ -304,7 +304,9 @@ class DevicePatchLoader:
             if chosen:
                 terms = len(P.bias_field_terms())
                 coefficients = draws[chosen, _BIAS_COEFFS:_BIAS_COEFFS + terms].float() * aug.bias_field_coeff
-                fields = P.bias_fields(self._to_device(coefficients), self.patch_size)
+                if self._legendre is None:
+                    self._legendre = P.legendre_bases(self.patch_size, device=self.device)
+                fields = P.bias_fields(self._to_device(P.bias_field_matrices(coefficients)), self._legendre)
                 for n, i in enumerate(chosen):
                     image[i] = image[i] * fields[n]
         if aug.noise_prob > 0:

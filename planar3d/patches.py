@@ -101,20 +101,30 @@ def legendre(degree: int, extent: int, device=None) -> torch.Tensor:
     return torch.stack(rows[: degree + 1]).float()
 
 
-def bias_fields(coefficients: torch.Tensor, shape: Sequence[int], degree: int = BIAS_FIELD_DEGREE) -> torch.Tensor:
+def bias_field_matrices(coefficients: torch.Tensor, degree: int = BIAS_FIELD_DEGREE) -> torch.Tensor:
+    """``(B, T)`` coefficients in :func:`bias_field_terms` order -> ``(B, d+1, d+1, d+1)`` matrices
+    ``c[i, j, k]`` (zero where ``i + j + k > degree``); built where ``coefficients`` are (the host)."""
+    terms = bias_field_terms(degree)
+    matrix = torch.zeros((coefficients.shape[0], degree + 1, degree + 1, degree + 1), dtype=torch.float32)
+    i, j, k = (torch.tensor([t[a] for t in terms]) for a in range(3))
+    matrix[:, i, j, k] = coefficients.float()
+    return matrix
+
+
+def legendre_bases(shape: Sequence[int], degree: int = BIAS_FIELD_DEGREE, device=None) -> Tuple[torch.Tensor, ...]:
+    """:func:`legendre` along each axis of ``shape`` (a caller keeps them per patch shape)."""
+    return tuple(legendre(degree, int(n), device) for n in shape)
+
+
+def bias_fields(matrices: torch.Tensor, bases: Sequence[torch.Tensor]) -> torch.Tensor:
     """``(B, X, Y, Z)`` multiplicative fields ``exp(sum c_ijk P_i(x) P_j(y) P_k(z))`` (MONAI ``RandBiasField``).
 
     Args:
-        coefficients: ``(B, T)`` on the target device, ``T = len(bias_field_terms(degree))``, in
-            that order.
+        matrices: ``(B, d+1, d+1, d+1)`` from :func:`bias_field_matrices`, on the target device.
+        bases: :func:`legendre_bases` of the patch shape, on the same device.
     """
-    terms = bias_field_terms(degree)
-    device = coefficients.device
-    matrix = torch.zeros((coefficients.shape[0], degree + 1, degree + 1, degree + 1), device=device)
-    i, j, k = (torch.tensor([t[a] for t in terms], device=device) for a in range(3))
-    matrix[:, i, j, k] = coefficients.float()
-    px, py, pz = (legendre(degree, int(n), device) for n in shape)
-    field = torch.einsum("bijk,kz->bijz", matrix, pz)
+    px, py, pz = bases
+    field = torch.einsum("bijk,kz->bijz", matrices, pz)
     field = torch.einsum("bijz,jy->biyz", field, py)
     field = torch.einsum("biyz,ix->bxyz", field, px)
     return torch.exp(field)
