@@ -9,7 +9,7 @@
 2. **train**: ``planar3d train`` (packaged ``default`` config, 3 epochs, validation off) on
    synthetic 1 mm phantoms in a subprocess while ``nvidia-smi`` samples GPU utilisation every
    0.5 s, once per training loader (:data:`TRAIN_LOADERS`: the MONAI loader with 2 workers as
-   measured in issue 10, with ``num_workers: auto``, and ``data.loader: device``); reports the
+   measured in issue 10, with ``num_workers: auto`` and persistent workers, and ``data.loader: device``); reports the
    training voxels/s of ``metrics.csv`` and the utilisation (mean, median, share of samples
    >= 85 %), then each loader's rate alone (``bench_loader.py``). Targets: >= 5e7 voxels/s,
    GPU busy >= 85 %.
@@ -120,9 +120,10 @@ class UtilisationSampler:
 
 
 #: The training loaders compared in one run: the one issue 10 measured (MONAI transforms in 2
-#: DataLoader workers), MONAI with ``num_workers: auto``, and the device loader.
+#: DataLoader workers), MONAI with ``num_workers: auto`` and persistent workers, and the device loader.
 TRAIN_LOADERS = (("monai, 2 workers (issue 10's)", ["data.loader=monai", "data.num_workers=2"]),
-                 ("monai, workers auto", ["data.loader=monai", "data.num_workers=auto"]),
+                 ("monai, workers auto, persistent", ["data.loader=monai", "data.num_workers=auto",
+                                                      "data.persistent_workers=true"]),
                  ("device", ["data.loader=device"]))
 
 
