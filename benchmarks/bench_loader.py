@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         manifest = write_synthetic_dataset(Path(tempfile.mkdtemp(prefix="bench_loader_")), args.cases, 0, size=args.size,
                                            geometries=("3d",))
-    variants = [[f"data.loader=monai", f"data.num_workers={w}"] for w in args.workers.split(",") if w]
+    variants = [["data.loader=monai", f"data.num_workers={w}"] for w in args.workers.split(",") if w]
     variants.append(["data.loader=device"])
     print(f"config {args.config} {' '.join(args.overrides)}; device {args.device}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads\n")
