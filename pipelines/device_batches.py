@@ -229,23 +229,23 @@ class DevicePatchLoader:
 
     # --- one step -----------------------------------------------------------------------------
 
-    def _starts(self, volume: _Volume, draws: torch.Tensor) -> List[int]:
+    def _starts(self, volume: _Volume, draws: Sequence[float]) -> List[int]:
         shape = volume.image.shape[1:]
         size = self.patch_size
         if self.config.data.sampling == "slabs":
-            return [min(int(float(draws[_START + a]) * (shape[a] - size[a] + 1)), shape[a] - size[a]) for a in range(3)]
+            return [min(int(draws[_START + a] * (shape[a] - size[a] + 1)), shape[a] - size[a]) for a in range(3)]
         lesion_count = len(volume.lesions)
         background_count = int(np.prod(shape)) - lesion_count
-        on_lesion = lesion_count > 0 and (background_count == 0 or float(draws[_KIND]) < self.pos_fraction)
+        on_lesion = lesion_count > 0 and (background_count == 0 or draws[_KIND] < self.pos_fraction)
         if on_lesion:
-            flat = int(volume.lesions[min(int(float(draws[_CENTRE]) * lesion_count), lesion_count - 1)])
+            flat = int(volume.lesions[min(int(draws[_CENTRE] * lesion_count), lesion_count - 1)])
         else:
-            flat = P.nth_background(min(int(float(draws[_CENTRE]) * background_count), background_count - 1),
+            flat = P.nth_background(min(int(draws[_CENTRE] * background_count), background_count - 1),
                                     volume.lesions, volume.ranks)
         centre = np.unravel_index(flat, shape)
         return [P.crop_start(int(centre[a]), size[a], shape[a]) for a in range(3)]
 
-    def _cut(self, volumes: Sequence[int], draws: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _cut(self, volumes: Sequence[int], draws: Sequence[Sequence[float]]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The patches, stacked, on the training device (sliced there, or on the host and copied)."""
         size = self.patch_size
         on_host = self.storage == "host" and self.device.type == "cuda"
@@ -268,28 +268,29 @@ class DevicePatchLoader:
     def batch(self, volumes: Sequence[int], seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """One batch: a patch from each of ``volumes``, all choices drawn from ``seed``."""
         generator = torch.Generator().manual_seed(seed)
-        draws = torch.rand((len(volumes), _DRAWS), generator=generator, dtype=torch.float64)
+        # one row of uniform numbers per patch, as Python floats: indexing them costs no tensor op
+        draws = torch.rand((len(volumes), _DRAWS), generator=generator, dtype=torch.float64).tolist()
         image, label = self._cut(volumes, draws)
         label = label.float()
         return self._augment(image, label, draws, seed)
 
-    def _augment(self, image: torch.Tensor, label: torch.Tensor, draws: torch.Tensor, seed: int):
+    def _augment(self, image: torch.Tensor, label: torch.Tensor, draws: Sequence[Sequence[float]], seed: int):
         aug = self.config.augmentation
         count = image.shape[0]
         for i in range(count):  # flips: per sample, decided on the host, so no mask travels
-            dims = [1 + a for n, a in enumerate(self.in_plane) if float(draws[i, _FLIP + n]) < aug.flip_prob]
+            dims = [1 + a for n, a in enumerate(self.in_plane) if draws[i][_FLIP + n] < aug.flip_prob]
             if dims:  # dims of one (1, X, Y, Z) sample
                 image[i] = image[i].flip(dims)
                 label[i] = label[i].flip(dims)
         if aug.affine_prob > 0 and (aug.rotate_degrees > 0 or aug.scale > 0):
-            chosen = [i for i in range(count) if float(draws[i, _AFFINE]) < aug.affine_prob]
+            chosen = [i for i in range(count) if draws[i][_AFFINE] < aug.affine_prob]
             if chosen:
                 thetas = []
                 for i in chosen:
-                    angle = np.radians(aug.rotate_degrees) * (2 * float(draws[i, _ANGLE]) - 1)
+                    angle = np.radians(aug.rotate_degrees) * (2 * draws[i][_ANGLE] - 1)
                     scales = [1.0, 1.0, 1.0]
                     for n, a in enumerate(self.in_plane):
-                        scales[a] = 1.0 + aug.scale * (2 * float(draws[i, _SCALE + n]) - 1)
+                        scales[a] = 1.0 + aug.scale * (2 * draws[i][_SCALE + n] - 1)
                     thetas.append(P.in_plane_theta(angle, scales, self.plane_axis, self.patch_size))
                 theta = self._to_device(torch.stack(thetas))
                 for n, i in enumerate(chosen):
@@ -297,25 +298,26 @@ class DevicePatchLoader:
         if aug.gamma_prob > 0:
             low, high = aug.gamma_range
             for i in range(count):
-                if float(draws[i, _GAMMA]) < aug.gamma_prob:
-                    image[i] = P.adjust_gamma(image[i], low + (high - low) * float(draws[i, _GAMMA_VALUE]))
+                if draws[i][_GAMMA] < aug.gamma_prob:
+                    image[i] = P.adjust_gamma(image[i], low + (high - low) * draws[i][_GAMMA_VALUE])
         if aug.bias_field_prob > 0:
-            chosen = [i for i in range(count) if float(draws[i, _BIAS]) < aug.bias_field_prob]
+            chosen = [i for i in range(count) if draws[i][_BIAS] < aug.bias_field_prob]
             if chosen:
                 terms = len(P.bias_field_terms())
-                coefficients = draws[chosen, _BIAS_COEFFS:_BIAS_COEFFS + terms].float() * aug.bias_field_coeff
+                coefficients = torch.tensor([draws[i][_BIAS_COEFFS:_BIAS_COEFFS + terms] for i in chosen])
+                coefficients = coefficients * aug.bias_field_coeff
                 if self._legendre is None:
                     self._legendre = P.legendre_bases(self.patch_size, device=self.device)
                 fields = P.bias_fields(self._to_device(P.bias_field_matrices(coefficients)), self._legendre)
                 for n, i in enumerate(chosen):
                     image[i] = image[i] * fields[n]
         if aug.noise_prob > 0:
-            chosen = [i for i in range(count) if float(draws[i, _NOISE]) < aug.noise_prob]
+            chosen = [i for i in range(count) if draws[i][_NOISE] < aug.noise_prob]
             if chosen:
                 self.noise_generator.manual_seed(step_seed(seed, 1))
                 noise = torch.randn((len(chosen), *image.shape[1:]), generator=self.noise_generator, device=self.device)
                 for n, i in enumerate(chosen):
-                    image[i] = image[i] + noise[n] * (aug.noise_std * float(draws[i, _NOISE_STD]))
+                    image[i] = image[i] + noise[n] * (aug.noise_std * draws[i][_NOISE_STD])
         return image, label
 
 
