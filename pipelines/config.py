@@ -76,7 +76,7 @@ class DataSection(_Section):
     # monai: MONAI transforms in DataLoader workers; device: volumes kept as tensors, patches cut and
     # augmented on the training device (pipelines/device_batches.py; lesion and slabs sampling only)
     loader: Literal["monai", "device"] = "monai"
-    # monai loader: one DataLoader with persistent workers for the run (pipelines/persistent_loader.py)
+    # monai loader: one DataLoader with persistent workers for the run (pipelines/loader_workers.py)
     persistent_workers: bool = False
 
     @field_validator("patch_size")

@@ -201,19 +201,19 @@ def make_loader(dataset, config: TrainConfig, epoch: int, rank: int = 0, world_s
     The transforms are reseeded (used directly when ``num_workers == 0``); workers are reseeded
     by MONAI's ``worker_init_fn`` from the loader's seeded generator. With a CUDA ``device`` the
     batches come in pinned memory (so the training loop's ``non_blocking`` copies overlap);
-    ``num_workers: auto`` is :func:`pipelines.device_batches.resolve_num_workers`;
-    ``persistent_workers: true`` returns the run-long loader of :mod:`pipelines.persistent_loader`.
+    ``num_workers: auto`` is :func:`pipelines.loader_workers.resolve_num_workers`;
+    ``persistent_workers: true`` returns the run-long loader of :mod:`pipelines.loader_workers`.
     """
     from monai.data import DataLoader
     from monai.data.utils import worker_init_fn
     from torch.utils.data import DistributedSampler
 
-    from pipelines.device_batches import resolve_num_workers
+    from pipelines.loader_workers import resolve_num_workers
 
     device = torch.device(device or "cpu")
     num_workers = resolve_num_workers(config.data.num_workers, device)
     if config.data.persistent_workers:  # one loader for the run; the epoch travels with each item
-        from pipelines.persistent_loader import persistent_loader
+        from pipelines.loader_workers import persistent_loader
 
         return persistent_loader(dataset, config, epoch, device, num_workers, rank, world_size)
 

@@ -319,14 +319,3 @@ class DevicePatchLoader:
                 for n, i in enumerate(chosen):
                     image[i] = image[i] + noise[n] * (aug.noise_std * draws[i][_NOISE_STD])
         return image, label
-
-
-def resolve_num_workers(num_workers, device: torch.device) -> int:
-    """``data.num_workers`` for the MONAI loader; ``auto``: none on the CPU (workers would take
-    cores from the training step), on a GPU all cores but two, at most 8 (the H100 run of issue 10
-    was loader-bound with 2)."""
-    if num_workers != "auto":
-        return int(num_workers)
-    if torch.device(device).type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 2))

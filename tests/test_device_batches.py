@@ -9,7 +9,7 @@ import torch
 from planar3d import patches as P
 from planar3d.errors import ConfigError
 from pipelines.config import load_config
-from pipelines.device_batches import DevicePatchLoader, check_device_loader_config, resolve_num_workers
+from pipelines.device_batches import DevicePatchLoader, check_device_loader_config
 
 NO_AUG = ["augmentation.flip_prob=0", "augmentation.affine_prob=0", "augmentation.gamma_prob=0",
           "augmentation.bias_field_prob=0", "augmentation.noise_prob=0"]
@@ -134,7 +134,6 @@ def test_slabs_take_whole_padded_planes_and_unsupported_sampling_is_refused():
     unsupported = config.model_copy(update={"data": config.data.model_copy(update={"sampling": "lesion_hard_negative"})})
     with pytest.raises(ConfigError, match="data.sampling=lesion_hard_negative"):
         check_device_loader_config(unsupported)
-    assert resolve_num_workers("auto", torch.device("cpu")) == 0 and resolve_num_workers(3, torch.device("cpu")) == 3
 
 
 def test_training_with_the_device_loader_resumes_bit_identically(tmp_path):

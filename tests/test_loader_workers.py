@@ -1,4 +1,4 @@
-"""The MONAI loader with persistent workers (pipelines.persistent_loader): one loader per run,
+"""The MONAI loader with persistent workers (pipelines.loader_workers): one loader per run,
 patches a function of (seed, epoch, rank, volume) whatever the number of workers."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 
 from pipelines.config import load_config
 from pipelines.data import build_dataset, make_loader, patch_batches, training_transform
+from pipelines.loader_workers import resolve_num_workers
 from planar3d.data.manifest import Case
 
 
@@ -48,3 +49,7 @@ def test_persistent_workers_give_the_same_patches_with_any_worker_count(tmp_path
     for (a, b), (c, d) in zip(serial[1], resumed[1]):
         assert torch.equal(a, c) and torch.equal(b, d)
     assert not torch.equal(serial[0][0][0], serial[1][0][0])
+
+
+def test_auto_workers_are_none_on_the_cpu():
+    assert resolve_num_workers("auto", torch.device("cpu")) == 0 and resolve_num_workers(3, torch.device("cpu")) == 3

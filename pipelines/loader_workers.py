@@ -1,6 +1,7 @@
-"""The MONAI loader with persistent workers (``data.persistent_workers: true``).
+"""Workers of the MONAI loader: how many (``data.num_workers: auto``), and persistent ones
+(``data.persistent_workers: true``).
 
-Why: :func:`pipelines.data.make_loader` builds a new DataLoader every epoch, because that is how
+Persistent workers, why: :func:`pipelines.data.make_loader` builds a new DataLoader every epoch, because that is how
 its transforms are reseeded from ``(seed, epoch, rank)``; each epoch then starts its workers
 again (process start, the cached volumes shared anew). Here one DataLoader with
 ``persistent_workers=True`` serves every epoch, and the seed travels with each item instead:
@@ -16,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Iterator, Tuple
 
@@ -78,7 +80,8 @@ class EpochSampler(Sampler):
 _LOADERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # dataset -> its run-long loader
 
 
-def persistent_loader(dataset, config: TrainConfig, epoch: int, device, num_workers: int, rank: int = 0, world_size: int = 1):
+def persistent_loader(dataset, config: TrainConfig, epoch: int, device, num_workers: int, rank: int = 0,
+                      world_size: int = 1):
     """The run-long DataLoader of ``dataset`` (made on the first call), set to draw ``epoch``;
     pinned batches on CUDA."""
     from monai.data import DataLoader
@@ -92,3 +95,14 @@ def persistent_loader(dataset, config: TrainConfig, epoch: int, device, num_work
         _LOADERS[dataset] = loader
     loader.sampler.set_epoch(epoch)  # read in this process when the epoch's iteration starts
     return loader
+
+
+def resolve_num_workers(num_workers, device: torch.device) -> int:
+    """``data.num_workers`` for the MONAI loader; ``auto``: none on the CPU (workers would take
+    cores from the training step), on a GPU all cores but two, at most 8 (the H100 run of issue 10
+    was loader-bound with 2)."""
+    if num_workers != "auto":
+        return int(num_workers)
+    if torch.device(device).type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 2))
