@@ -95,7 +95,7 @@ def cache_key(image: Path, label: Path, normalization) -> str:
     for name, path in (("image", image), ("label", label)):
         stat = Path(path).stat()
         parts[name] = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, allow_nan=False).encode()).hexdigest()[:32]
 
 
 def load_volume(case, normalization, cache_dir: Optional[Path]) -> Tuple[torch.Tensor, torch.Tensor]:
