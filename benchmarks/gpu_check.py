@@ -6,10 +6,13 @@
    ``cudnn.benchmark`` off (the prediction default, since scan shapes vary) and under
    ``torch.compile``.
    Target: whole head bf16-cl <= 25 ms.
-2. **train**: ``planar3d train`` (packaged ``default`` config, 2 epochs, validation off) on
+2. **train**: ``planar3d train`` (packaged ``default`` config, 3 epochs, validation off) on
    synthetic 1 mm phantoms in a subprocess while ``nvidia-smi`` samples GPU utilisation every
-   0.5 s; reports the training voxels/s of ``metrics.csv`` and the utilisation (mean, median,
-   share of samples >= 85 %). Targets: >= 5e7 voxels/s, GPU busy >= 85 %.
+   0.5 s, once per training loader (:data:`TRAIN_LOADERS`: MONAI with 2 workers as measured in
+   issue 10; MONAI with ``num_workers: auto`` and persistent workers; ``data.loader: device``);
+   reports the training voxels/s of ``metrics.csv`` and the utilisation (mean, median, share of
+   samples >= 85 %), then each loader's rate alone (``bench_loader.py``) and the host-device
+   synchronisations it causes. Targets: >= 5e7 voxels/s, GPU busy >= 85 %.
 3. **predict**: ``planar3d predict --device cuda`` in a fresh process on the real scans of
    ``../shared/data/real`` repeated to 20 scans (random weights, full width): first-scan time
    from the process start (imports, CUDA start-up and warm-up included) and steady scans/s
@@ -116,32 +119,53 @@ class UtilisationSampler:
                 f"{statistics.median(self.samples):.0f} %, min {min(self.samples):.0f} %, >= 85 % in {100 * busy:.0f} % of samples")
 
 
+#: The training loaders compared in one run: the one issue 10 measured (MONAI transforms in 2
+#: DataLoader workers), MONAI with ``num_workers: auto`` and persistent workers, and the device loader.
+TRAIN_LOADERS = (("monai, 2 workers (issue 10's)", ["data.loader=monai", "data.num_workers=2"]),
+                 ("monai, workers auto, persistent", ["data.loader=monai", "data.num_workers=auto",
+                                                      "data.persistent_workers=true"]),
+                 ("device", ["data.loader=device"]))
+
+
 def check_train(tiny: bool, work: Path, device: str) -> None:
     from planar3d.data.synth import write_synthetic_dataset
 
-    print("\n## 2. Training throughput (planar3d train)\n", flush=True)
+    print("\n## 2. Training throughput (planar3d train), old and new loader in the same run\n", flush=True)
     manifest = write_synthetic_dataset(work / "train_data", 4 if tiny else 8, seed=0, size="small" if tiny else "full",
                                        geometries=("3d",))
     config = "tiny" if tiny else "default"
-    overrides = ["optim.epochs=1", "data.samples_per_volume=1", "validation.every=1000"] if tiny else ["optim.epochs=2", "validation.every=1000"]
-    run = work / "train_run"
-    command = _cli("train", "--manifest", str(manifest), "--fold", "0", "--out", str(run), "--config", config,
-                   "--device", device, "--encoder-weights", "none", *overrides)
-    start = time.perf_counter()
-    with UtilisationSampler() as sampler:
-        completed = subprocess.run(command, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if completed.returncode != 0:
-        print(f"training failed (exit {completed.returncode}):\n{completed.stderr[-2000:]}")
-        return
-    with open(run / "metrics.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    rates = [float(r["voxels_per_second"]) for r in rows]
-    print(f"| config | epochs | seconds per epoch | training voxels/s (last epoch) | wall incl. start-up | GPU utilisation |")
-    print("|---|---|---|---|---|---|")
-    epochs = ", ".join(f"{float(r['seconds']):.1f}" for r in rows)
-    print(f"| {config} {' '.join(overrides)} | {len(rows)} | {epochs} | "
-          f"{rates[-1]:.3g} | {wall:.0f} s | {sampler.summary()} |")
+    # full: 16 patches a volume, ~40 steps an epoch on the training phantoms of fold 0, as the
+    # 42-step epochs issue 10 measured; the first epoch includes cuDNN's autotuning
+    overrides = (["optim.epochs=1", "data.samples_per_volume=1", "validation.every=1000"] if tiny
+                 else ["optim.epochs=3", "validation.every=1000", "data.samples_per_volume=16"])
+    print(f"config {config} {' '.join(overrides)}\n")
+    print("| loader | seconds per epoch | training voxels/s (last epoch) | wall incl. start-up | GPU utilisation |")
+    print("|---|---|---|---|---|")
+    for name, loader in TRAIN_LOADERS:
+        run = work / f"train_run_{len(name)}_{loader[0].split('=')[1]}"
+        command = _cli("train", "--manifest", str(manifest), "--fold", "0", "--out", str(run), "--config", config,
+                       "--device", device, "--encoder-weights", "none", *overrides, *loader)
+        start = time.perf_counter()
+        with UtilisationSampler() as sampler:
+            completed = subprocess.run(command, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if completed.returncode != 0:
+            print(f"| {name} | training failed (exit {completed.returncode}): {completed.stderr[-1500:]!r} | | | |")
+            continue
+        with open(run / "metrics.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        epochs = ", ".join(f"{float(r['seconds']):.1f}" for r in rows)
+        print(f"| {name} | {epochs} | {float(rows[-1]['voxels_per_second']):.3g} | {wall:.0f} s | {sampler.summary()} |", flush=True)
+    # the loaders alone (no network): the most each can feed; on CUDA timed up to a synchronisation
+    from bench_loader import loader_rate
+    from pipelines.config import load_config
+
+    print("\nLoaders alone (benchmarks/bench_loader.py, same data and config, no network):\n")
+    print("| loader | training voxels/s delivered | host syncs in the warm-up epoch (CUDA) |")
+    print("|---|---|---|")
+    for name, loader in TRAIN_LOADERS:
+        result = loader_rate(manifest, load_config(config, overrides + loader), device, epochs=1 if tiny else 2)
+        print(f"| {name} | {result['voxels_per_second']:.3g} | {result['host_syncs']} |", flush=True)
 
 
 # --- 3. folder prediction ------------------------------------------------------------------------

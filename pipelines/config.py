@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from planar3d.errors import ConfigError
 from planar3d.networks.res_unet import PlanarResUNetConfig
@@ -82,7 +82,12 @@ class DataSection(_Section):
     samples_per_volume: int = Field(2, ge=1)
     batch_size: int = Field(2, ge=1)
     cache: Literal["memory", "disk", "none"] = "memory"
-    num_workers: int = Field(0, ge=0)
+    num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = 0
+    # monai: MONAI transforms in DataLoader workers; device: volumes kept as tensors, patches cut and
+    # augmented on the training device (pipelines/device_batches.py; lesion and slabs sampling only)
+    loader: Literal["monai", "device"] = "monai"
+    # monai loader: one DataLoader with persistent workers for the run (pipelines/loader_workers.py)
+    persistent_workers: bool = False
 
     @field_validator("patch_size")
     @classmethod
@@ -90,6 +95,13 @@ class DataSection(_Section):
         if len(value) != 3 or any(v == 0 or v < -1 for v in value):
             raise ValueError("must be 3 sizes (positive, or -1 for the whole axis)")
         return value
+
+    @model_validator(mode="after")
+    def _device_loader_sampling(self):
+        if self.loader == "device" and self.sampling not in ("lesion", "slabs"):
+            raise ValueError(f"loader device with sampling {self.sampling}: the device loader samples only "
+                             "lesion and slabs; use loader monai for this sampling")
+        return self
 
 
 class AugmentationSection(_Section):

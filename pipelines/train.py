@@ -569,8 +569,13 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
     state = _resume_state(out_dir, model, optimizer, scheduler, config) if resume else RunState()
 
     loss_fn = build_loss(config.loss.name, config.loss.batch_dice, **config.loss.options)
-    transform = data_module.training_transform(config, plane_axis, shapes)
-    dataset = data_module.build_dataset(config, train_cases, transform, out_dir)
+    if config.data.loader == "device":  # volumes held once as tensors, patches made on the device
+        from pipelines.device_batches import DevicePatchLoader
+
+        dataset = DevicePatchLoader.from_cases(config, train_cases, plane_axis, dev, out_dir)
+    else:
+        transform = data_module.training_transform(config, plane_axis, shapes)
+        dataset = data_module.build_dataset(config, train_cases, transform, out_dir)
     val_volumes = data_module.load_validation_volumes(val_cases, config.normalization) if dist.main else []
 
     writer = None
@@ -596,9 +601,15 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
         run.wrapped = wrap_model(run.model, dist, run.device)
         log.info("epoch %d: encoder %s", epoch + 1, "frozen" if run.frozen else "trainable")
     lr = run.optimizer.param_groups[0]["lr"]
-    loader = data_module.make_loader(run.dataset, config, epoch, dist.rank, dist.world_size)
-    result = train_one_epoch(run.wrapped, data_module.patch_batches(loader, config.data.batch_size),
-                             run.loss_fn, run.optimizer, config, run.device, dist, epoch, total_steps=_estimated_steps(loader, config))
+    if config.data.loader == "device":
+        batches = run.dataset.epoch_batches(epoch, dist.rank, dist.world_size)
+        total_steps = len(run.dataset.steps(epoch, dist.rank, dist.world_size))
+    else:
+        loader = data_module.make_loader(run.dataset, config, epoch, dist.rank, dist.world_size, run.device)
+        batches = data_module.patch_batches(loader, config.data.batch_size)
+        total_steps = _estimated_steps(loader, config)
+    result = train_one_epoch(run.wrapped, batches, run.loss_fn, run.optimizer, config, run.device, dist, epoch,
+                             total_steps=total_steps)
     run.scheduler.step()
     state.epoch = epoch + 1
     val_dice, threshold, per_threshold = float("nan"), state.best_threshold, {}

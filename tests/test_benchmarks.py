@@ -18,5 +18,7 @@ def test_gpu_check_tiny_runs_all_steps_on_cpu():
     for heading in ("## 1. Model", "## 2. Training throughput", "## 3. planar3d predict on a folder"):
         assert heading in out
     assert "| planar | 32x64x64 | fwd | cl |" in out          # the model table has the planar channels_last row
-    assert "| tiny optim.epochs=1" in out and "failed" not in out
+    assert "config tiny optim.epochs=1" in out and "failed" not in out
+    for loader in ("| monai, 2 workers (issue 10's) |", "| monai, workers auto, persistent |", "| device |"):
+        assert out.count(loader) == 2, loader  # trained, and timed alone
     assert "| 3 (3 distinct) | 0.0625 |" in out               # all three masks written
