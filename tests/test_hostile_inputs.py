@@ -192,10 +192,10 @@ def test_predict_batch_with_every_bad_file(tmp_path, bad_folder, monkeypatch):
     (folder / "bug.nii.gz").write_bytes((folder / "good0.nii.gz").read_bytes())
     original = predict.run_model
 
-    def run_model(model, prepared, settings):  # a bug (not an InputError) on one scan only
+    def run_model(model, prepared, settings, *args, **kwargs):  # a bug (not an InputError) on one scan only
         if prepared.scan.path.name == "bug.nii.gz":
             raise TypeError("unexpected bug")
-        return original(model, prepared, settings)
+        return original(model, prepared, settings, *args, **kwargs)
 
     monkeypatch.setattr(predict, "run_model", run_model)
     out = tmp_path / "out"
