@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from planar3d.checkpoint import ModelCheckpoint
-from planar3d.errors import ConfigError, InputError
+from planar3d.errors import ConfigError, InputError, TrainingError
 from planar3d.io import atomic_write_text, check_output_folder, json_safe, sha256_file, write_json
 from planar3d.provenance import package_versions
 
@@ -278,6 +278,12 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
         with autocast_context(device, config.amp):
             logits = model(image)
         loss = loss_fn(logits, label)
+        if not torch.isfinite(loss.detach()):
+            # stop before the step: a NaN update would spread to every weight, and a NaN model
+            # could still become best.pt (a lesion F1 of 0 beats the initial -1)
+            raise TrainingError(
+                f"epoch {epoch + 1}, step {steps + 1}: the training loss is {float(loss):g}; last.pt keeps epoch {epoch} "
+                f"(input finite: {bool(torch.isfinite(image).all())}); lower optim.lr or check the augmentation")
         loss.backward()
         if config.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.optim.grad_clip)

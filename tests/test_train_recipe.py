@@ -199,3 +199,18 @@ def test_training_records_the_recipe_and_validates_by_lesion_f1(phantom_manifest
     assert {"val_score", "val_dice", "val_lesion_f1", "val_lesion_ppv", "val_threshold"} <= set(row)
     assert row["val_score"] == row["val_lesion_f1"] and float(row["val_threshold"]) in (0.3, 0.5)
     assert "encoder weights: none" in (run / "train.log").read_text()
+
+
+def test_a_non_finite_loss_stops_training_before_the_update(phantom_manifest, tmp_path, monkeypatch):
+    import torch
+
+    import planar3d.losses
+    from planar3d.errors import TrainingError
+    from pipelines.train import train
+
+    monkeypatch.setattr(planar3d.losses, "build_loss", lambda *a, **k: (lambda logits, label: logits.mean() * float("nan")))
+    config = load_config("demo_cpu", ["network.width=0.0625", "data.patch_size=[32,32,16]", "data.samples_per_volume=1",
+                                      "data.batch_size=1", "optim.epochs=1", "val_cases=0"])
+    with pytest.raises(TrainingError, match=r"epoch 1, step 1: the training loss is nan; last.pt keeps epoch 0 \(input finite: True\)"):
+        train(phantom_manifest, 0, tmp_path / "run", config, device="cpu")
+    assert not (tmp_path / "run" / "last.pt").exists()
