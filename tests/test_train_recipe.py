@@ -159,7 +159,7 @@ def test_scanner_augmentation_follows_the_classic_transforms():
     plain = augmentation_transforms(load_config("default", ["augmentation.scanner=null"]), plane_axis=2)
     recipe = augmentation_transforms(load_config("default"), plane_axis=2)
     names = [type(t).__name__ for t in recipe[len(plain):]]
-    assert names == ["RandThickSliced", "RandGaussianSmoothd", "RandBiasFieldd", "RandHistogramShiftd",
+    assert names == ["RandThickSliced", "RandGaussianSmoothd", "RandBiasFieldd", "FiniteRandHistogramShiftd",
                      "RandAdjustContrastd", "RandGaussianNoised"]
     thick = recipe[len(plain)]
     assert isinstance(thick, RandThickSliced) and thick.axis == 2 and thick.spacing_key == "spacing"
