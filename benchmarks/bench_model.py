@@ -10,9 +10,12 @@ One run measures, on the current device (CUDA if available, else the CPU):
   time (median of the timed repeats after warm-up), FLOPs (``FlopCounterMode``), GFLOP/s,
   % of the matmul peak and peak memory.
 
-Every case runs in a fresh subprocess so peak memory (``ru_maxrss`` on the CPU,
-``torch.cuda.max_memory_allocated`` on CUDA) belongs to that case alone. On CUDA every case runs
-twice: fp32 (NCDHW) and bf16 autocast + ``channels_last_3d``.
+All cases run in this one process (a GPU run of every row takes a few minutes, not a process
+start per case); peak memory is still each case's own: ``torch.cuda.max_memory_allocated`` after
+a reset on CUDA, the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) on the CPU.
+``--isolate`` runs every case in a fresh process instead. Variants: ``fp32`` (NCDHW), ``cl``
+(fp32 ``channels_last_3d``, how ``planar3d predict`` runs on the CPU), ``bf16-cl`` (bf16 autocast +
+``channels_last_3d``, CUDA) and ``bf16-cl+compile`` (the same under ``torch.compile``).
 
 The planar net is built with ``plane_axis=0``: input (N, C, planes, H, W) with (1,3,3) kernels,
 the 16 slab planes along the first spatial axis. DynUNet needs every spatial size divisible by
@@ -127,6 +130,27 @@ def count_params(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (Linux ``VmHWM``) so the next case measures its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS since :func:`reset_peak_rss` (``VmHWM``; else the process-wide ``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,19 +189,24 @@ def run_case(
     flops = count_flops(model_name, spatial, pass_, device)
     # the same matmul peak again in this process, right before timing: on a shared CPU the
     # ratio to this one is less sensitive to other load than the ratio to the run-wide peak
-    local_peak = matmul_peak(device, torch.bfloat16 if variant == "bf16-cl" else torch.float32, matmul_n, 2)
+    local_peak = matmul_peak(device, torch.bfloat16 if variant.startswith("bf16") else torch.float32, matmul_n, 2)
 
     model = build_model(model_name).to(device)
     params = count_params(model)
     x = torch.randn((1, 1, *spatial), device=device)
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    if variant == "bf16-cl":
+    if variant == "cl":  # channels_last_3d in fp32 (how planar3d predicts on the CPU)
+        model = model.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if variant.startswith("bf16-cl"):
         model = model.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
 
         def autocast():
             return torch.autocast(device.type, dtype=torch.bfloat16)
 
+    if variant.endswith("+compile"):
+        model = torch.compile(model)
     if pass_ == "fwd":
         model.eval()
 
@@ -193,7 +222,8 @@ def run_case(
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-    rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = peak_rss_bytes()
+    reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times: List[float] = []
@@ -217,14 +247,14 @@ def run_case(
         peak_bytes = torch.cuda.max_memory_allocated(device)
         peak_kind = "cuda max allocated"
     else:
-        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peak_bytes = peak_rss_bytes()
         peak_kind = "peak RSS"
     return {
         "model": model_name, "input": list(spatial), "computed_input": effective_shape(model_name, spatial),
         "pass": pass_, "variant": variant, "params": params, "flops": flops,
         "seconds": seconds, "times": times, "warmup_times": warmup_times, "single_run": single_run,
         "local_peak_flops": local_peak, "pct_local_peak": 100 * flops / seconds / local_peak, "flops_per_s": flops / seconds,
-        "peak_bytes": peak_bytes, "peak_kind": peak_kind, "rss_before_timing_bytes": rss_before_kib * 1024,
+        "peak_bytes": peak_bytes, "peak_kind": peak_kind, "rss_before_timing_bytes": rss_before,
         "device": str(device),
     }
 
@@ -274,7 +304,7 @@ def markdown_table(rows: List[Dict], peaks: Dict[str, float]) -> str:
         if "error" in r:
             lines.append(f"| {r['model']} | {shape} | {r['pass']} | {r['variant']} | | | {r['error']} | | | | |")
             continue
-        peak = peaks["bf16" if r["variant"] == "bf16-cl" else "fp32"]
+        peak = peaks["bf16" if r["variant"].startswith("bf16") else "fp32"]
         lines.append(
             f"| {r['model']} | {shape} | {r['pass']} | {r['variant']} | {r['params'] / 1e6:.1f} M "
             f"| {r['flops'] / 1e9:.0f} | {fmt_time(r['seconds'])}{' ¹' if r.get('single_run') else ''} "
@@ -282,6 +312,38 @@ def markdown_table(rows: List[Dict], peaks: Dict[str, float]) -> str:
             f"| {fmt_bytes(r['peak_bytes'])} |"
         )
     return "\n".join(lines)
+
+
+def run_in_process(spec: Dict, spatial: Sequence[int]) -> Dict:
+    """One case in this process; a failure (e.g. out of memory) becomes an error row."""
+    import gc
+
+    try:
+        return run_case(spec["model"], spec["spatial"], spec["pass"], spec["variant"], spec["warmup"],
+                        spec["repeats"], spec["slow_s"], spec["matmul_n"])
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        return dict(spec, input=list(spatial), error=f"failed: {str(error).splitlines()[0][:120]}")
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_isolated(spec: Dict, spatial: Sequence[int], timeout: float) -> Dict:
+    """One case in a fresh process (``--isolate``)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--_case", json.dumps(spec)],
+            capture_output=True, text=True, timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return dict(spec, input=list(spatial), error=f"over {timeout:.0f} s, stopped")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else tail[:120]
+        return dict(spec, input=list(spatial), error=f"failed: {reason}")
+    return json.loads(line[-1][len("RESULT "):])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -292,12 +354,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per case")
     parser.add_argument("--slow", type=float, default=45.0,
                         help="CPU: if the warm-up pass takes longer than this (s), report it as the only run")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run every case in a fresh process (slower start; a case's crash cannot end the run)")
+    parser.add_argument("--variants", default=None,
+                        help="comma list of fp32, cl (channels_last_3d fp32), bf16-cl, bf16-cl+compile "
+                             "(default: fp32,cl on the CPU; fp32,bf16-cl on CUDA)")
+    parser.add_argument("--cases", default=None, help="comma list of slab-fwd, slab-fwd+bwd, head-fwd (default: all)")
+    parser.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on",
+                        help="CUDA: torch.backends.cudnn.benchmark for the fixed-shape cases (default on)")
     parser.add_argument("--_case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args(argv)
 
     torch.set_num_threads(os.cpu_count() or 1)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
 
     if args._case:
         spec = json.loads(args._case)
@@ -311,7 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if m not in MODELS:
             parser.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     inputs = QUICK_INPUTS if args.quick else FULL_INPUTS
-    variants = ["fp32", "bf16-cl"] if cuda else ["fp32"]
+    variants = args.variants.split(",") if args.variants else (["fp32", "bf16-cl"] if cuda else ["fp32", "cl"])
+    wanted_cases = set(args.cases.split(",")) if args.cases else None
 
     load_start = os.getloadavg()[0]
     n = 1024 if args.quick else (8192 if cuda else 4096)
@@ -325,6 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Dict] = []
     for model in models:
         for input_name, pass_ in CASES:
+            if wanted_cases is not None and f"{input_name}-{pass_}" not in wanted_cases:
+                continue
             spatial = inputs[input_name]
             big = not cuda and not args.quick and (input_name == "head" or pass_ == "fwd+bwd")
             warmup, repeats = (1, 2) if big else ((2, 5) if cuda or args.quick else (1, 3))
@@ -333,33 +408,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "warmup": warmup, "repeats": repeats, "slow_s": args.slow if not cuda else 1e9,
                         "matmul_n": n}
                 t0 = time.perf_counter()
-                try:
-                    proc = subprocess.run(
-                        [sys.executable, os.path.abspath(__file__), "--_case", json.dumps(spec)],
-                        capture_output=True, text=True, timeout=args.timeout,
-                    )
-                    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                    if proc.returncode != 0 or not line:
-                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                        reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else tail[:120]
-                        row = dict(spec, input=list(spatial), error=f"failed: {reason}")
-                    else:
-                        row = json.loads(line[-1][len("RESULT "):])
-                except subprocess.TimeoutExpired:
-                    row = dict(spec, input=list(spatial), error=f"over {args.timeout:.0f} s, stopped")
+                if not args.isolate:
+                    row = run_in_process(spec, spatial)
+                else:
+                    row = run_isolated(spec, spatial, args.timeout)
                 row["wall_s"] = time.perf_counter() - t0
                 rows.append(row)
                 status = row.get("error") or f"{fmt_time(row['seconds'])}, {row['flops_per_s'] / 1e9:.0f} GFLOP/s, {fmt_bytes(row['peak_bytes'])}"
                 print(f"  {model:8s} {input_name} {pass_:8s} {variant:8s} {status}  (case wall {row['wall_s']:.0f} s)",
                       file=sys.stderr, flush=True)
-
     print()
     print(markdown_table(rows, peaks))
     if any(r.get("single_run") for r in rows):
         print(f"\n¹ one pass only (the warm-up pass took over {args.slow:.0f} s), so it includes first-call overheads.")
-    print(f"\nPeak memory: {'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of a fresh process per row (includes ~0.5 GiB of torch/MONAI and the weights)'}."
+    print(f"\nPeak memory: {'torch.cuda.max_memory_allocated' if cuda else 'peak RSS during the row (VmHWM reset before it; includes ~0.5 GiB of torch/MONAI and the weights)'}."
           f" Load average at the end: {os.getloadavg()[0]:.1f} (at the start {load_start:.1f}).")
-    planar = [r for r in rows if r["model"] == "planar" and r["pass"] == "fwd" and "error" not in r and r["variant"] == "fp32"]
+    planar = [r for r in rows if r["model"] == "planar" and r["pass"] == "fwd" and "error" not in r and r["variant"] in ("fp32", "cl")]
     if planar and not cuda:
         best = max(100 * r["flops_per_s"] / peaks["fp32"] for r in planar)
         best_local = max(r["pct_local_peak"] for r in planar)

@@ -6,11 +6,12 @@ Prints a Markdown table. Each phase runs in its own subprocess so its peak RSS
 - ``planar``: :func:`pipelines.predict.predict_folder` over the real scans in
   ``../shared/data/real`` (and a few small synthetic ones when :mod:`planar3d.data.synth` exists),
   with a planar res-u-net of ``--width`` (default 1.0 = published widths) and **random weights**
-  (speed and memory only; the masks mean nothing), default settings: slabs of 16 whole planes
+  (speed and memory only; the masks mean nothing), default settings: one whole-volume pass (slabs along the plane axis when memory requires)
   along the plane axis, overlap 0.25;
 - ``dynunet``: the same scans, same loading/preprocessing/writing, the model step replaced by MONAI
   ``sliding_window_inference`` with ``DynUNet`` in an nnU-Net-like configuration (kernels 3³ x 6,
   strides 1 then 2 x 5, filters 32..320, instance norm), 128³ windows, overlap 0.5, Gaussian;
+- ``unet``: the same with MONAI ``UNet`` (16..256, 2 residual units), 96³ windows, overlap 0.25;
 - ``big``: one synthetic 512x512x200 scan (the real 1 mm head resampled), planar network, to
   show memory stays bounded.
 
@@ -19,6 +20,7 @@ Usage (from the project root)::
     python benchmarks/bench_predict.py                 # full width, a few minutes on 2 cores
     python benchmarks/bench_predict.py --quick         # width 0.25, no DynUNet, small big-scan
     python benchmarks/bench_predict.py --width 0.5 --skip dynunet
+    python benchmarks/bench_predict.py --head          # issue 10's CPU rows on the 1 mm head, one table
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL = PROJECT_ROOT.parent / "shared" / "data" / "real"
@@ -71,6 +75,30 @@ def _shape(path) -> list:
     return list(nib.load(str(path)).shape)
 
 
+def _planar_work(checkpoint_path: Path, scan_path: str):
+    """FLOPs and slab plan of ``planar3d predict`` on one scan (the plan as it would be now)."""
+    from planar3d.checkpoint import load_model
+    from planar3d.inference import estimated_forward_bytes, memory_budget_bytes, plan_slabs, size_multiple
+    from planar3d.preprocess import Reorientation
+
+    model, _ = load_model(checkpoint_path)
+    import nibabel as nib
+
+    image = nib.load(scan_path)
+    shape = list(Reorientation.of_image(image).forward(np.zeros(image.shape, np.uint8)).shape)
+    axis = model.config.plane_axis
+    multiple = size_multiple(model)
+    per_plane = estimated_forward_bytes(model, shape, "cpu") // shape[axis]
+    slabs = plan_slabs(shape[axis], max(memory_budget_bytes("cpu") // per_plane, 1), 16, multiple[axis])
+    flops = 0.0
+    for slab in slabs:
+        slab_shape = list(shape)
+        slab_shape[axis] = slab.stop - slab.start
+        flops += forward_flops(model, [s + (-s) % m for s, m in zip(slab_shape, multiple)])
+    plan = "whole volume, 1 pass" if len(slabs) == 1 else f"{len(slabs)} slabs, margin 16"
+    return flops, plan
+
+
 def phase_planar(inputs: Path, work: Path, width: float) -> dict:
     from pipelines.predict import predict_folder
 
@@ -79,40 +107,97 @@ def phase_planar(inputs: Path, work: Path, width: float) -> dict:
     start = time.perf_counter()
     summary = predict_folder(inputs, work / "out_planar", model, overwrite=True, progress=False)
     wall = time.perf_counter() - start
-    return {"wall": wall, "rows": _rows_from_results(summary.results, shapes), "rss": peak_rss_mib(),
+    rows = _rows_from_results(summary.results, shapes)
+    for row, result in zip(rows, summary.results):
+        row["flops"], row["plan"] = _planar_work(model, result.input)
+    return {"wall": wall, "rows": rows, "rss": peak_rss_mib(),
             "settings": {"roi_size": summary.settings["roi_size"], "overlap": summary.settings["overlap"]}}
 
 
-def phase_dynunet(inputs: Path, work: Path) -> dict:
+#: MONAI peers: network builder, window, overlap (MEASUREMENTS.md's settings).
+PEERS = {
+    "dynunet": ((128, 128, 128), 0.5),  # nnU-Net-like, Gaussian blending
+    "unet": ((96, 96, 96), 0.25),
+}
+
+
+def build_peer(name: str):
+    import torch
+
+    torch.manual_seed(0)
+    if name == "dynunet":
+        from monai.networks.nets import DynUNet
+
+        strides = [[1, 1, 1]] + [[2, 2, 2]] * 5
+        return DynUNet(3, 1, 1, kernel_size=[[3, 3, 3]] * 6, strides=strides, upsample_kernel_size=strides[1:],
+                       filters=[32, 64, 128, 256, 320, 320], norm_name="instance").eval()
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=(16, 32, 64, 128, 256),
+                strides=(2, 2, 2, 2), num_res_units=2).eval()
+
+
+def window_count(shape, window, overlap) -> int:
+    """Windows MONAI's ``sliding_window_inference`` runs (its scan interval rule)."""
+    import math
+
+    count = 1
+    for size, roi in zip(shape, window):
+        roi = min(roi, size)
+        interval = max(int(roi * (1 - overlap)), 1)
+        count *= 1 if size <= roi else math.ceil((size - roi) / interval) + 1
+    return count
+
+
+def forward_flops(model, shape) -> float:
+    """Convolution/matmul FLOPs of one forward pass over ``shape`` (FlopCounterMode, meta device)."""
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(model).to("meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        meta(torch.zeros((1, 1, *shape), device="meta"))
+    return float(counter.get_total_flops())
+
+
+def phase_peer(name: str, inputs: Path, work: Path) -> dict:
     import torch
     from monai.inferers import sliding_window_inference
-    from monai.networks.nets import DynUNet
 
     from planar3d.checkpoint import ModelCheckpoint
     from planar3d.networks import PlanarResUNetConfig
     from pipelines.predict import InferenceSettings, OutputPaths, find_inputs, finish_scan, prepare_scan
 
-    torch.manual_seed(0)
-    strides = [[1, 1, 1]] + [[2, 2, 2]] * 5
-    net = DynUNet(3, 1, 1, kernel_size=[[3, 3, 3]] * 6, strides=strides, upsample_kernel_size=strides[1:],
-                  filters=[32, 64, 128, 256, 320, 320], norm_name="instance").eval()
+    net = build_peer(name)
+    window, overlap = PEERS[name]
     settings = InferenceSettings.from_checkpoint(ModelCheckpoint({}, PlanarResUNetConfig()))
     rows = []
     start = time.perf_counter()
     for scan in find_inputs(inputs):
         prepared = prepare_scan(scan, settings)
         t = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode():
             x = torch.from_numpy(prepared.volume)[None, None]
-            logits = sliding_window_inference(x, (128, 128, 128), 1, net, overlap=0.5, mode="gaussian")
+            logits = sliding_window_inference(x, window, 1, net, overlap=overlap, mode="gaussian")
             probability = torch.sigmoid(logits)[0, 0].numpy()
         prepared.timings["model"] = time.perf_counter() - t
-        outputs = OutputPaths.of(work / "out_dynunet", scan.relative)
+        shape = list(prepared.volume.shape)
+        outputs = OutputPaths.of(work / f"out_{name}", scan.relative)
         finish_scan(prepared, probability, outputs, settings)
+        passes = window_count(shape, window, overlap)
         rows.append({"scan": scan.path.name, "shape": _shape(scan.path), "status": "done", "error": None,
+                     "flops": passes * forward_flops(net, [min(w, s) for w, s in zip(window, shape)]),
+                     "plan": f"{passes} windows {'x'.join(map(str, window))}, overlap {overlap}",
                      **{s: prepared.timings[s] for s in STEPS}})
     return {"wall": time.perf_counter() - start, "rows": rows, "rss": peak_rss_mib(),
-            "settings": {"roi_size": [128, 128, 128], "overlap": 0.5}}
+            "settings": {"roi_size": list(window), "overlap": overlap}}
+
+
+def phase_dynunet(inputs: Path, work: Path) -> dict:
+    return phase_peer("dynunet", inputs, work)
 
 
 def make_big(path: Path, shape=(512, 512, 200)) -> None:
@@ -134,8 +219,8 @@ def run_phase(args: argparse.Namespace) -> None:
     work = Path(args.work)
     if args.phase == "planar":
         result = phase_planar(Path(args.inputs), work, args.width)
-    elif args.phase == "dynunet":
-        result = phase_dynunet(Path(args.inputs), work)
+    elif args.phase in PEERS:
+        result = phase_peer(args.phase, Path(args.inputs), work)
     else:
         raise SystemExit(f"unknown phase {args.phase}")
     print("RESULT " + json.dumps(result))
@@ -171,12 +256,65 @@ def table(name: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+def gemm_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+    """Best rate of an n x n fp32 matrix product (the GEMM rate the model rows are compared to)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def head_rows(scan: Path, width: float) -> None:
+    """Issue 10's CPU rows: ours vs DynUNet vs MONAI UNet on one scan, same run, one table."""
+    gemm_start = gemm_flops_per_s()
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench_predict_head_") as tmp:
+        work = Path(tmp)
+        inputs = work / "inputs"
+        inputs.mkdir()
+        (inputs / scan.name).symlink_to(scan.resolve())
+        results = {}
+        for phase in ("planar", "dynunet", "unet"):
+            results[phase] = _subprocess(phase, inputs, work / phase, width)
+            row = results[phase]["rows"][0]
+            print(f"  {phase}: model {row['model']:.1f} s ({row.get('plan')})", file=sys.stderr, flush=True)
+    gemm_end = gemm_flops_per_s()
+    gemm = max(gemm_start, gemm_end)
+    names = {"planar": f"planar res-u-net width {width} (planar3d predict)",
+             "dynunet": "MONAI DynUNet, nnU-Net-like (31 M)", "unet": "MONAI UNet (4.8 M)"}
+    reference = results["dynunet"]["rows"][0]["model"]
+    print(f"scan {scan.name} {'x'.join(map(str, results['planar']['rows'][0]['shape']))}; fp32 2048² GEMM "
+          f"{gemm_start / 1e9:.0f} GFLOP/s at the start, {gemm_end / 1e9:.0f} at the end (the higher is the reference); "
+          f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
+    print("| model | passes | GFLOP | model s | scan total s | GFLOP/s | % of GEMM rate | model time vs DynUNet | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for phase, result in results.items():
+        row = result["rows"][0]
+        if row["status"] != "done":
+            print(f"| {names[phase]} | {row['status']}: {row['error']} ||||||||")
+            continue
+        rate = row["flops"] / row["model"]
+        versus = "reference" if phase == "dynunet" else f"{reference / row['model']:.2f}x faster"
+        print(f"| {names[phase]} | {row['plan']} | {row['flops'] / 1e9:.0f} | {row['model']:.1f} | "
+              f"{sum(row[s] for s in STEPS):.1f} | {rate / 1e9:.0f} | {100 * rate / gemm:.0f} % | "
+              f"{versus} | {result['rss'] / 1024:.1f} GiB |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=float, default=None, help="planar network width (default 1.0; 0.25 with --quick)")
     parser.add_argument("--quick", action="store_true", help="width 0.25, no DynUNet, 256x256x100 big scan")
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: planar, dynunet, big")
     parser.add_argument("--synthetic", type=int, default=2, help="small synthetic scans added to the real ones")
+    parser.add_argument("--head", action="store_true",
+                        help="only the CPU rows of one scan (--scan): planar3d predict vs DynUNet vs MONAI UNet, one table")
+    parser.add_argument("--scan", default=str(REAL / "flair_head_1mm.nii.gz"), help="the scan of --head")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -188,6 +326,12 @@ def main() -> None:
         return
     skip = {s.strip() for s in args.skip.split(",") if s.strip()} | ({"dynunet"} if args.quick else set())
     import torch
+
+    if args.head:
+        print(f"# bench_predict --head {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
+              f"torch {torch.__version__} ({torch.get_num_threads()} threads), random weights\n", flush=True)
+        head_rows(Path(args.scan), args.width)
+        return
 
     print(f"# bench_predict {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), planar width {args.width}, random weights\n", flush=True)

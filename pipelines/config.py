@@ -1,9 +1,15 @@
 """Typed training configuration (pydantic v2), loaded from YAML with ``key.sub=value`` overrides.
 
 Every section forbids unknown keys, so a typo (``optim.lr_rate``) or a wrong type
-(``optim.epochs: ten``) stops the run before anything is done, with the key named. The packaged
-configs (``default``, ``paper``, ``demo_cpu``) live in ``pipelines/configs/`` and are found by
-name; see ``docs/training.md`` for the reference of every key.
+(``optim.epochs: ten``) stops the run before anything is done, with the key named and the
+closest known keys suggested ("did you mean optim.lr?"). The packaged configs (``default``,
+``paper``, ``demo_cpu``, ``tiny``) live in ``pipelines/configs/`` and are found by name; see
+``docs/training.md`` for the reference of every key.
+
+A user's YAML file is layered on a base (:func:`load_layered`): its ``base:`` key names a
+packaged config or another YAML file (relative to the file), and **without** ``base:`` the base
+is ``default``, the recommended recipe, so a file holding a few keys changes only those keys.
+``base: none`` starts from the bare class defaults. Sections merge key by key; lists are replaced.
 
 Example:
     >>> config = load_config("demo_cpu", ["optim.epochs=3", "loss.name=bce_dice"])
@@ -16,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from planar3d.augment import ScannerAugmentation
 from planar3d.errors import ConfigError
@@ -29,6 +35,10 @@ from planar3d.sampling import BRIGHTNESS_FACTOR
 from planar3d.thresholds import CRITERIA
 
 PACKAGED_CONFIGS = ("default", "paper", "demo_cpu", "tiny")
+#: The base of a user's YAML file without a ``base:`` key (the recommended recipe).
+DEFAULT_BASE = "default"
+#: ``base:`` value meaning no base: the class defaults.
+NO_BASE = "none"
 
 
 class _Section(BaseModel):
@@ -88,7 +98,12 @@ class DataSection(_Section):
     samples_per_volume: int = Field(2, ge=1)
     batch_size: int = Field(2, ge=1)
     cache: Literal["memory", "disk", "none"] = "memory"
-    num_workers: int = Field(0, ge=0)
+    num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = 0
+    # monai: MONAI transforms in DataLoader workers; device: volumes kept as tensors, patches cut and
+    # augmented on the training device (pipelines/device_batches.py; lesion and slabs sampling only)
+    loader: Literal["monai", "device"] = "monai"
+    # monai loader: one DataLoader with persistent workers for the run (pipelines/loader_workers.py)
+    persistent_workers: bool = False
 
     @field_validator("patch_size")
     @classmethod
@@ -103,6 +118,13 @@ class DataSection(_Section):
         if len(value) != 3 or any(v < 0 for v in value) or sum(value) <= 0:
             raise ValueError("must be 3 non-negative numbers (lesion, hard_negative, random), not all 0")
         return value
+
+    @model_validator(mode="after")
+    def _device_loader_sampling(self):
+        if self.loader == "device" and self.sampling not in ("lesion", "slabs"):
+            raise ValueError(f"loader device with sampling {self.sampling}: the device loader samples only "
+                             "lesion and slabs; use loader monai for this sampling")
+        return self
 
 
 @dataclass(frozen=True)
@@ -189,9 +211,52 @@ class TrainConfig(_Section):
     loss: LossSection = LossSection()
     validation: ValidationSection = ValidationSection()
 
+    @model_validator(mode="after")
+    def _device_loader_augmentation(self):
+        # the device loader implements the classic augmentations only: scanner augmentation
+        # would be silently skipped
+        if self.data.loader == "device" and self.augmentation.scanner is not None:
+            raise ValueError("data.loader device with augmentation.scanner: the device loader does not apply the "
+                             "scanner augmentation; use data.loader monai, or augmentation.scanner null")
+        return self
+
     def to_dict(self) -> dict:
         """Plain JSON-compatible dict (for run.json and checkpoints)."""
         return self.model_dump(mode="json")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: mappings merge key by key (recursively), other values replace."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def load_layered(source: str | Path, _seen: tuple = ()) -> tuple[str, dict]:
+    """``(description, data)`` of a config with its ``base:`` chain resolved (module docstring).
+
+    Packaged configs are complete and have no base; a YAML file's ``base:`` (default
+    :data:`DEFAULT_BASE`) is a packaged name, another file (relative to this one) or ``none``.
+
+    Raises:
+        ConfigError: missing file or base, bad YAML, a base that is not a name, or a cycle.
+    """
+    where, data = _read_source(source)
+    is_file = Path(source).is_file()
+    base = data.pop("base", DEFAULT_BASE if is_file else NO_BASE)
+    if base is None or str(base).lower() == NO_BASE:
+        return where, data
+    if not isinstance(base, str):
+        raise ConfigError(f"{where}: base must be a packaged config ({', '.join(PACKAGED_CONFIGS)}), a YAML file or none; got {base!r}")
+    key = str(Path(source).resolve()) if is_file else str(source)
+    if key in _seen:
+        raise ConfigError(f"{where}: base chain loops back to {source}")
+    base_source: str | Path = base
+    if is_file and base.endswith((".yaml", ".yml")) and not Path(base).is_absolute():
+        base_source = Path(source).parent / base
+    base_where, base_data = load_layered(base_source, _seen + (key,))
+    return f"{where} (on base {base_where})", _merge(base_data, data)
 
 
 def _read_source(source: str | Path) -> tuple[str, dict]:
@@ -239,21 +304,65 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+def schema_keys(model: Any = None, prefix: str = "") -> List[str]:
+    """Every dotted key of the configuration schema (``optim.lr``, ``network.width``, ...)."""
+    import dataclasses
+
+    model = TrainConfig if model is None else model
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        items = [(name, info.annotation) for name, info in model.model_fields.items()]
+    elif dataclasses.is_dataclass(model):
+        items = [(f.name, f.type) for f in dataclasses.fields(model)]
+    else:
+        return []
+    keys = []
+    for name, annotation in items:
+        keys.append(prefix + name)
+        if isinstance(annotation, type) and (issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation)):
+            keys += schema_keys(annotation, prefix + name + ".")
+    return keys
+
+
+def did_you_mean(key: str) -> List[str]:
+    """Known keys close to an unknown dotted ``key`` (difflib), best first.
+
+    Example:
+        >>> did_you_mean("optim.lr_rate")[0], did_you_mean("optim.epoch")[0]
+        ('optim.lr', 'optim.epochs')
+    """
+    import difflib
+
+    known = schema_keys()
+    parent = key.rpartition(".")[0]
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.6)
+    return close or difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+
+
 def validate_config(data: dict, where: str = "config") -> TrainConfig:
-    """Validate a dict; :class:`ConfigError` names the source and each bad key."""
+    """Validate a dict; :class:`ConfigError` names the source and each bad key, with the closest
+    known keys for an unknown one."""
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"{where}: {error}") from None
+        hints = []
+        for problem in error.errors():
+            if problem.get("type") == "extra_forbidden":
+                key = ".".join(str(part) for part in problem.get("loc", ()))
+                close = did_you_mean(key)
+                hints.append(f"unknown key {key}: " + (f"did you mean {' or '.join(close)}?" if close else
+                                                      "see docs/training.md for the keys"))
+        raise ConfigError(f"{where}: {error}" + "".join(f"\n{hint}" for hint in hints)) from None
 
 
 def load_config(source: str | Path = "default", overrides: Sequence[str] = ()) -> TrainConfig:
-    """Load a YAML config (a file path or a packaged name) and apply ``key.sub=value`` overrides.
+    """Load a YAML config (a file path, layered on its ``base:``, or a packaged name) and apply
+    ``key.sub=value`` overrides.
 
     Raises:
         ConfigError: missing file, bad YAML, unknown keys or wrong types (the key is named).
     """
-    where, data = _read_source(source)
+    where, data = load_layered(source)
     if overrides:
         where = f"{where} with overrides {list(overrides)}"
     return validate_config(apply_overrides(data, overrides), where)

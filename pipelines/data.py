@@ -304,15 +304,27 @@ def _seed_everything_in(transform, seed: int) -> None:
         transform.set_random_state(seed=seed % (2**32))
 
 
-def make_loader(dataset, config: TrainConfig, epoch: int, rank: int = 0, world_size: int = 1):
+def make_loader(dataset, config: TrainConfig, epoch: int, rank: int = 0, world_size: int = 1, device=None):
     """A DataLoader for one epoch whose randomness depends only on ``(seed, epoch, rank)``.
 
     The transforms are reseeded (used directly when ``num_workers == 0``); workers are reseeded
-    by MONAI's ``worker_init_fn`` from the loader's seeded generator.
+    by MONAI's ``worker_init_fn`` from the loader's seeded generator. With a CUDA ``device`` the
+    batches come in pinned memory (so the training loop's ``non_blocking`` copies overlap);
+    ``num_workers: auto`` is :func:`pipelines.loader_workers.resolve_num_workers`;
+    ``persistent_workers: true`` returns the run-long loader of :mod:`pipelines.loader_workers`.
     """
     from monai.data import DataLoader
     from monai.data.utils import worker_init_fn
     from torch.utils.data import DistributedSampler
+
+    from pipelines.loader_workers import resolve_num_workers
+
+    device = torch.device(device or "cpu")
+    num_workers = resolve_num_workers(config.data.num_workers, device)
+    if config.data.persistent_workers:  # one loader for the run; the epoch travels with each item
+        from pipelines.loader_workers import persistent_loader
+
+        return persistent_loader(dataset, config, epoch, device, num_workers, rank, world_size)
 
     epoch_seed = (config.seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
     _seed_everything_in(dataset.transform, epoch_seed)
@@ -326,9 +338,10 @@ def make_loader(dataset, config: TrainConfig, epoch: int, rank: int = 0, world_s
         batch_size=1,  # one volume's patches at a time; patch_batches() forms the steps
         shuffle=sampler is None,
         sampler=sampler,
-        num_workers=config.data.num_workers,
+        num_workers=num_workers,
         generator=generator,
-        worker_init_fn=worker_init_fn if config.data.num_workers > 0 else None,
+        worker_init_fn=worker_init_fn if num_workers > 0 else None,
+        pin_memory=device.type == "cuda",
         drop_last=False,
     )
 

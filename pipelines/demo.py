@@ -55,12 +55,13 @@ def run_demo(
     start = time.perf_counter()
     train_config = load_config(config, [*overrides, f"seed={seed}"])
     run_dir = out_dir / "train"
-    best = train(manifest, 0, run_dir, train_config, resume=(run_dir / "last.pt").is_file(),
+    resume = (run_dir / "last.pt").is_file()
+    best = train(manifest, 0, run_dir, train_config, resume=resume, overwrite=not resume,
                  device=device, encoder_weights=encoder_weights)
     seconds["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    predict_folder(manifest, out_dir / "predictions", best, fold=0, device=device or "cpu", overwrite=True, progress=False)
+    predict_folder(manifest, out_dir / "predictions", best, fold=0, device=device or "auto", overwrite=True, progress=False)
     seconds["predict"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -28,11 +28,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from planar3d.errors import ConfigError, InputError
-from planar3d.planes import plane_axis_from_spacing
 from planar3d.io import atomic_write_text, check_output_folder, make_folder, read_volume, voxel_spacing, write_json
 from planar3d.metrics import DEFINITIONS, METRIC_NAMES, case_metrics
 from planar3d.metrics.lesion import DetectionParameters
-from planar3d.naming import PROBABILITY_SUFFIX, is_nifti, output_path, strip_nifti_extension
+from planar3d.naming import PROBABILITY_SUFFIX, case_id, is_nifti, output_path, strip_nifti_extension
 
 #: Largest difference allowed between a prediction's and its reference's affine entries (mm).
 AFFINE_TOLERANCE = 1e-3
@@ -125,16 +124,41 @@ def _nifti_files(folder: Path) -> List[PurePosixPath]:
     )
 
 
+def _is_probability(relative: PurePosixPath) -> bool:
+    return strip_nifti_extension(relative).name.lower().endswith((PROBABILITY_SUFFIX, "_probseg"))
+
+
+def _predictions_by_case_id(pred_dir: Path, out_dir: Optional[Path]) -> Dict[str, Optional[PurePosixPath]]:
+    """``{case id: prediction}`` of the predicted masks (any layout); an id shared by two files maps to None."""
+    index: Dict[str, Optional[PurePosixPath]] = {}
+    for relative in _nifti_files(pred_dir):
+        inside_out = out_dir is not None and (pred_dir / relative).resolve().is_relative_to(out_dir.resolve())
+        if inside_out or _is_probability(relative):
+            continue
+        key = case_id(relative, "mask")
+        index[key] = None if key in index else relative
+    return index
+
+
 def _pairs_from_folder(pred_dir: Path, ref_dir: Path, out_dir: Optional[Path]) -> tuple[List[CaseResult], List[str]]:
+    """Pair each reference with its prediction: the same relative path (``x.nii.gz`` or
+    ``x_mask.nii.gz``), else the same case id (:func:`planar3d.naming.case_id`), which pairs
+    nnU-Net ``labelsTr/case.nii.gz``, ``planar3d synth`` ``labels/case_000_lesions.nii.gz`` and BIDS
+    ``*_desc-lesion_mask`` with predictions in any ``--layout``."""
     if not ref_dir.is_dir():
         raise InputError(ref_dir, "reference folder not found")
     cases, used = [], set()
+    by_id = None
     for relative in _nifti_files(ref_dir):
         candidates = [PurePosixPath(output_path(relative).as_posix()), relative]
         found = next((c for c in candidates if (pred_dir / c).is_file()), None)
+        if found is None:
+            by_id = _predictions_by_case_id(pred_dir, out_dir) if by_id is None else by_id
+            found = by_id.get(case_id(relative, "mask"))
         case = CaseResult(str(strip_nifti_extension(relative)), pred_dir / (found or candidates[0]), ref_dir / relative)
         if found is None:
-            case.error = f"missing prediction (looked for {candidates[0]} and {candidates[1]} in {pred_dir})"
+            case.error = (f"missing prediction (looked for {candidates[0]}, {candidates[1]} and case id "
+                          f"{case_id(relative, 'mask')!r} in {pred_dir})")
         else:
             used.add(found)
         cases.append(case)
@@ -143,8 +167,7 @@ def _pairs_from_folder(pred_dir: Path, ref_dir: Path, out_dir: Optional[Path]) -
     unpaired = []
     for relative in _nifti_files(pred_dir):
         inside_out = out_dir is not None and (pred_dir / relative).resolve().is_relative_to(out_dir.resolve())
-        is_probability = strip_nifti_extension(relative).name.endswith(PROBABILITY_SUFFIX)
-        if relative not in used and not inside_out and not is_probability:
+        if relative not in used and not inside_out and not _is_probability(relative):
             unpaired.append(str(relative))
     return cases, unpaired
 
@@ -189,7 +212,7 @@ def _evaluate_case(case: CaseResult, params: DetectionParameters, qc_dir: Option
     ref_mask, pred_mask = ref > 0, pred > 0
     case.metrics = case_metrics(pred_mask, ref_mask, spacing, params)
     if qc_dir is not None:
-        from planar3d.qc import save_overlay_png
+        from planar3d.qc import save_ras_overlay_png
 
         flair = None
         if case.image is not None:
@@ -200,7 +223,8 @@ def _evaluate_case(case: CaseResult, params: DetectionParameters, qc_dir: Option
             if flair is not None and flair.shape != ref.shape:
                 flair = None
         name = case.id.replace("/", "__") + ".png"
-        save_overlay_png(flair, {"reference": ref_mask, "prediction": pred_mask}, spacing, plane_axis_from_spacing(spacing), qc_dir / name)
+        # the one QC convention (as predict): RAS+ display with orientation labels
+        save_ras_overlay_png(flair, {"reference": ref_mask, "prediction": pred_mask}, ref_image.affine, qc_dir / name)
         case.qc = f"qc/{name}"
 
 

@@ -121,12 +121,13 @@ def run_one(experiment: Experiment, manifest_path: Path, root: Optional[Path], f
                                                     f"deterministic={str(experiment.train.deterministic).lower()}"])
     best = train(
         manifest_path, fold, run_dir / "train", config, root=root,
-        resume=(run_dir / "train" / "last.pt").is_file(), device=experiment.train.device,
+        resume=(run_dir / "train" / "last.pt").is_file(), overwrite=not (run_dir / "train" / "last.pt").is_file(),
+        device=experiment.train.device,
         encoder_weights=experiment.train.encoder_weights,
     )
     trained = time.perf_counter()
     prediction = predict_folder(
-        manifest_path, run_dir / "predictions", best, fold=fold, root=root, device=experiment.train.device or "cpu",
+        manifest_path, run_dir / "predictions", best, fold=fold, root=root, device=experiment.train.device or "auto",
         threshold=experiment.predict.threshold, min_lesion_size=experiment.predict.min_lesion_size,
         tta=experiment.predict.tta, overwrite=True,
     )

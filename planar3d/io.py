@@ -344,7 +344,8 @@ def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def write_like(
-    array: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathLike, dtype: Any = np.uint8
+    array: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathLike, dtype: Any = np.uint8,
+    description: Optional[str] = None, intent_name: Optional[str] = None,
 ) -> None:
     """Write ``array`` as a NIfTI file on the grid of ``reference``, atomically.
 
@@ -356,9 +357,12 @@ def write_like(
         reference: the image whose geometry to copy (e.g. from :func:`read_volume`).
         path: output ``.nii.gz`` or ``.nii`` path; its folder must exist.
         dtype: stored data type.
+        description: header ``descrip`` (provenance, at most 80 ASCII characters; default: the
+            reference's); it does not touch the geometry fields.
+        intent_name: header ``intent_name`` (at most 16 ASCII characters; default: the reference's).
 
     Raises:
-        ValueError: shapes differ, or the values do not fit ``dtype``.
+        ValueError: shapes differ, the values do not fit ``dtype``, or a header text is too long.
     """
     array = np.asanyarray(array)
     dtype = np.dtype(dtype)
@@ -370,6 +374,12 @@ def write_like(
     header.set_data_dtype(dtype)
     header.set_slope_inter(1.0, 0.0)
     header["cal_min"] = header["cal_max"] = 0
+    for key, text, size in (("descrip", description, 80), ("intent_name", intent_name, 16)):
+        if text is not None:
+            encoded = text.encode("ascii")
+            if len(encoded) > size:
+                raise ValueError(f"{path}: header {key} holds at most {size} characters, got {text!r}")
+            header[key] = encoded
     image = nib.Nifti1Image(_cast(array, dtype), reference.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
     with _temporary_path(path) as temporary:

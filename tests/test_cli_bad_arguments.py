@@ -87,6 +87,13 @@ def _cases():
                           "--num-parts", "2", "--part-id", "5"]),
         ("predict threshold type", ["predict", "-i", "{root}/folder", "-o", "{root}/p", "--model", "{root}/text.txt",
                                     "--threshold", "high"]),
+        ("predict layout", ["predict", "-i", "{root}/folder", "-o", "{root}/p", "--model", "{root}/text.txt", "--layout", "flat"]),
+        ("predict bids layout on plain names", ["predict", "-i", "{root}/folder", "-o", "{root}/p", "--model", "{root}/text.txt",
+                                                "--layout", "bids"]),
+        ("predict pattern matches nothing", ["predict", "-i", "{root}/folder", "-o", "{root}/p", "--model", "{root}/text.txt",
+                                             "--pattern", "*_FLAIR.nii.gz"]),
+        # models
+        ("models missing folder", ["models", "{root}/none", "--no-cache"]),
         # evaluate
         ("evaluate no reference", ["evaluate", "--pred", "{root}/folder"]),
         ("evaluate missing pred", ["evaluate", "--pred", "{root}/none", "--ref", "{root}/folder"]),

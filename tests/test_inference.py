@@ -1,12 +1,17 @@
-"""Sliding-window inference: windows, blending and flip TTA give what the model computes."""
+"""Inference: whole-volume passes, slab plans with exact margins, windows, blending and flip TTA
+give what the model computes."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
-from planar3d.inference import predict_probabilities
+from planar3d.inference import (
+    EXACT_MARGIN_PLANES, estimated_forward_bytes, plan_slabs, predict_probabilities, prepare_for_inference,
+)
+from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
 
 
 class Pointwise(nn.Module):
@@ -50,3 +55,87 @@ def test_flip_tta_averages_the_flipped_passes():
     result = predict_probabilities(Flipper(), volume, flip_axes=(0,))
     np.testing.assert_allclose(result[:, 0, 0], expected, atol=1e-7)
     assert np.allclose(predict_probabilities(Flipper(), volume, flip_axes=(1, 2))[:, 1, 1], plain)
+
+
+
+def test_slab_plan_tiles_the_axis_aligned_with_margins():
+    slabs = plan_slabs(159, 96, 16, 16)
+    assert [(s.start, s.stop, s.keep_start, s.keep_stop) for s in slabs] == [(0, 96, 0, 80), (64, 159, 80, 159)]
+    for length, max_planes, margin, align in [(200, 60, 8, 16), (37, 20, 3, 1), (160, 160, 16, 16), (17, 64, 48, 16)]:
+        slabs = plan_slabs(length, max_planes, margin, align)
+        kept = np.zeros(length, int)
+        for s in slabs:
+            kept[s.keep_start:s.keep_stop] += 1
+            assert s.start % align == 0 and s.stop - s.start <= max(max_planes, length if len(slabs) == 1 else 0)
+            assert s.start <= s.keep_start and s.keep_stop <= s.stop
+            assert s.keep_start - s.start in (0, -(-margin // align) * align) or s.start == 0
+        assert (kept == 1).all()
+    with pytest.raises(ValueError, match="no room"):
+        plan_slabs(100, 40, 16, 16)
+
+
+def test_a_tiny_memory_budget_still_predicts_with_smaller_margins():
+    net = _net()
+    volume = np.random.default_rng(2).normal(size=(8, 8, 40)).astype(np.float32)
+    whole = predict_probabilities(net, volume)
+    starved = predict_probabilities(net, volume, margin=16, memory_budget=1)  # 16-plane slabs, no margin
+    assert starved.shape == whole.shape and np.isfinite(starved).all()
+    assert np.abs(starved - whole).max() < 0.05
+
+
+def test_progress_counts_the_slabs_of_a_long_scan(capsys):
+    net = _net()
+    volume = np.random.default_rng(2).normal(size=(8, 8, 40)).astype(np.float32)
+    quiet = predict_probabilities(net, volume, margin=16, memory_budget=1)
+    assert capsys.readouterr().err == ""
+    shown = predict_probabilities(net, volume, margin=16, memory_budget=1, progress=True)
+    assert "slabs" in capsys.readouterr().err and np.array_equal(shown, quiet)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_receptive_field_along_the_plane_axis_fits_the_exact_margin(depth):
+    # EXACT_MARGIN_PLANES rests on this: an output plane depends on at most 45 planes each side
+    torch.manual_seed(0)
+    net = PlanarResUNet(PlanarResUNetConfig(width=1 / 16, deepest_kernel_depth=depth)).double()
+    x = torch.randn(1, 1, 4, 4, 192, dtype=torch.double, requires_grad=True)
+    y = net(x)
+    reach = 0
+    for plane in range(80, 112):  # every phase of the 16-plane pooling grid
+        used = torch.autograd.grad(y[0, 0, :, :, plane].sum(), x, retain_graph=True)[0].abs().sum(dim=(0, 1, 2, 3)).nonzero()
+        reach = max(reach, plane - int(used.min()), int(used.max()) - plane)
+    # dead ReLUs of a random net can only hide dependencies, so this is a lower bound: 45 was seen
+    assert 32 < reach <= EXACT_MARGIN_PLANES
+
+
+def _net(**kwargs):
+    torch.manual_seed(0)
+    return PlanarResUNet(PlanarResUNetConfig(width=1 / 16, deepest_kernel_depth=2, **kwargs)).eval()
+
+
+def test_exact_margin_slabs_equal_the_whole_volume_pass():
+    net = _net()
+    volume = np.random.default_rng(0).normal(size=(12, 10, 131)).astype(np.float32)
+    whole = predict_probabilities(net, volume)
+    budget = estimated_forward_bytes(net, volume.shape, "cpu") * 120 // 131
+    slabs = predict_probabilities(net, volume, margin=EXACT_MARGIN_PLANES, memory_budget=budget)
+    assert np.abs(slabs - whole).max() <= 1e-6
+    # a small margin is an approximation, still close on this random net
+    budget = estimated_forward_bytes(net, volume.shape, "cpu") * 48 // 131
+    approximate = predict_probabilities(net, volume, margin=16, memory_budget=budget)
+    assert np.abs(approximate - whole).max() < 1e-2
+
+
+def test_channels_last_whole_pass_equals_the_plain_forward():
+    net = _net(plane_axis=0, in_channels=3)
+    volume = np.random.default_rng(1).normal(size=(19, 14, 11)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.sigmoid(net(torch.from_numpy(volume)[None, None].expand(1, 3, -1, -1, -1)))[0, 0].numpy()
+    fast = prepare_for_inference(net, "cpu")
+    assert next(p for p in fast.parameters() if p.dim() == 5 and p.shape[1] > 1).is_contiguous(memory_format=torch.channels_last_3d)
+    out = predict_probabilities(fast, volume, in_channels=3)
+    assert out.dtype == np.float32 and out.shape == volume.shape
+    assert np.abs(out - expected).max() <= 1e-6
+    # flip TTA: mean of the plain and flipped passes
+    tta = predict_probabilities(fast, volume, in_channels=3, flip_axes=(1,))
+    flipped = predict_probabilities(fast, volume[:, ::-1].copy(), in_channels=3)[:, ::-1]
+    assert np.abs(tta - (out + flipped) / 2).max() <= 1e-6

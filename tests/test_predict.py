@@ -11,6 +11,8 @@ import json
 
 import nibabel as nib
 import numpy as np
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -220,7 +222,10 @@ def test_min_lesion_size_exact(tmp_path):
 def test_settings_from_checkpoint():
     meta = ModelCheckpoint({}, PlanarResUNetConfig(plane_axis=1, in_channels=3), threshold=0.3, roi_size=None, overlap=0.1)
     settings = InferenceSettings.from_checkpoint(meta, tta=True)
-    assert settings.roi_size == (-1, 16, -1) and settings.overlap == 0.1 and settings.threshold == 0.3
+    assert settings.roi_size == (-1, -1, -1) and settings.overlap == 0.1
+    # whole-plane slabs stored by training mean the whole-volume pass; a 3D window is kept
+    assert InferenceSettings.from_checkpoint(replace(meta, roi_size=(-1, 32, -1))).roi_size == (-1, -1, -1)
+    assert InferenceSettings.from_checkpoint(replace(meta, roi_size=(64, 64, 64))).roi_size == (64, 64, 64) and settings.threshold == 0.3
     assert settings.flip_axes == (0, 2) and settings.in_channels == 3
     overridden = InferenceSettings.from_checkpoint(meta, threshold=0.6, roi_size=(8, 8, 8), overlap=0.0)
     assert (overridden.threshold, overridden.roi_size, overridden.overlap) == (0.6, (8, 8, 8), 0.0)

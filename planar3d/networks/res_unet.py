@@ -140,8 +140,13 @@ class _DecoderLevel(nn.Module):
         self.out_channels = merged + width
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        merged, out = self.parts(x, skip)
+        return torch.cat([merged, out], dim=1)
+
+    def parts(self, x: torch.Tensor, skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two halves of the level's output (its input after the skip, and the convs' output)."""
         merged = torch.cat([self.up(x), skip], dim=1)
-        return torch.cat([merged, self.conv2(self.conv1(merged))], dim=1)
+        return merged, self.conv2(self.conv1(merged))
 
 
 class PlanarResUNet(nn.Module):
@@ -236,7 +241,17 @@ class PlanarResUNet(nn.Module):
             pad += [0, (-size[axis]) % self._multiple[axis]]
         skips, x = self.encoder(F.pad(x, pad))
         x = torch.cat([x, self.bottleneck(x)], dim=1)
+        last = len(self.decoder) - 1
         for level, decoder_level in enumerate(self.decoder):
+            if level == last and not torch.is_grad_enabled():
+                # Inference: the head is linear, so it applies to the two halves of the last
+                # level's concatenation separately and their sum is the same logits (to
+                # rounding); the full-resolution concatenation (128 channels at width 1.0, the
+                # largest tensor of the pass) is never written.
+                merged, out = decoder_level.parts(x, skips[0])
+                split = merged.shape[1]
+                logits = F.conv3d(merged, self.head.weight[:, :split], self.head.bias) + F.conv3d(out, self.head.weight[:, split:])
+                return logits[:, :, : size[0], : size[1], : size[2]]
             x = decoder_level(x, skips[len(skips) - 1 - level])
         logits = self.head(x)
         return logits[:, :, : size[0], : size[1], : size[2]]

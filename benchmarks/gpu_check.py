@@ -1,0 +1,241 @@
+"""Issue 10's GPU rows in one run (under 5 minutes on one H100): model, training, folder predict.
+
+1. **model**: ``bench_model.py`` in this process: the whole head 176x256x256 forward (fp32 and
+   bf16 + channels_last_3d) and the 16-plane training slab (bf16-cl), for the planar res-u-net
+   and its MONAI peers (DynUNet nnU-Net-like, UNet); then the planar whole head again with
+   ``cudnn.benchmark`` off (the prediction default, since scan shapes vary) and under
+   ``torch.compile``.
+   Target: whole head bf16-cl <= 25 ms.
+2. **train**: ``planar3d train`` (packaged ``default`` config, 3 epochs, validation off) on
+   synthetic 1 mm phantoms in a subprocess while ``nvidia-smi`` samples GPU utilisation every
+   0.5 s, once per training loader (:data:`TRAIN_LOADERS`: MONAI with 2 workers as measured in
+   issue 10; MONAI with ``num_workers: auto`` and persistent workers; ``data.loader: device``);
+   reports the training voxels/s of ``metrics.csv`` and the utilisation (mean, median, share of
+   samples >= 85 %), then each loader's rate alone (``bench_loader.py``) and the host-device
+   synchronisations it causes. Targets: >= 5e7 voxels/s, GPU busy >= 85 %.
+3. **predict**: ``planar3d predict --device cuda`` in a fresh process on the real scans of
+   ``../shared/data/real`` repeated to 20 scans (random weights, full width): first-scan time
+   from the process start (imports, CUDA start-up and warm-up included) and steady scans/s
+   from the masks' write times. Targets: first scan <= 3 s, >= 5 scans/s.
+
+``--tiny`` runs the same three steps on the CPU with tiny sizes (seconds; the test suite runs it).
+Every figure is printed as a Markdown table with the date and the device.
+
+Usage (from the project root)::
+
+    python benchmarks/gpu_check.py                 # on a machine with one CUDA GPU
+    python benchmarks/gpu_check.py --tiny          # CPU smoke run of the same steps
+    python benchmarks/gpu_check.py --skip train    # any of model, train, predict
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REAL = PROJECT_ROOT.parent / "shared" / "data" / "real"
+sys.path.insert(0, str(PROJECT_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _cli(*args: str) -> List[str]:
+    return [sys.executable, "-m", "pipelines.cli", *args]
+
+
+# --- 1. model ------------------------------------------------------------------------------------
+
+
+def check_model(tiny: bool) -> None:
+    import bench_model
+
+    print("## 1. Model forward / forward+backward (bench_model.py, one process)\n", flush=True)
+    if tiny:
+        bench_model.main(["--quick", "--models", "planar,unet", "--variants", "fp32,cl", "--cases", "head-fwd"])
+        return
+    bench_model.main(["--variants", "fp32,bf16-cl", "--cases", "head-fwd"])
+    bench_model.main(["--variants", "bf16-cl", "--cases", "slab-fwd,slab-fwd+bwd"])
+    print("\ncuDNN benchmark off (planar3d predict's setting):\n")
+    bench_model.main(["--models", "planar", "--variants", "bf16-cl", "--cases", "head-fwd", "--cudnn-benchmark", "off"])
+    # last, so that a long compilation cannot hold up the other rows
+    print("\ntorch.compile (planar only; the first call's compilation is in the warm-up, not in the time):\n")
+    bench_model.main(["--models", "planar", "--variants", "bf16-cl+compile", "--cases", "head-fwd"])
+
+
+# --- 2. training ---------------------------------------------------------------------------------
+
+
+class UtilisationSampler:
+    """``nvidia-smi`` GPU utilisation samples (percent) every ``interval_ms`` while running."""
+
+    def __init__(self, interval_ms: int = 500):
+        self.samples: List[float] = []
+        self.process: Optional[subprocess.Popen] = None
+        self.interval_ms = interval_ms
+        self.thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "UtilisationSampler":
+        if shutil.which("nvidia-smi"):
+            self.process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={self.interval_ms}"],
+                stdout=subprocess.PIPE, text=True)
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                self.samples.append(float(line.strip().split(",")[0]))
+            except ValueError:
+                pass
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
+
+    def summary(self) -> str:
+        if not self.samples:
+            return "no nvidia-smi samples (no GPU or no nvidia-smi)"
+        busy = sum(s >= 85 for s in self.samples) / len(self.samples)
+        return (f"{len(self.samples)} samples: mean {statistics.mean(self.samples):.0f} %, median "
+                f"{statistics.median(self.samples):.0f} %, min {min(self.samples):.0f} %, >= 85 % in {100 * busy:.0f} % of samples")
+
+
+#: The training loaders compared in one run: the one issue 10 measured (MONAI transforms in 2
+#: DataLoader workers), MONAI with ``num_workers: auto`` and persistent workers, and the device loader.
+TRAIN_LOADERS = (("monai, 2 workers (issue 10's)", ["data.loader=monai", "data.num_workers=2"]),
+                 ("monai, workers auto, persistent", ["data.loader=monai", "data.num_workers=auto",
+                                                      "data.persistent_workers=true"]),
+                 ("device", ["data.loader=device"]))
+
+
+def check_train(tiny: bool, work: Path, device: str) -> None:
+    from planar3d.data.synth import write_synthetic_dataset
+
+    print("\n## 2. Training throughput (planar3d train), old and new loader in the same run\n", flush=True)
+    manifest = write_synthetic_dataset(work / "train_data", 4 if tiny else 8, seed=0, size="small" if tiny else "full",
+                                       geometries=("3d",))
+    config = "tiny" if tiny else "default"
+    # full: 16 patches a volume, ~40 steps an epoch on the training phantoms of fold 0, as the
+    # 42-step epochs issue 10 measured; the first epoch includes cuDNN's autotuning
+    overrides = (["optim.epochs=1", "data.samples_per_volume=1", "validation.every=1000"] if tiny
+                 else ["optim.epochs=3", "validation.every=1000", "data.samples_per_volume=16"])
+    print(f"config {config} {' '.join(overrides)}\n")
+    print("| loader | seconds per epoch | training voxels/s (last epoch) | wall incl. start-up | GPU utilisation |")
+    print("|---|---|---|---|---|")
+    for name, loader in TRAIN_LOADERS:
+        run = work / f"train_run_{len(name)}_{loader[0].split('=')[1]}"
+        command = _cli("train", "--manifest", str(manifest), "--fold", "0", "--out", str(run), "--config", config,
+                       "--device", device, "--encoder-weights", "none", *overrides, *loader)
+        start = time.perf_counter()
+        with UtilisationSampler() as sampler:
+            completed = subprocess.run(command, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if completed.returncode != 0:
+            print(f"| {name} | training failed (exit {completed.returncode}): {completed.stderr[-1500:]!r} | | | |")
+            continue
+        with open(run / "metrics.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        epochs = ", ".join(f"{float(r['seconds']):.1f}" for r in rows)
+        print(f"| {name} | {epochs} | {float(rows[-1]['voxels_per_second']):.3g} | {wall:.0f} s | {sampler.summary()} |", flush=True)
+    # the loaders alone (no network): the most each can feed; on CUDA timed up to a synchronisation
+    from bench_loader import loader_rate
+    from pipelines.config import load_config
+
+    print("\nLoaders alone (benchmarks/bench_loader.py, same data and config, no network):\n")
+    print("| loader | training voxels/s delivered | host syncs in the warm-up epoch (CUDA) |")
+    print("|---|---|---|")
+    for name, loader in TRAIN_LOADERS:
+        result = loader_rate(manifest, load_config(config, overrides + loader), device, epochs=1 if tiny else 2)
+        print(f"| {name} | {result['voxels_per_second']:.3g} | {result['host_syncs']} |", flush=True)
+
+
+# --- 3. folder prediction ------------------------------------------------------------------------
+
+
+def check_predict(tiny: bool, work: Path, device: str) -> None:
+    from bench_predict import _checkpoint
+
+    print("\n## 3. planar3d predict on a folder (fresh process)\n", flush=True)
+    inputs = work / "predict_in"
+    inputs.mkdir()
+    if tiny:
+        from planar3d.data.synth import write_synthetic_dataset
+
+        manifest = write_synthetic_dataset(work / "predict_data", 3, seed=1, size="small", geometries=("3d",))
+        scans = sorted((manifest.parent / "images").glob("*.nii*"))
+        width = 0.0625
+    else:
+        scans = sorted(REAL.glob("*.nii.gz"))
+        width = 1.0
+    copies = 1 if tiny else max(1, -(-20 // max(len(scans), 1)))
+    for copy in range(copies):
+        for scan in scans:
+            (inputs / f"c{copy}_{scan.name}").symlink_to(scan.resolve())
+    model = _checkpoint(work / "predict_model", width)
+    out = work / "predict_out"
+    start_wall = time.time()
+    completed = subprocess.run(_cli("predict", "-i", str(inputs), "-o", str(out), "--model", str(model), "--device", device),
+                               cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True)
+    total = time.time() - start_wall
+    masks = sorted(out.rglob("*_mask.nii.gz"), key=lambda p: p.stat().st_mtime)
+    if completed.returncode != 0 or not masks:
+        print(f"predict failed (exit {completed.returncode}):\n{completed.stderr[-2000:]}")
+        return
+    times = [p.stat().st_mtime - start_wall for p in masks]
+    steady = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else float("nan")
+    print("| scans | width | first mask written after (process start) | steady scans/s (masks 1..n) | whole run |")
+    print("|---|---|---|---|---|")
+    print(f"| {len(masks)} ({len(scans)} distinct) | {width} | {times[0]:.1f} s | {steady:.2f} | {total:.1f} s |")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny sizes")
+    parser.add_argument("--skip", default="", help="comma list of model, train, predict")
+    args = parser.parse_args(argv)
+    import torch
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda and not args.tiny:
+        print("no CUDA device: run with --tiny for the CPU smoke run", file=sys.stderr)
+        return 2
+    device = "cuda" if cuda else "cpu"
+    name = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()}-core CPU"
+    print(f"# gpu_check {datetime.datetime.now().isoformat(timespec='seconds')}  {name}  torch {torch.__version__}"
+          f"{' (--tiny)' if args.tiny else ''}\n", flush=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        for step, run in (("model", lambda: check_model(args.tiny)), ("train", lambda: check_train(args.tiny, work, device)),
+                          ("predict", lambda: check_predict(args.tiny, work, device))):
+            if step in skip:
+                continue
+            step_start = time.perf_counter()
+            run()
+            print(f"\n({step}: {time.perf_counter() - step_start:.0f} s)\n", flush=True)
+    print(f"\ngpu_check finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The GPU check script runs end to end on the CPU with tiny settings (a future GPU session runs it for real)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_runs_all_steps_on_cpu():
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    for heading in ("## 1. Model", "## 2. Training throughput", "## 3. planar3d predict on a folder"):
+        assert heading in out
+    assert "| planar | 32x64x64 | fwd | cl |" in out          # the model table has the planar channels_last row
+    assert "config tiny optim.epochs=1" in out and "failed" not in out
+    for loader in ("| monai, 2 workers (issue 10's) |", "| monai, workers auto, persistent |", "| device |"):
+        assert out.count(loader) == 2, loader  # trained, and timed alone
+    assert "| 3 (3 distinct) | 0.0625 |" in out               # all three masks written
