@@ -183,7 +183,7 @@ class ValidationSection(_Section):
     # what chooses the threshold and the best epoch (planar3d.thresholds.choose_threshold)
     criterion: Literal[CRITERIA] = "lesion_f1"  # type: ignore[valid-type]
     # validation cases of injected sets come from hosts no training case comes from
-    # (pipelines.data.split_validation); the held-out hosts' other cases are set aside
+    # (pipelines.data.split_validation_by_host); the held-out hosts' other cases are set aside
     hold_out_hosts: bool = True
 
     @field_validator("thresholds")
