@@ -27,9 +27,12 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Unio
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from planar3d.augment import ScannerAugmentation
 from planar3d.errors import ConfigError
 from planar3d.networks.res_unet import PlanarResUNetConfig
 from planar3d.preprocess import NormalizationConfig
+from planar3d.sampling import BRIGHTNESS_FACTOR
+from planar3d.thresholds import CRITERIA
 
 PACKAGED_CONFIGS = ("default", "paper", "demo_cpu", "tiny")
 #: The base of a user's YAML file without a ``base:`` key (the recommended recipe).
@@ -72,13 +75,26 @@ class EncoderSection(_Section):
     freeze_epochs: int = Field(-1, ge=-1)
 
 
+class HardNegativeSection(_Section):
+    """Hard-negative patch centres (:class:`planar3d.sampling.PatchCentreIndicesd`): bright
+    non-lesion voxels, optionally weighted by the case's brain mask."""
+
+    brightness_factor: float = Field(BRIGHTNESS_FACTOR, gt=0)
+    margin: int = Field(2, ge=0)
+    # brain_mask: the sidecar planar3d synth writes (planar3d.data.synth.brain_mask_path); a
+    # case without one is sampled without weights, and the run says which cases those are
+    prior: Optional[Literal["brain_mask"]] = "brain_mask"
+
+
 class DataSection(_Section):
     """Sampling of training patches and data loading."""
 
-    sampling: Literal["slabs", "lesion"] = "lesion"
+    sampling: Literal["slabs", "lesion", "lesion_hard_negative"] = "lesion"
     slab_planes: int = Field(16, ge=1)
     patch_size: List[int] = [96, 96, 48]
     pos_neg_ratio: float = Field(1.0, ge=0)
+    ratios: List[float] = [1.0, 1.0, 1.0]  # lesion_hard_negative: lesion, hard-negative, random patches
+    hard_negative: HardNegativeSection = HardNegativeSection()
     samples_per_volume: int = Field(2, ge=1)
     batch_size: int = Field(2, ge=1)
     cache: Literal["memory", "disk", "none"] = "memory"
@@ -96,12 +112,27 @@ class DataSection(_Section):
             raise ValueError("must be 3 sizes (positive, or -1 for the whole axis)")
         return value
 
+    @field_validator("ratios")
+    @classmethod
+    def _three_ratios(cls, value):
+        if len(value) != 3 or any(v < 0 for v in value) or sum(value) <= 0:
+            raise ValueError("must be 3 non-negative numbers (lesion, hard_negative, random), not all 0")
+        return value
+
     @model_validator(mode="after")
     def _device_loader_sampling(self):
         if self.loader == "device" and self.sampling not in ("lesion", "slabs"):
             raise ValueError(f"loader device with sampling {self.sampling}: the device loader samples only "
                              "lesion and slabs; use loader monai for this sampling")
         return self
+
+
+@dataclass(frozen=True)
+class ScannerSection(ScannerAugmentation):
+    """Scanner-variation augmentation (:class:`planar3d.augment.ScannerAugmentation`, which
+    checks every value): thick slices, blur, bias field, histogram, gamma, noise."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
 
 class AugmentationSection(_Section):
@@ -117,6 +148,8 @@ class AugmentationSection(_Section):
     bias_field_coeff: float = Field(0.3, ge=0)
     noise_prob: float = Field(0.1, ge=0, le=1)
     noise_std: float = Field(0.05, ge=0)
+    # null: none; a mapping (may be {}): planar3d.augment.scanner_augmentation after the above
+    scanner: Optional[ScannerSection] = None
 
 
 class OptimSection(_Section):
@@ -147,6 +180,11 @@ class ValidationSection(_Section):
     roi_size: List[int] = [-1, -1, -1]
     overlap: float = Field(0.25, ge=0, lt=1)
     thresholds: List[float] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    # what chooses the threshold and the best epoch (planar3d.thresholds.choose_threshold)
+    criterion: Literal[CRITERIA] = "lesion_f1"  # type: ignore[valid-type]
+    # validation cases of injected sets come from hosts no training case comes from
+    # (pipelines.data.split_validation_by_host); the held-out hosts' other cases are set aside
+    hold_out_hosts: bool = True
 
     @field_validator("thresholds")
     @classmethod
@@ -172,6 +210,15 @@ class TrainConfig(_Section):
     optim: OptimSection = OptimSection()
     loss: LossSection = LossSection()
     validation: ValidationSection = ValidationSection()
+
+    @model_validator(mode="after")
+    def _device_loader_augmentation(self):
+        # the device loader implements the classic augmentations only: scanner augmentation
+        # would be silently skipped
+        if self.data.loader == "device" and self.augmentation.scanner is not None:
+            raise ValueError("data.loader device with augmentation.scanner: the device loader does not apply the "
+                             "scanner augmentation; use data.loader monai, or augmentation.scanner null")
+        return self
 
     def to_dict(self) -> dict:
         """Plain JSON-compatible dict (for run.json and checkpoints)."""

@@ -38,7 +38,9 @@ class LoadPreprocessd(MapTransform):
     """Load ``image`` (and ``label``) paths into preprocessed channel-first tensors.
 
     Same semantics as ``LoadImaged`` + ``EnsureChannelFirstd``, but the preprocessing is the one
-    prediction uses, exactly.
+    prediction uses, exactly. Also sets ``spacing`` (RAS voxel spacing, mm; caps simulated slice
+    thickness) and, when the item has a ``brain_mask`` path, reads that mask on the image's grid
+    and reorients it the same way (``(1, X, Y, Z)`` float32, the hard-negative prior).
     """
 
     def __init__(self, keys: Sequence[str] = ("image", "label"), normalization: NormalizationConfig = NormalizationConfig()):
@@ -51,6 +53,17 @@ class LoadPreprocessd(MapTransform):
         out["image"] = torch.from_numpy(np.ascontiguousarray(scan.volume[None], dtype=np.float32))
         if scan.label is not None:
             out["label"] = torch.from_numpy(np.ascontiguousarray(scan.label[None], dtype=np.float32))
+        out["spacing"] = np.asarray(scan.reorientation.spacing, dtype=np.float64)
+        if "brain_mask" in data and not data["brain_mask"]:  # asked for, none for this case: no weights
+            out["brain_mask"] = np.ones((1,) + scan.volume.shape, np.float32)
+        elif data.get("brain_mask"):
+            from planar3d.io import read_volume
+
+            mask, _ = read_volume(data["brain_mask"], dtype=None)
+            if mask.shape[:3] != tuple(scan.reorientation.source_shape):
+                raise InputError(data["brain_mask"], f"brain mask shape {mask.shape} differs from the image's "
+                                 f"{tuple(scan.reorientation.source_shape)} ({data['image']})")
+            out["brain_mask"] = np.ascontiguousarray(scan.reorientation.forward(np.asarray(mask) > 0)[None], dtype=np.float32)
         return out
 
 
@@ -105,16 +118,74 @@ def split_validation(cases: Sequence[Case], val_cases: int, seed: int) -> Tuple[
     return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
 
 
+def split_validation_by_host(cases: Sequence[Case], val_cases: int, seed: int
+                             ) -> Tuple[List[Case], List[Case], List[Case]]:
+    """``(train, validation, set aside)`` with validation cases from hosts no training case shares.
+
+    Why: injected cases of one host share its anatomy and contrast; validating on them rewards
+    over-segmenting that head (issue 9). Hosts (:func:`planar3d.data.hosts.host_key`) are
+    drawn in a ``seed``-shuffled order; ``val_cases`` cases of the first drawn host(s) validate
+    and their hosts' other cases are *set aside* (neither trained on nor validated). Cases
+    without a host (phantoms, real data sets) always train. Without any host, or when holding
+    out a host would leave no training case, this is :func:`split_validation`.
+    """
+    from planar3d.data.hosts import host_key
+
+    cases = list(cases)
+    hosts = sorted({host_key(c) for c in cases} - {None})
+    if not hosts or val_cases <= 0:
+        train, validation = split_validation(cases, val_cases, seed)
+        return train, validation, []
+    rng = random.Random(seed)
+    rng.shuffle(hosts)
+    validation: List[Case] = []
+    held_out: set = set()
+    for host in hosts:
+        if len(validation) >= val_cases:
+            break
+        of_host = [c for c in cases if host_key(c) == host]
+        validation += rng.sample(of_host, min(val_cases - len(validation), len(of_host)))
+        held_out.add(host)
+    train = [c for c in cases if host_key(c) not in held_out]
+    if not train:
+        train, validation = split_validation(cases, val_cases, seed)
+        return train, validation, []
+    chosen = {c.id for c in validation}
+    aside = [c for c in cases if host_key(c) in held_out and c.id not in chosen]
+    return train, validation, aside
+
+
 def _patch_size(size: Sequence[int], shapes: Sequence[Sequence[int]]) -> List[int]:
     """``-1`` entries become the largest extent of that axis over ``shapes``."""
     return [max(s[a] for s in shapes) if int(v) < 0 else int(v) for a, v in enumerate(size)]
 
 
+def hard_negative_threshold(config: TrainConfig) -> float:
+    """The hard-negative brightness threshold in the network's input units.
+
+    ``data.hard_negative.brightness_factor`` is relative to white matter
+    (``normalization.white_matter_value`` after the white-matter-peak normalisation); the
+    network input is then standardised with ``normalization.mean``/``std``.
+    """
+    n = config.normalization
+    threshold = (config.data.hard_negative.brightness_factor * n.white_matter_value - n.mean) / n.std
+    if threshold <= 0:
+        from planar3d.errors import ConfigError
+
+        raise ConfigError(f"data.hard_negative.brightness_factor={config.data.hard_negative.brightness_factor}: "
+                          f"the threshold {threshold:.3g} in network units must be > 0 (raise the factor)")
+    return float(threshold)
+
+
 def sampling_transforms(config: TrainConfig, plane_axis: int, shapes: Sequence[Sequence[int]]) -> list:
-    """Patch sampling: ``slabs`` (published) or ``lesion`` (positive/negative centred crops).
+    """Patch sampling: ``slabs`` (published), ``lesion`` (positive/negative centred crops) or
+    ``lesion_hard_negative`` (lesion, hard-negative and random centres, :mod:`planar3d.sampling`).
 
     ``slabs``: ``slab_planes`` consecutive planes along ``plane_axis`` over the whole in-plane
     extent (padded to the largest training scan, so patches batch), at random positions.
+    ``lesion_hard_negative``: the candidate centres are computed once per volume (cached with the
+    volume), with the case's ``brain_mask`` as weights when ``data.hard_negative.prior`` asks for
+    it and the case has one.
     """
     from monai.transforms import RandCropByPosNegLabeld, RandSpatialCropSamplesd, SpatialPadd
 
@@ -128,6 +199,19 @@ def sampling_transforms(config: TrainConfig, plane_axis: int, shapes: Sequence[S
             RandSpatialCropSamplesd(keys, size, num_samples=data.samples_per_volume, random_size=False),
         ]
     size = _patch_size(data.patch_size, shapes)
+    if data.sampling == "lesion_hard_negative":
+        from planar3d.sampling import PatchCentreIndicesd, RandCropByLesionHardNegatived
+
+        # threshold already in network units: factor = threshold, white matter = 1
+        prior = "brain_mask" if data.hard_negative.prior == "brain_mask" else None
+        pads = [SpatialPadd(keys, size, mode="edge")]
+        if prior is not None:  # the prior is padded like the image, so indices stay aligned
+            pads = [SpatialPadd(keys, size, mode="edge"), SpatialPadd("brain_mask", size, mode="constant", allow_missing_keys=True)]
+        return pads + [
+            PatchCentreIndicesd("image", "label", brightness_factor=hard_negative_threshold(config), white_matter_value=1.0,
+                                margin=data.hard_negative.margin, prior_key=prior),
+            RandCropByLesionHardNegatived(keys, size, ratios=tuple(data.ratios), num_samples=data.samples_per_volume),
+        ]
     ratio = data.pos_neg_ratio
     return [
         SpatialPadd(keys, size, mode="edge"),
@@ -137,7 +221,9 @@ def sampling_transforms(config: TrainConfig, plane_axis: int, shapes: Sequence[S
 
 
 def augmentation_transforms(config: TrainConfig, plane_axis: int) -> list:
-    """In-plane flips, small in-plane affine, gamma, bias field and Gaussian noise."""
+    """In-plane flips, small in-plane affine, gamma, bias field and Gaussian noise, then with
+    ``augmentation.scanner`` the scanner variations of :func:`planar3d.augment.scanner_augmentation`
+    (thick slices capped by the case's ``spacing``)."""
     from monai.transforms import (RandAdjustContrastd, RandAffined, RandBiasFieldd, RandFlipd,
                                   RandGaussianNoised)
 
@@ -159,6 +245,10 @@ def augmentation_transforms(config: TrainConfig, plane_axis: int) -> list:
         out.append(RandBiasFieldd("image", prob=aug.bias_field_prob, coeff_range=(0.0, aug.bias_field_coeff)))
     if aug.noise_prob > 0:
         out.append(RandGaussianNoised("image", prob=aug.noise_prob, std=aug.noise_std))
+    if aug.scanner is not None:
+        from planar3d.augment import scanner_augmentation
+
+        out += scanner_augmentation(aug.scanner, plane_axis, keys=("image",), spacing_key="spacing")
     return out
 
 
@@ -174,15 +264,34 @@ def training_transform(config: TrainConfig, plane_axis: int, shapes: Sequence[Se
     )
 
 
-def case_items(cases: Sequence[Case]) -> List[dict]:
-    return [{"image": str(c.image), "label": str(c.label), "id": c.id} for c in cases]
+def uses_brain_masks(config: TrainConfig) -> bool:
+    """Whether training reads the cases' brain masks (hard-negative prior)."""
+    return config.data.sampling == "lesion_hard_negative" and config.data.hard_negative.prior == "brain_mask"
+
+
+def brain_masks_of(cases: Sequence[Case]) -> Dict[str, Optional[Path]]:
+    """``{case id: brain mask path or None}``: the sidecars ``planar3d synth`` writes."""
+    from planar3d.data.synth import brain_mask_path
+
+    return {c.id: (brain_mask_path(c.image) if brain_mask_path(c.image).is_file() else None) for c in cases}
+
+
+def case_items(cases: Sequence[Case], brain_masks: Optional[Dict[str, Optional[Path]]] = None) -> List[dict]:
+    """Loader items; with ``brain_masks`` (:func:`brain_masks_of`) each item carries its mask path
+    (``""`` when the case has none: its hard negatives are then unweighted)."""
+    items = [{"image": str(c.image), "label": str(c.label), "id": c.id} for c in cases]
+    if brain_masks is not None:
+        for item in items:
+            path = brain_masks.get(item["id"])
+            item["brain_mask"] = str(path) if path else ""
+    return items
 
 
 def build_dataset(config: TrainConfig, cases: Sequence[Case], transform, run_dir: Path):
     """``CacheDataset`` (memory), ``PersistentDataset`` (``run_dir/cache``) or plain ``Dataset``."""
     from monai.data import CacheDataset, Dataset, PersistentDataset
 
-    items = case_items(cases)
+    items = case_items(cases, brain_masks_of(cases) if uses_brain_masks(config) else None)
     if config.data.cache == "memory":
         return CacheDataset(items, transform, num_workers=1, progress=False)
     if config.data.cache == "disk":
@@ -260,10 +369,10 @@ def patch_batches(loader, batch_size: int):
 
 
 def load_validation_volumes(cases: Sequence[Case], normalization: NormalizationConfig = NormalizationConfig()
-                            ) -> List[Tuple[str, np.ndarray, np.ndarray]]:
-    """``(case id, image (X, Y, Z), label (X, Y, Z) bool)`` for each validation case."""
+                            ) -> List[Tuple[str, np.ndarray, np.ndarray, Tuple[float, float, float]]]:
+    """``(case id, image (X, Y, Z), label (X, Y, Z) bool, RAS spacing mm)`` for each validation case."""
     out = []
     for case in cases:
         scan = load_preprocessed(case.image, normalization, label=case.label)
-        out.append((case.id, scan.volume, scan.label))
+        out.append((case.id, scan.volume, scan.label, scan.reorientation.spacing))
     return out

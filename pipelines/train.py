@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from planar3d.checkpoint import ModelCheckpoint
-from planar3d.errors import ConfigError, InputError
+from planar3d.errors import ConfigError, InputError, TrainingError
 from planar3d.io import atomic_write_text, check_output_folder, json_safe, sha256_file, write_json
 from planar3d.provenance import package_versions
 
@@ -283,6 +283,12 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
         with autocast_context(device, config.amp):
             logits = model(image)
         loss = loss_fn(logits, label)
+        if not torch.isfinite(loss.detach()):
+            # stop before the step: a NaN update would spread to every weight, and a NaN model
+            # could still become best.pt (a lesion F1 of 0 beats the initial -1)
+            raise TrainingError(
+                f"epoch {epoch + 1}, step {steps + 1}: the training loss is {float(loss):g}; last.pt keeps epoch {epoch} "
+                f"(input finite: {bool(torch.isfinite(image).all())}); lower optim.lr or check the augmentation")
         loss.backward()
         if config.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.optim.grad_clip)
@@ -298,25 +304,27 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
     return {"train_loss": total_loss / steps, "seconds": seconds, "voxels_per_second": voxels * dist.world_size / max(seconds, 1e-9)}
 
 
-def validate(model, volumes, config: TrainConfig, device) -> Tuple[float, float, Dict[str, float]]:
-    """Mean Dice over the validation volumes at each threshold: ``(best dice, its threshold, all)``."""
+def validate(model, volumes, config: TrainConfig, device):
+    """Score the validation volumes at each threshold and choose one by ``validation.criterion``.
+
+    Returns the :class:`planar3d.thresholds.ThresholdChoice`: its ``score`` (the criterion, which
+    also picks the best epoch), ``threshold`` and the per-threshold table (Dice, lesion-wise F1,
+    PPV, sensitivity, predicted lesions). A threshold keeps ``probability > t``, as prediction does.
+    """
     from planar3d.inference import predict_probabilities
-    from planar3d.metrics.voxel import dice
+    from planar3d.thresholds import choose_threshold
 
     model = _unwrap(model)
     model.eval()
-    thresholds = config.validation.thresholds
-    scores = np.zeros(len(thresholds))
-    for _, image, label in volumes:
-        probability = predict_probabilities(
+    probabilities, labels, spacings = [], [], []
+    for _, image, label, spacing in volumes:
+        probabilities.append(predict_probabilities(
             model, image, roi_size=config.validation.roi_size, overlap=config.validation.overlap,
             device=device, amp=config.amp, in_channels=config.network.in_channels,
-        )
-        scores += [dice(probability >= t, label) for t in thresholds]
-    scores /= max(len(volumes), 1)
-    order = sorted(range(len(thresholds)), key=lambda i: (-scores[i], abs(thresholds[i] - 0.5)))
-    best = order[0]
-    return float(scores[best]), float(thresholds[best]), {f"{t:g}": float(s) for t, s in zip(thresholds, scores)}
+        ))
+        labels.append(label)
+        spacings.append(spacing)
+    return choose_threshold(probabilities, labels, spacings, config.validation.thresholds, config.validation.criterion)
 
 
 # --- outputs ------------------------------------------------------------------------------------
@@ -361,7 +369,8 @@ def save_checkpoints(out_dir: Path, checkpoint: ModelCheckpoint, optimizer, sche
     checkpoint.save(out_dir / "last.pt")
 
 
-METRIC_COLUMNS = ("epoch", "train_loss", "val_dice", "val_threshold", "lr", "seconds", "voxels_per_second")
+METRIC_COLUMNS = ("epoch", "train_loss", "val_score", "val_dice", "val_lesion_f1", "val_lesion_ppv", "val_threshold", "lr",
+                  "seconds", "voxels_per_second")
 
 
 def write_metrics_csv(out_dir: Path, history: List[dict]) -> None:
@@ -396,6 +405,23 @@ def data_record(manifest, train_cases, val_cases) -> List[dict]:
     return records
 
 
+def sampling_record(config: TrainConfig, train_cases) -> dict:
+    """How patches are drawn; for hard negatives with a brain-mask prior, which cases have none
+    (they are sampled without weights: logged, never silent)."""
+    record = {"sampling": config.data.sampling}
+    if data_module.uses_brain_masks(config):
+        masks = data_module.brain_masks_of(train_cases)
+        missing = sorted(case_id for case_id, path in masks.items() if path is None)
+        record.update(brain_masks=len(masks) - len(missing), without_brain_mask=missing)
+        if missing:
+            log.warning("hard negatives: %d of %d training case(s) have no brain mask (planar3d synth writes "
+                        "brain_masks/); their hard-negative centres are unweighted: %s", len(missing), len(masks),
+                        ", ".join(missing))
+        else:
+            log.info("hard negatives: weighted by the brain mask of every training case (%d)", len(masks))
+    return record
+
+
 def write_run_json(out_dir: Path, name: str, config: TrainConfig, info: dict, extra: dict) -> None:
     from planar3d.provenance import git_state, machine_info
 
@@ -409,8 +435,26 @@ def write_run_json(out_dir: Path, name: str, config: TrainConfig, info: dict, ex
 # --- the run ------------------------------------------------------------------------------------
 
 
-def prepare_cases(manifest_path: str | Path, fold: int, root, config: TrainConfig):
-    """Load the manifest, check the fold's training cases, split off validation cases."""
+@dataclass
+class CaseSplit:
+    """The fold's cases by role, and what the split warns about."""
+
+    manifest: object  # planar3d.data.manifest.Manifest
+    train: list
+    validation: list
+    set_aside: list = field(default_factory=list)  # other cases of held-out validation hosts
+    warning: Optional[str] = None  # planar3d.data.hosts.shared_host_warning
+
+    def record(self) -> dict:
+        """The split as recorded in ``run.json``."""
+        return {"train": len(self.train), "validation": [c.id for c in self.validation],
+                "set_aside": [c.id for c in self.set_aside], "hold_out_hosts_warning": self.warning}
+
+
+def prepare_cases(manifest_path: str | Path, fold: int, root, config: TrainConfig) -> CaseSplit:
+    """Load the manifest, check the fold's training cases, split off validation cases (whole hosts
+    with ``validation.hold_out_hosts``); warns when validation still shares a host with training."""
+    from planar3d.data.hosts import shared_host_warning
     from planar3d.data.manifest import load_manifest
 
     manifest = load_manifest(manifest_path, root=root)
@@ -418,14 +462,25 @@ def prepare_cases(manifest_path: str | Path, fold: int, root, config: TrainConfi
     if not cases:
         raise InputError(manifest_path, f"fold {fold} has no labeled training case")
     data_module.check_cases(manifest, cases)
-    train_cases, val_cases = data_module.split_validation(cases, config.val_cases, config.seed)
-    return manifest, train_cases, val_cases
+    if config.validation.hold_out_hosts:
+        train_cases, val_cases, aside = data_module.split_validation_by_host(cases, config.val_cases, config.seed)
+    else:
+        (train_cases, val_cases), aside = data_module.split_validation(cases, config.val_cases, config.seed), []
+    warning = shared_host_warning(train_cases, val_cases)
+    if warning:
+        log.warning("%s", warning)
+    if aside:
+        log.info("validation holds out whole hosts: %d case(s) of those hosts set aside (%s)", len(aside),
+                 ", ".join(c.id for c in aside))
+    return CaseSplit(manifest, train_cases, val_cases, aside, warning)
 
 
 def check_only(manifest_path: str | Path, fold: int, config: TrainConfig, root=None) -> str:
     """Run the pre-training checks only; returns a one-line summary (raises on a problem)."""
-    _, train_cases, val_cases = prepare_cases(manifest_path, fold, root, config)
-    return f"fold {fold}: {len(train_cases)} training and {len(val_cases)} validation cases, no problem found"
+    split = prepare_cases(manifest_path, fold, root, config)
+    aside = f", {len(split.set_aside)} set aside (hosts held out for validation)" if split.set_aside else ""
+    return (f"fold {fold}: {len(split.train)} training and {len(split.validation)} validation cases{aside}, no problem found"
+            + (f"; warning: {split.warning}" if split.warning else ""))
 
 
 def _resume_state(out_dir: Path, model, optimizer, scheduler, config: TrainConfig) -> RunState:
@@ -439,7 +494,7 @@ def _resume_state(out_dir: Path, model, optimizer, scheduler, config: TrainConfi
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     set_rng_state(resume["rng"])
-    log.info("resuming after epoch %d (best val Dice %.4f)", resume["epoch"], resume["best_metric"])
+    log.info("resuming after epoch %d (best validation score %.4f)", resume["epoch"], resume["best_metric"])
     return RunState(resume["epoch"], resume["best_metric"], resume["best_threshold"], resume["best_epoch"], list(resume["history"]))
 
 
@@ -555,7 +610,8 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
     if resume and not (out_dir / "last.pt").is_file():
         raise InputError(out_dir, "nothing to resume: no last.pt in the run folder")
 
-    manifest, train_cases, val_cases = prepare_cases(manifest_path, fold, root, config)
+    split = prepare_cases(manifest_path, fold, root, config)
+    manifest, train_cases, val_cases = split.manifest, split.train, split.validation
     plane_axis, pools = data_module.resolve_geometry(config, train_cases)
     shapes = [data_module.case_shape(c) for c in train_cases]
     net_config = config.network.resolve(plane_axis, pools)
@@ -568,6 +624,7 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
     scheduler = build_scheduler(config, optimizer)
     state = _resume_state(out_dir, model, optimizer, scheduler, config) if resume else RunState()
 
+    sampling = sampling_record(config, train_cases)
     loss_fn = build_loss(config.loss.name, config.loss.batch_dice, **config.loss.options)
     if config.data.loader == "device":  # volumes held once as tensors, patches made on the device
         from pipelines.device_batches import DevicePatchLoader
@@ -585,7 +642,8 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
             "manifest": {"path": str(Path(manifest_path).resolve()), "sha256": info["manifest_sha256"]},
             "fold": fold, "device": str(dev), "world_size": dist.world_size, "encoder_source": encoder_source,
             "plane_axis": plane_axis, "pool_across_planes": list(pools), "resumed_from_epoch": state.epoch if resume else None,
-            "data": data_record(manifest, train_cases, val_cases),
+            "data": data_record(manifest, train_cases, val_cases), "split": split.record(),
+            "sampling": sampling, "validation_criterion": config.validation.criterion,
         })
         writer = open_tensorboard(out_dir)
     return TrainingRun(config, out_dir, dist, dev, model, net_config, optimizer, scheduler, loss_fn, dataset,
@@ -612,33 +670,42 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
                              total_steps=total_steps)
     run.scheduler.step()
     state.epoch = epoch + 1
-    val_dice, threshold, per_threshold = float("nan"), state.best_threshold, {}
+    nan = float("nan")
+    scores = {"val_score": nan, "val_dice": nan, "val_lesion_f1": nan, "val_lesion_ppv": nan}
+    threshold, table = state.best_threshold, []
     is_last = state.epoch == config.optim.epochs
     if dist.main and run.val_volumes and (state.epoch % config.validation.every == 0 or is_last):
-        val_dice, threshold, per_threshold = validate(run.model, run.val_volumes, config, run.device)
-    improved = bool((not run.val_volumes and is_last) or (run.val_volumes and not math.isnan(val_dice) and val_dice > state.best_metric))
+        choice = validate(run.model, run.val_volumes, config, run.device)
+        threshold, table = choice.threshold, choice.table
+        chosen = next(r for r in table if r["threshold"] == choice.threshold)
+        scores = {"val_score": choice.score, "val_dice": chosen["dice"], "val_lesion_f1": chosen["lesion_f1"],
+                  "val_lesion_ppv": chosen["lesion_ppv"]}
+    score = scores["val_score"]
+    improved = bool((not run.val_volumes and is_last) or (run.val_volumes and not math.isnan(score) and score > state.best_metric))
     if improved:
-        state.best_metric = val_dice if run.val_volumes else state.best_metric
+        state.best_metric = score if run.val_volumes else state.best_metric
         state.best_threshold, state.best_epoch = threshold, state.epoch
-    row = {"epoch": state.epoch, "train_loss": result["train_loss"], "val_dice": val_dice, "val_threshold": threshold,
+    row = {"epoch": state.epoch, "train_loss": result["train_loss"], **scores, "val_threshold": threshold,
            "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
     state.history.append(row)
-    metrics = {"val_dice": val_dice, "val_dice_by_threshold": per_threshold, "train_loss": result["train_loss"]}
+    metrics = {**scores, "val_criterion": config.validation.criterion, "val_by_threshold": table,
+               "train_loss": result["train_loss"]}
     return row, metrics, improved
 
 
 def record_epoch(run: TrainingRun, row: dict, metrics: dict, improved: bool) -> None:
     """Rank 0: log the epoch, save ``best.pt``/``last.pt``, ``metrics.csv`` and TensorBoard scalars."""
     state = run.state
-    log.info("epoch %d/%d loss %.4f val Dice %.4f (t=%.2f) lr %.2e %.1f s %.3g vox/s", state.epoch,
-             run.config.optim.epochs, row["train_loss"], row["val_dice"], row["val_threshold"], row["lr"], row["seconds"],
+    log.info("epoch %d/%d loss %.4f val %s %.4f (Dice %.4f, lesion F1 %.4f, PPV %.4f; t=%.2f) lr %.2e %.1f s %.3g vox/s",
+             state.epoch, run.config.optim.epochs, row["train_loss"], run.config.validation.criterion, row["val_score"],
+             row["val_dice"], row["val_lesion_f1"], row["val_lesion_ppv"], row["val_threshold"], row["lr"], row["seconds"],
              row["voxels_per_second"])
     checkpoint = model_checkpoint(run.model, run.config, run.net_config,
                                   row["val_threshold"] if improved else state.best_threshold, state.epoch, metrics, run.info)
     save_checkpoints(run.out_dir, checkpoint, run.optimizer, run.scheduler, state, improved)
     write_metrics_csv(run.out_dir, state.history)
     if run.writer is not None:
-        for key in ("train_loss", "val_dice", "lr", "voxels_per_second"):
+        for key in ("train_loss", "val_score", "val_dice", "val_lesion_f1", "lr", "voxels_per_second"):
             if not (isinstance(row[key], float) and math.isnan(row[key])):
                 run.writer.add_scalar(key, row[key], state.epoch)
         run.writer.flush()

@@ -42,6 +42,10 @@ class ConfigError(Planar3DError, ValueError):
     values of the wrong type, or an argument out of range (also a ``ValueError``)."""
 
 
+class TrainingError(Planar3DError):
+    """Training cannot go on meaningfully, e.g. the loss became NaN or infinite."""
+
+
 class SummaryWriteError(Planar3DError):
     """A batch finished but its summary could not be written (full disk, folder gone...).
 

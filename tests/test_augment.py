@@ -111,3 +111,23 @@ def test_tensors_and_meta_tensors_keep_their_type():
         result = transform({"image": image, "label": data["label"]})
         assert tuple(result["image"].shape) == data["image"].shape and result["image"].dtype == torch.float32
     assert isinstance(out, MetaTensor) and out.meta["tag"] == 1
+
+
+def test_histogram_shift_of_a_nearly_constant_patch_stays_finite():
+    """MONAI's shift divides by the control points' spacing, ~0 on a nearly constant patch: NaN."""
+    import torch
+    from monai.transforms import RandHistogramShiftd
+
+    from planar3d.augment import FiniteRandHistogramShiftd
+
+    patch = torch.full((1, 8, 8, 8), -1.98)
+    patch[0, 0, 0, 0] = float(np.nextafter(np.float32(-1.98), np.float32(0)))  # range of one float32 step
+    plain = RandHistogramShiftd("image", num_control_points=(5, 10), prob=1.0).set_random_state(0)
+    assert not torch.isfinite(torch.as_tensor(plain({"image": patch.clone()})["image"])).all()
+    fixed = FiniteRandHistogramShiftd("image", num_control_points=(5, 10), prob=1.0).set_random_state(0)
+    assert torch.equal(torch.as_tensor(fixed({"image": patch.clone()})["image"]), patch)
+    # an ordinary patch is shifted exactly as MONAI shifts it
+    ordinary = torch.linspace(-2, 2, 512).reshape(1, 8, 8, 8)
+    a = RandHistogramShiftd("image", num_control_points=(5, 10), prob=1.0).set_random_state(3)({"image": ordinary.clone()})
+    b = FiniteRandHistogramShiftd("image", num_control_points=(5, 10), prob=1.0).set_random_state(3)({"image": ordinary.clone()})
+    assert torch.equal(torch.as_tensor(a["image"]), torch.as_tensor(b["image"])) and not torch.equal(torch.as_tensor(a["image"]), ordinary)

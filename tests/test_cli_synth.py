@@ -90,7 +90,7 @@ def test_synth_with_host_injects_mask_subsets(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     for entry in manifest["cases"]:
-        assert entry["group"] == "host-LAS"
+        assert entry["group"] == f"host-{host.name.split('.')[0]}-LAS"  # the host's name: hosts.host_key
         lab = np.asarray(nib.load(str(out / entry["label"])).dataobj)
         assert np.all(lab[p.lesions > 0] == 1) and lab.sum() > p.lesions.sum()
         img = np.asarray(nib.load(str(out / entry["image"])).dataobj)

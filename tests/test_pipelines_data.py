@@ -46,7 +46,7 @@ def test_training_and_prediction_see_the_same_volume(cases):
     # the label went through the same reorientation: LPS -> RAS flips the first two axes
     label = np.asarray(nib.load(cases[0].label).dataobj)[::-1, ::-1] > 0
     np.testing.assert_array_equal(item["label"][0].numpy(), label.astype(np.float32))
-    (case_id, volume, mask), = load_validation_volumes(cases[:1], normalization)
+    (case_id, volume, mask, spacing), = load_validation_volumes(cases[:1], normalization)
     assert case_id == "c0" and mask.dtype == bool
     np.testing.assert_array_equal(volume, prepared.volume)
     np.testing.assert_array_equal(mask, label)

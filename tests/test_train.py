@@ -63,8 +63,15 @@ def test_train_writes_loadable_outputs(tiny_manifest, tmp_path):
     assert (run / "training_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_resume_is_bit_identical(tiny_manifest, tmp_path):
-    config = tiny_config("network.dropout=0.2")
+@pytest.mark.parametrize("recipe", [
+    [],
+    # the default recipe's random parts: hard-negative sampling (brain masks from synth) and
+    # scanner augmentation with every transform on
+    ["data.sampling=lesion_hard_negative", "augmentation.scanner={thick_slice_prob: 1.0, blur_prob: 0.5, "
+     "bias_field_prob: 0.5, histogram_prob: 0.5, gamma_prob: 0.5, noise_prob: 0.5}"],
+], ids=["lesion", "recipe"])
+def test_resume_is_bit_identical(tiny_manifest, tmp_path, recipe):
+    config = tiny_config("network.dropout=0.2", *recipe)
     straight = train(tiny_manifest, 0, tmp_path / "a", config, device="cpu")
     train(tiny_manifest, 0, tmp_path / "b", config, device="cpu", max_epochs_this_run=1)
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["training"]["epoch"] == 1

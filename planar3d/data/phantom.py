@@ -63,6 +63,7 @@ class Phantom:
         tissues: partial-volume fraction maps (float32) keyed by tissue name.
         lesion_fraction: partial-volume lesion fraction (float32).
         info: scalar facts about the case (lesion load, intensities, head pose...).
+        brain: partial-volume brain fraction (float32), the phantom's own brain mask at >= 0.5.
     """
 
     flair: np.ndarray
@@ -72,6 +73,7 @@ class Phantom:
     tissues: dict = field(default_factory=dict)
     lesion_fraction: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    brain: np.ndarray | None = None
 
 
 def preset_geometry(size: str, geometry: str, rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
@@ -358,11 +360,11 @@ def make_phantom_parts(
 
     clean_out = _to_output(clean, grid, transform)
     lesion_out = _to_output(lesion_flat, grid, transform)
-    brain_out = _to_output(brain_fraction, grid, transform) if brain_extracted else None
+    brain_out = _to_output(brain_fraction, grid, transform)
     tissue_out = {k: _to_output(v, grid, transform) for k, v in tissues.items() if k != "lesion"} if keep_tissues else {}
     del clean, tissues
 
-    image, sigma = _acquire(rng, clean_out, wm_level, bias, noise, brain_out)
+    image, sigma = _acquire(rng, clean_out, wm_level, bias, noise, brain_out if brain_extracted else None)
     affine = grid.ras_affine @ ornt.inv_ornt_aff(transform, tuple(grid.ras_shape))
     labels = (lesion_out >= 0.5).astype(np.uint8)
     info = {
@@ -382,7 +384,7 @@ def make_phantom_parts(
     }
     return Phantom(
         flair=image.astype(np.float32, copy=False), lesions=labels, affine=affine, clean=clean_out,
-        tissues=tissue_out, lesion_fraction=lesion_out, info=info,
+        tissues=tissue_out, lesion_fraction=lesion_out, info=info, brain=brain_out,
     )
 
 

@@ -24,6 +24,15 @@ from planar3d.errors import InputError
 from planar3d.io import atomic_write, make_folder, read_volume, write_json
 
 
+def _file_stem(path: str | Path) -> str:
+    """A file's name without ``.nii.gz`` / ``.nii``."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def save_nifti_deterministic(array: np.ndarray, affine: np.ndarray, path: Path, header=None, code: int = 1) -> str:
     """Write ``array`` as a gzipped NIfTI-1 (mtime 0) atomically; return its sha256 hex digest.
 
@@ -49,6 +58,22 @@ def read_template(template: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     return read_volume(template)
 
 
+BRAIN_MASK_FOLDER = "brain_masks"
+
+
+def brain_mask_path(image: str | Path) -> Path:
+    """Where ``planar3d synth`` writes the brain mask of a case image: ``brain_masks/<image name>``
+    beside the case's ``images/`` folder (a sidecar, so the manifest format does not change).
+
+    The brain mask is what training weights hard-negative patch centres with
+    (:class:`planar3d.sampling.PatchCentreIndicesd`), so they fall on bright structures of the
+    brain rather than on the scalp. It is computed once per case here, at data preparation, where
+    the host-to-MNI152 registration is at hand anyway (phantoms: their own brain fraction).
+    """
+    image = Path(image)
+    return image.parent.parent / BRAIN_MASK_FOLDER / image.name
+
+
 def write_synthetic_dataset(
     out_dir: str | Path,
     cases: int,
@@ -71,7 +96,9 @@ def write_synthetic_dataset(
     the host's.
 
     Args:
-        out_dir: output folder (created); ``images/``, ``labels/`` and ``manifest.json`` go in it.
+        out_dir: output folder (created); ``images/``, ``labels/`` and ``manifest.json`` go in it,
+            and ``brain_masks/`` (:func:`brain_mask_path`) for phantoms and for a host with a
+            ``template`` (the template's brain mapped onto the host).
         cases: number of cases (>= 1).
         seed: random seed.
         size: ``"small"`` (~3.3 mm, fast) or ``"full"`` (~1 mm) phantoms.
@@ -151,12 +178,15 @@ def write_synthetic_dataset(
                     host_to_masks = register_to_host(template_data, template_img.affine, host_data, host_img.affine, seed=seed)
             except (RuntimeError, ValueError) as error:  # SimpleITK raises RuntimeError
                 raise InputError(template, f"registration to {Path(host).name} failed: {error}") from None
-            if brain_extracted:
-                to_template = host_to_masks if host_to_template is None else host_to_template
-                brain = resample_to_host((template_data > 0).astype(np.uint8), template_img.affine, host_img, to_template)
-                brain = ndimage.binary_fill_holes(brain > 0)
+            # the brain is mapped whether or not cases are skull-stripped: it is also every
+            # case's brain mask for hard-negative sampling (brain_mask_path)
+            to_template = host_to_masks if host_to_template is None else host_to_template
+            brain = resample_to_host((template_data > 0).astype(np.uint8), template_img.affine, host_img, to_template)
+            brain = ndimage.binary_fill_holes(brain > 0)
         masks = lesion_masks_from_folder(lesion_masks_dir, host_img, host_to_masks)
-        host_group = "host-" + "".join(nib.aff2axcodes(host_img.affine))
+        # the host's name, so cases of different heads with one orientation get different keys
+        # (planar3d.data.hosts.host_key)
+        host_group = f"host-{_file_stem(host)}-" + "".join(nib.aff2axcodes(host_img.affine))
         qcode = int(host_img.header["qform_code"]) or 1
         description = (
             f"planar3d synth seed={seed} cases={cases} host={Path(host).name} "
@@ -186,6 +216,7 @@ def write_synthetic_dataset(
             flair = np.clip(np.rint(phantom.flair), 0, 32767).astype(np.int16)
             image_sha = save_nifti_deterministic(flair, phantom.affine, image_path)
             label_sha = save_nifti_deterministic(phantom.lesions, phantom.affine, label_path)
+            brain_mask = (phantom.brain >= 0.5).astype(np.uint8)
             group = f"{geometry}-{orientation}" + ("-brain" if stripped else "")
         else:
             count = int(rng.integers(1, min(4, len(masks)) + 1))
@@ -196,6 +227,12 @@ def write_synthetic_dataset(
             image_sha = save_nifti_deterministic(flair.astype(np.float32), host_img.affine, image_path, code=qcode)
             label_sha = save_nifti_deterministic(label, host_img.affine, label_path, code=qcode)
             group = host_group + ("-brain" if stripped else "")
+            brain_mask = None if brain is None else brain.astype(np.uint8)
+        if brain_mask is not None:
+            affine = phantom.affine if host_data is None else host_img.affine
+            make_folder(brain_mask_path(image_path).parent)
+            save_nifti_deterministic(brain_mask, affine, brain_mask_path(image_path),
+                                     code=1 if host_data is None else qcode)
         entries.append(Case(case_id, image_path.resolve(), label_path.resolve(), group,
                             {"image": image_sha, "label": label_sha}))
 

