@@ -696,10 +696,12 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
 def record_epoch(run: TrainingRun, row: dict, metrics: dict, improved: bool) -> None:
     """Rank 0: log the epoch, save ``best.pt``/``last.pt``, ``metrics.csv`` and TensorBoard scalars."""
     state = run.state
-    log.info("epoch %d/%d loss %.4f val %s %.4f (Dice %.4f, lesion F1 %.4f, PPV %.4f; t=%.2f) lr %.2e %.1f s %.3g vox/s",
-             state.epoch, run.config.optim.epochs, row["train_loss"], run.config.validation.criterion, row["val_score"],
-             row["val_dice"], row["val_lesion_f1"], row["val_lesion_ppv"], row["val_threshold"], row["lr"], row["seconds"],
-             row["voxels_per_second"])
+    validation = ("no validation this epoch" if not metrics["val_by_threshold"] else
+                  "val %s %.4f (Dice %.4f, lesion F1 %.4f, PPV %.4f; t=%.2f)" % (
+                      run.config.validation.criterion, row["val_score"], row["val_dice"], row["val_lesion_f1"],
+                      row["val_lesion_ppv"], row["val_threshold"]))
+    log.info("epoch %d/%d loss %.4f %s lr %.2e %.1f s %.3g vox/s", state.epoch, run.config.optim.epochs,
+             row["train_loss"], validation, row["lr"], row["seconds"], row["voxels_per_second"])
     checkpoint = model_checkpoint(run.model, run.config, run.net_config,
                                   row["val_threshold"] if improved else state.best_threshold, state.epoch, metrics, run.info)
     save_checkpoints(run.out_dir, checkpoint, run.optimizer, run.scheduler, state, improved)
