@@ -228,25 +228,6 @@ def write_dataset_description(derivative_root: str | PurePath, version: str | No
     return path
 
 
-def index_by_case_id(paths, role: str = "mask") -> dict:
-    """``{case id: path}`` of files; two files with one id is a ValueError naming both.
-
-    Evaluation pairs predictions with references through two such indexes (probability maps
-    should be left out of ``paths`` first: ``x_prob`` and ``x_mask`` share the id ``x``).
-
-    Example:
-        >>> sorted(index_by_case_id(["p/case_000_flair_mask.nii.gz", "p/case_001_flair_mask.nii.gz"]))
-        ['case_000', 'case_001']
-    """
-    index: dict = {}
-    for path in paths:
-        key = case_id(path, role)
-        if key in index:
-            raise ValueError(f"{path}: case id {key!r} is also the id of {index[key]}")
-        index[key] = path
-    return index
-
-
 def display_path(path: object) -> str:
     r"""``path`` as text safe for one console or log line: control characters are escaped.
 

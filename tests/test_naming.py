@@ -11,7 +11,7 @@ import planar3d.naming as naming
 from pathlib import PurePosixPath
 
 from planar3d.naming import (
-    MASK_SUFFIX, PROBABILITY_SUFFIX, case_id, index_by_case_id, is_nifti, layout_output_path, output_path,
+    MASK_SUFFIX, PROBABILITY_SUFFIX, case_id, is_nifti, layout_output_path, output_path,
     strip_nifti_extension, write_dataset_description,
 )
 
@@ -66,11 +66,6 @@ def test_nnunet_label_is_not_a_channel():
     assert case_id("imagesTr/BraTS_0001.nii.gz", "image") == "BraTS"
     with pytest.raises(ValueError, match="role"):
         case_id("x.nii.gz", "label")
-
-
-def test_index_by_case_id_duplicates():
-    with pytest.raises(ValueError, match="b/case_0000_mask.nii.gz: case id 'case' is also the id of a/case.nii.gz"):
-        index_by_case_id(["a/case.nii.gz", "b/case_0000_mask.nii.gz"])
 
 
 def test_dataset_description(tmp_path):
