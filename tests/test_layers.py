@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
-from planar3d.networks.layers import EvenSameConv3d, conv3d
+from planar3d.networks.layers import EvenSameConv3d, OneChannelConv3d, conv3d, conv_of_concatenation
 
 
 @pytest.mark.parametrize("kernel,dilation", [((3, 3, 2), (2, 2, 1)), ((3, 3, 2), (1, 1, 1)), ((2, 3, 3), (1, 2, 2)),
@@ -44,13 +44,13 @@ def test_network_with_deepest_depth_2_runs_without_warning_and_scripts():
         warnings.simplefilter("error")
         with torch.inference_mode():
             out = net(x)
-    scripted = torch.jit.script(net)
+    scripted = torch.jit.script(net)  # scripting compiles the plain concatenation path
     with torch.inference_mode():
-        assert torch.equal(scripted(x), out)
+        assert (scripted(x) - out).abs().max().item() <= 1e-6
 
 
 def test_inference_head_on_split_halves_equals_the_training_forward():
-    # without autograd the head runs on the two halves of the last concatenation (no full-size cat)
+    # without autograd the last level and the head run on the parts of its concatenations (no full-size cat)
     torch.manual_seed(0)
     for config in (PlanarResUNetConfig(width=0.125, deepest_kernel_depth=2),
                    PlanarResUNetConfig(width=0.0625, plane_axis=0, in_channels=3, out_channels=2, norm="batch")):
@@ -61,3 +61,37 @@ def test_inference_head_on_split_halves_equals_the_training_forward():
             fast = net(x)
         assert fast.shape == expected.shape
         assert (fast - expected.detach()).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_channel_stem_conv_equals_the_plain_conv_in_inference(channels_last):
+    torch.manual_seed(0)
+    conv = conv3d(1, 6, (3, 3, 1))
+    assert isinstance(conv, OneChannelConv3d)
+    reference = nn.Conv3d(1, 6, (3, 3, 1), padding=(1, 1, 0))
+    reference.load_state_dict(conv.state_dict())  # same parameters as nn.Conv3d
+    x = torch.randn(2, 1, 9, 8, 7)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    conv, x = conv.to(memory_format=layout), x.contiguous(memory_format=layout)
+    expected = reference(x)  # grad enabled: nn.Conv3d's own path
+    with torch.inference_mode():
+        out = conv(x)  # the zero second channel
+    assert out.shape == expected.shape == (2, 6, 9, 8, 7)
+    if channels_last:  # the fast path writes channels_last_3d directly
+        assert out.is_contiguous(memory_format=layout)
+    assert (out - expected.detach()).abs().max().item() <= 1e-6
+    assert conv3d(2, 6, (3, 3, 1)).__class__ is nn.Conv3d  # only one input channel is special
+
+
+@pytest.mark.parametrize("kernel,dilation", [((3, 3, 1), (2, 2, 1)), ((3, 3, 2), (2, 2, 1)), ((1, 1, 1), (1, 1, 1))])
+def test_conv_of_concatenation_equals_conv_of_the_concatenated_tensor(kernel, dilation):
+    torch.manual_seed(0)
+    conv = conv3d(7, 3, kernel, dilation)
+    parts = [torch.randn(1, 2, 8, 9, 6), torch.randn(1, 4, 8, 9, 6), torch.randn(1, 1, 8, 9, 6)]
+    with torch.no_grad():
+        expected = conv(torch.cat(parts, dim=1))
+        out = conv_of_concatenation(conv, parts)
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match="6 channels, the conv takes 7"):
+        conv_of_concatenation(conv, parts[:2])

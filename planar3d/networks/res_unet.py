@@ -22,7 +22,9 @@ from torch import nn
 
 from planar3d.errors import ConfigError
 from planar3d.networks.encoder import PlanarVGGEncoder, scaled
-from planar3d.networks.layers import BlockMaxPool3d, Triple, activation, along_plane, conv3d, normalization
+from planar3d.networks.layers import (
+    BlockMaxPool3d, Triple, activation, along_plane, conv3d, conv_of_concatenation, normalization,
+)
 
 DECODER_WIDTHS = (256, 128, 64, 32)
 BOTTLENECK_WIDTH = 512
@@ -140,13 +142,26 @@ class _DecoderLevel(nn.Module):
         self.out_channels = merged + width
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        merged, out = self.parts(x, skip)
-        return torch.cat([merged, out], dim=1)
-
-    def parts(self, x: torch.Tensor, skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The two halves of the level's output (its input after the skip, and the convs' output)."""
+        if not torch.is_grad_enabled() and not torch.jit.is_scripting():
+            # Inference: one concatenation instead of two (the same values to rounding).
+            return torch.cat(list(self.parts(x, skip)), dim=1)
         merged = torch.cat([self.up(x), skip], dim=1)
-        return merged, self.conv2(self.conv1(merged))
+        return torch.cat([merged, self.conv2(self.conv1(merged))], dim=1)
+
+    @torch.jit.unused
+    def parts(self, x: torch.Tensor, skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The level's output as its three parts: upsampled input, skip, and the convs' output.
+
+        Their concatenation is :meth:`forward`'s result; the upsampled input and the skip are
+        never concatenated (:func:`conv_of_concatenation`): at the last level that saves
+        writing the largest tensor but one of the pass, at the others one concatenation each.
+        """
+        upsampled = self.up(x)
+        first_conv, *after_conv = self.conv1
+        hidden = conv_of_concatenation(first_conv, [upsampled, skip])
+        for module in after_conv:
+            hidden = module(hidden)
+        return upsampled, skip, self.conv2(hidden)
 
 
 class PlanarResUNet(nn.Module):
@@ -243,14 +258,12 @@ class PlanarResUNet(nn.Module):
         x = torch.cat([x, self.bottleneck(x)], dim=1)
         last = len(self.decoder) - 1
         for level, decoder_level in enumerate(self.decoder):
-            if level == last and not torch.is_grad_enabled():
-                # Inference: the head is linear, so it applies to the two halves of the last
+            if level == last and not torch.is_grad_enabled() and not torch.jit.is_scripting():
+                # Inference: the head is linear, so it applies to the three parts of the last
                 # level's concatenation separately and their sum is the same logits (to
-                # rounding); the full-resolution concatenation (128 channels at width 1.0, the
-                # largest tensor of the pass) is never written.
-                merged, out = decoder_level.parts(x, skips[0])
-                split = merged.shape[1]
-                logits = F.conv3d(merged, self.head.weight[:, :split], self.head.bias) + F.conv3d(out, self.head.weight[:, split:])
+                # rounding); the full-resolution concatenations (96 and 128 channels at width
+                # 1.0, the largest tensors of the pass) are never written.
+                logits = conv_of_concatenation(self.head, list(decoder_level.parts(x, skips[0])))
                 return logits[:, :, : size[0], : size[1], : size[2]]
             x = decoder_level(x, skips[len(skips) - 1 - level])
         logits = self.head(x)
