@@ -283,17 +283,22 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
         with autocast_context(device, config.amp):
             logits = model(image)
         loss = loss_fn(logits, label)
-        if not torch.isfinite(loss.detach()):
+        # The step's one wait for the device: the loss value, read once, both for the check and
+        # for the running mean. Here (after the forward) rather than after optimizer.step(), so
+        # the device runs this step's backward and update while the host prepares and launches
+        # the next batch.
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
             # stop before the step: a NaN update would spread to every weight, and a NaN model
             # could still become best.pt (a lesion F1 of 0 beats the initial -1)
             raise TrainingError(
-                f"epoch {epoch + 1}, step {steps + 1}: the training loss is {float(loss):g}; last.pt keeps epoch {epoch} "
+                f"epoch {epoch + 1}, step {steps + 1}: the training loss is {loss_value:g}; last.pt keeps epoch {epoch} "
                 f"(input finite: {bool(torch.isfinite(image).all())}); lower optim.lr or check the augmentation")
         loss.backward()
         if config.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.optim.grad_clip)
         optimizer.step()
-        total_loss += float(loss.detach())
+        total_loss += loss_value
         steps += 1
         voxels += label.numel()
         elapsed = time.perf_counter() - start
