@@ -142,26 +142,40 @@ class _DecoderLevel(nn.Module):
         self.out_channels = merged + width
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and not torch.jit.is_scripting():
-            # Inference: one concatenation instead of two (the same values to rounding).
-            return torch.cat(list(self.parts(x, skip)), dim=1)
+        if not torch.jit.is_scripting() and _splits_concatenations(x):
+            # CPU inference: one concatenation instead of two (the same values to rounding).
+            return torch.cat(self.parts(x, skip), dim=1)
         merged = torch.cat([self.up(x), skip], dim=1)
         return torch.cat([merged, self.conv2(self.conv1(merged))], dim=1)
 
     @torch.jit.unused
-    def parts(self, x: torch.Tensor, skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The level's output as its three parts: upsampled input, skip, and the convs' output.
+    def parts(self, x: torch.Tensor, skip: torch.Tensor) -> List[torch.Tensor]:
+        """The level's output as parts whose concatenation is :meth:`forward`'s result.
 
-        Their concatenation is :meth:`forward`'s result; the upsampled input and the skip are
-        never concatenated (:func:`conv_of_concatenation`): at the last level that saves
-        writing the largest tensor but one of the pass, at the others one concatenation each.
+        In CPU inference three parts, upsampled input, skip and the convs' output: the first two
+        are never concatenated (:func:`conv_of_concatenation`), which at the last level saves
+        writing the largest tensor but one of the pass. Elsewhere two: their concatenation
+        (``merged``) and the convs' output.
         """
         upsampled = self.up(x)
+        if not _splits_concatenations(x):
+            merged = torch.cat([upsampled, skip], dim=1)
+            return [merged, self.conv2(self.conv1(merged))]
         first_conv, *after_conv = self.conv1
         hidden = conv_of_concatenation(first_conv, [upsampled, skip])
         for module in after_conv:
             hidden = module(hidden)
-        return upsampled, skip, self.conv2(hidden)
+        return [upsampled, skip, self.conv2(hidden)]
+
+
+def _splits_concatenations(x: torch.Tensor) -> bool:
+    """Whether a decoder level computes its first conv from the parts of its concatenation.
+
+    Only in CPU inference, where it was measured (docs/prediction.md: a concatenation is a full
+    write and read of the largest tensors through 2 cores' memory bandwidth); on CUDA, with its
+    bandwidth, one conv over the concatenation is kept until a GPU run says otherwise.
+    """
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 class PlanarResUNet(nn.Module):
@@ -259,11 +273,11 @@ class PlanarResUNet(nn.Module):
         last = len(self.decoder) - 1
         for level, decoder_level in enumerate(self.decoder):
             if level == last and not torch.is_grad_enabled() and not torch.jit.is_scripting():
-                # Inference: the head is linear, so it applies to the three parts of the last
-                # level's concatenation separately and their sum is the same logits (to
-                # rounding); the full-resolution concatenations (96 and 128 channels at width
-                # 1.0, the largest tensors of the pass) are never written.
-                logits = conv_of_concatenation(self.head, list(decoder_level.parts(x, skips[0])))
+                # Inference: the head is linear, so it applies to the parts of the last level's
+                # concatenation separately and their sum is the same logits (to rounding); the
+                # full-resolution concatenation (128 channels at width 1.0, the largest tensor
+                # of the pass) is never written, on the CPU not even its 96-channel first part.
+                logits = conv_of_concatenation(self.head, decoder_level.parts(x, skips[0]))
                 return logits[:, :, : size[0], : size[1], : size[2]]
             x = decoder_level(x, skips[len(skips) - 1 - level])
         logits = self.head(x)
