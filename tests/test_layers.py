@@ -102,3 +102,5 @@ def test_conv_of_concatenation_equals_conv_of_the_concatenated_tensor(kernel, di
     assert (out - expected).abs().max().item() <= 1e-6
     with pytest.raises(ValueError, match="6 channels, the conv takes 7"):
         conv_of_concatenation(conv, parts[:2])
+    with pytest.raises(ValueError, match="11 channels, the conv takes 7"):
+        conv_of_concatenation(conv, parts + [parts[1]])

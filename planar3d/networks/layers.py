@@ -72,17 +72,18 @@ def conv_of_concatenation(conv: nn.Conv3d, parts: List[torch.Tensor]) -> torch.T
     part with its slice of the weights (the bias added once): the same result to float
     rounding. Inference uses it where the concatenation would be the largest tensor written.
     """
-    result = None
+    channels = sum(int(part.shape[1]) for part in parts)
+    if not parts or channels != conv.in_channels:
+        raise ValueError(f"parts hold {channels} channels, the conv takes {conv.in_channels}")
+    result = torch.empty(0)  # replaced by the first part's term
     start = 0
-    for part in parts:
+    for index, part in enumerate(parts):
         stop = start + part.shape[1]
         if isinstance(conv, EvenSameConv3d):
             part = F.pad(part, conv.far_extra)
-        term = conv._conv_forward(part, conv.weight[:, start:stop], conv.bias if result is None else None)
-        result = term if result is None else result.add_(term)
+        term = conv._conv_forward(part, conv.weight[:, start:stop], conv.bias if index == 0 else None)
+        result = term if index == 0 else result.add_(term)
         start = stop
-    if result is None or start != conv.in_channels:
-        raise ValueError(f"parts hold {start} channels, the conv takes {conv.in_channels}")
     return result
 
 
