@@ -170,8 +170,8 @@ install -d -o "${RUN_AS%:*}" -g "${RUN_AS#*:}" -m 0755 "$WORK/container/slurm"
 slurm_status=0
 for part in 0 1; do
   PATH="$SCRATCH/apptainer-stand-in:$PATH" SLURM_ARRAY_TASK_COUNT=2 SLURM_ARRAY_TASK_ID=$part DEVICE=cpu \
-    SIF=planar3d.sif SCANS="$WORK/data/images" MODEL="$WORK/host/train" OUT="$WORK/container/slurm" \
-    bash "$ROOT/scripts/slurm/predict_array.sbatch" > "$WORK/container/slurm_part$part.log" 2>&1 || slurm_status=1
+    SIF=planar3d.sif bash "$ROOT/scripts/slurm/predict_parts.sbatch" "$WORK/data/images" "$WORK/container/slurm" \
+    "$WORK/host/train" > "$WORK/container/slurm_part$part.log" 2>&1 || slurm_status=1
 done
 check "slurm array job, 2 parts as $RUN_AS" test "$slurm_status" = 0 -a -f "$WORK/container/slurm/predictions.json" \
   -a -n "$(ls "$WORK/container/slurm/.planar3d/parts/"part0of2-* 2>/dev/null)" -a -n "$(ls "$WORK/container/slurm/.planar3d/parts/"part1of2-* 2>/dev/null)"

@@ -7,6 +7,7 @@ records its output). These tests keep the files it relies on consistent with the
 import configparser
 import importlib
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -19,7 +20,7 @@ DOCKERFILE = (PROJECT_ROOT / "Dockerfile").read_text()
 README = (PROJECT_ROOT / "README.md").read_text()
 INSTALL = (PROJECT_ROOT / "scripts" / "install.sh").read_text()
 CHECK = PROJECT_ROOT / "scripts" / "container_check.sh"
-SBATCH = PROJECT_ROOT / "scripts" / "slurm" / "predict_array.sbatch"
+SBATCH = PROJECT_ROOT / "scripts" / "slurm" / "predict_parts.sbatch"
 APPTAINER = (PROJECT_ROOT / "apptainer" / "planar3d.def").read_text()
 
 
@@ -138,20 +139,57 @@ def test_shell_scripts_parse(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
-def test_slurm_example_shards_with_the_cli_options(capsys):
+def test_slurm_script_shards_with_the_cli_options(capsys):
     text = SBATCH.read_text()
     assert "#SBATCH --array=0-" in text
-    command = " ".join(logical_lines(text)[-1:])
-    words = shlex.split(command.replace("${NV[@]+\"${NV[@]}\"}", ""))
-    assert words[:2] == ["exec", "apptainer"] and "--nv" in text
-    options = [word for word in words[words.index("predict") + 1:] if word.startswith("-")]
+    runs = [shlex.split(line.replace("${NV[@]+\"${NV[@]}\"}", "")) for line in logical_lines(text)
+            if line.lstrip().startswith("exec ")]
+    assert [words[:2] for words in runs] == [["exec", "planar3d"], ["exec", "apptainer"]] and "--nv" in text
     _, main = console_script()
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
     help_text = capsys.readouterr().out
-    for option in options:
-        assert option in help_text, f"{option} is not an option of planar3d predict"
-    assert {"--num-parts", "--part-id"} <= set(options)
+    for words in runs:
+        options = [word for word in words[words.index("predict") + 1:] if word.startswith("-")]
+        for option in options:
+            assert option in help_text, f"{option} is not an option of planar3d predict"
+        assert {"--num-parts", "--part-id"} <= set(options)
+
+
+@pytest.mark.parametrize("mode", ["host", "container", "container-cpu"])
+def test_slurm_script_runs_planar3d_on_the_host_or_in_the_image(tmp_path, mode):
+    """One array task with stand-ins for ``planar3d`` and ``apptainer`` that print their arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("planar3d", "apptainer"):
+        (bin_dir / name).write_text(f'#!/bin/sh\nprintf "%s\\n" {name} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "masks"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "2",
+           "SLURM_ARRAY_TASK_MIN": "0", **({} if mode == "host" else {"SIF": "planar3d.sif"}),
+           **({"DEVICE": "cpu"} if mode == "container-cpu" else {})}
+    done = subprocess.run(["bash", str(SBATCH), "/scans", str(out), "/runs/fold0"], env=env,
+                          capture_output=True, text=True, check=True)
+    parts = ["--num-parts", "4", "--part-id", "2"]
+    if mode == "host":
+        assert done.stdout.split() == ["planar3d", "predict", "-i", "/scans", "-o", str(out), "--model", "/runs/fold0",
+                                       "--device", "cpu", *parts]
+        assert not out.exists()  # planar3d makes it, with its own checks
+    else:
+        device = "cpu" if mode == "container-cpu" else "cuda"
+        assert done.stdout.split() == [
+            "apptainer", "run", *(["--nv"] if device == "cuda" else []), "-B", "/scans:/data:ro",
+            "-B", "/runs/fold0:/model:ro", "-B", f"{out}:/output", "planar3d.sif",
+            "predict", "-i", "/data", "-o", "/output", "--model", "/model", "--device", device, *parts]
+        assert out.is_dir()  # the bind mount's source
+
+
+def test_slurm_script_refuses_an_array_not_starting_at_0(tmp_path):
+    env = {"PATH": os.environ["PATH"], "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "1",
+           "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "2"}
+    done = subprocess.run(["bash", str(SBATCH), "/scans", str(tmp_path / "out"), "/run"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr == "error: the array must start at 0 (got --array=1-2)\n"
 
 
 def test_apptainer_definition_is_built_from_the_docker_image():

@@ -186,18 +186,18 @@ def _scan_folder(tmp_path: Path, bad_folder: Path, goods=3) -> Path:
 
 def test_predict_batch_with_every_bad_file(tmp_path, bad_folder, monkeypatch):
     """Good masks exact, every bad file a named failure, an unexpected exception contained."""
-    import pipelines.predict as predict
+    import pipelines.predict_batch as batch  # predict_with_model looks run_model up there
 
     folder = _scan_folder(tmp_path, bad_folder)
     (folder / "bug.nii.gz").write_bytes((folder / "good0.nii.gz").read_bytes())
-    original = predict.run_model
+    original = batch.run_model
 
     def run_model(model, prepared, settings, *args, **kwargs):  # a bug (not an InputError) on one scan only
         if prepared.scan.path.name == "bug.nii.gz":
             raise TypeError("unexpected bug")
         return original(model, prepared, settings, *args, **kwargs)
 
-    monkeypatch.setattr(predict, "run_model", run_model)
+    monkeypatch.setattr(batch, "run_model", run_model)
     out = tmp_path / "out"
     scans = find_inputs(folder)
     settings = InferenceSettings.from_checkpoint(META, min_lesion_size=0)
