@@ -173,12 +173,12 @@ def test_slurm_script_runs_planar3d_on_the_host_or_in_the_image(tmp_path, mode):
     parts = ["--num-parts", "4", "--part-id", "2"]
     if mode == "host":
         assert done.stdout.split() == ["planar3d", "predict", "-i", "/scans", "-o", str(out), "--model", "/runs/fold0",
-                                       "--device", "cpu", *parts]
+                                       "--device", "auto", *parts]
         assert not out.exists()  # planar3d makes it, with its own checks
     else:
-        device = "cpu" if mode == "container-cpu" else "cuda"
+        device = "cpu" if mode == "container-cpu" else "auto"
         assert done.stdout.split() == [
-            "apptainer", "run", *(["--nv"] if device == "cuda" else []), "-B", "/scans:/data:ro",
+            "apptainer", "run", *(["--nv"] if device == "auto" else []), "-B", "/scans:/data:ro",
             "-B", "/runs/fold0:/model:ro", "-B", f"{out}:/output", "planar3d.sif",
             "predict", "-i", "/data", "-o", "/output", "--model", "/model", "--device", device, *parts]
         assert out.is_dir()  # the bind mount's source
