@@ -49,7 +49,7 @@ def test_padding_and_bias_field_and_gamma_match_monai():
 
     volume = torch.rand((1, 5, 8, 3), generator=torch.Generator().manual_seed(1))
     expected = SpatialPad((8, 8, 6), mode="edge")(volume)
-    assert torch.equal(P.pad_symmetric_edge(volume, (8, 8, 6)), torch.as_tensor(expected))
+    assert torch.equal(P.pad_symmetric(volume, (8, 8, 6)), torch.as_tensor(expected))
     coefficients = torch.linspace(-0.3, 0.3, len(P.bias_field_terms()))
     field = RandBiasField()._generate_random_field((6, 7, 5), 3, coefficients.tolist())
     np.testing.assert_allclose(P.bias_fields(P.bias_field_matrices(coefficients[None]), P.legendre_bases((6, 7, 5)))[0].numpy(), np.exp(field), rtol=1e-5)
@@ -124,15 +124,15 @@ def test_augmentation_keeps_image_and_label_aligned():
     assert flipped > 0
 
 
-def test_slabs_take_whole_padded_planes_and_unsupported_sampling_is_refused():
+def test_slabs_take_whole_padded_planes_and_an_unknown_sampling_is_refused():
     config = load_config("paper", ["data.loader=device", "data.samples_per_volume=2"])
     volumes = _volumes(1, (24, 20, 10)) + _volumes(1, (20, 22, 10))
     loader = DevicePatchLoader(volumes, config, plane_axis=2, device=torch.device("cpu"))
     batches = list(loader.epoch_batches(0))  # 2 volumes x 2 slabs in steps of 3 (the paper's batch)
     assert [tuple(image.shape) for image, _ in batches] == [(3, 1, 24, 22, 16), (1, 1, 24, 22, 16)]
     assert set(torch.unique(batches[0][1]).tolist()) <= {0.0, 1.0}
-    unsupported = config.model_copy(update={"data": config.data.model_copy(update={"sampling": "lesion_hard_negative"})})
-    with pytest.raises(ConfigError, match="data.sampling=lesion_hard_negative"):
+    unsupported = config.model_copy(update={"data": config.data.model_copy(update={"sampling": "grid"})})
+    with pytest.raises(ConfigError, match="data.sampling=grid"):
         check_device_loader_config(unsupported)
 
 
