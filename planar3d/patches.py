@@ -30,6 +30,7 @@ from typing import Sequence, Tuple
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -197,7 +198,7 @@ def histogram_control_points(count: int, uniforms: Sequence[float]) -> Tuple[tor
     reference ``linspace(0, 1, count)``; floating point ``i`` (``0 < i < count - 1``) drawn
     uniformly between floating point ``i - 1`` and reference point ``i + 1``, from ``uniforms[i - 1]``
     (so the map is monotone and keeps both ends). float64, on the host."""
-    reference = torch.linspace(0.0, 1.0, int(count), dtype=torch.float64)
+    reference = torch.from_numpy(np.linspace(0.0, 1.0, int(count)))  # numpy's rounding, as MONAI
     floating = reference.clone()
     for i in range(1, int(count) - 1):
         low, high = float(floating[i - 1]), float(floating[i + 1])
