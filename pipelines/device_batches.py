@@ -5,8 +5,9 @@ could not keep up with the training step (issue 10: 1.5-2e7 voxels/s, GPU busy <
 H100, where a 16x256x256 slab forward + backward takes 16 ms). Here every preprocessed training
 volume is loaded once and kept as a tensor -- on the GPU when it fits in half of its free memory,
 else in pinned host memory -- and each step's patches are cut with slicing, then flipped,
-deformed (``affine_grid``/``grid_sample``), gamma-adjusted, bias-field-multiplied and noised as
-batched tensor operations on the training device (:mod:`planar3d.patches`). No worker processes,
+deformed (``affine_grid``/``grid_sample``), gamma-adjusted, bias-field-multiplied, noised and
+(with ``augmentation.scanner``) thick-sliced, blurred and histogram-shifted as batched or
+per-sample tensor operations on the training device (:mod:`planar3d.patches`). No worker processes,
 no per-sample CPU transform; on the CPU it is the same code with ``device=cpu``.
 
 Samples (same distributions as the MONAI chain of :mod:`pipelines.data`, not the same numbers):
@@ -16,6 +17,15 @@ Samples (same distributions as the MONAI chain of :mod:`pipelines.data`, not the
   (``RandCropByPosNegLabeld(pos=pos_neg_ratio, neg=1)``; a volume without lesion gives background
   centres only); volumes are edge-padded to at least the patch size first, and a centre near the
   border moves the least needed for the patch to fit (MONAI's rule).
+* ``lesion_hard_negative`` (:class:`planar3d.sampling.RandCropByLesionHardNegatived`'s
+  distribution): the kind (lesion, hard_negative, random) drawn with ``data.ratios``; the centre a
+  uniform lesion voxel, a hard-negative candidate (uniform, or by the prior's cumulative weights)
+  or a uniform position of the padded volume. The candidates are computed once per volume when
+  the loader is built, by the MONAI chain's own transform
+  (:func:`pipelines.data.centre_indices_transform`: ``PatchCentreIndicesd`` on the edge-padded
+  volume, the brain mask -- or ones for a case without one -- zero-padded as ``SpatialPadd``
+  pads it). A kind without candidates gives a random patch instead, counted per epoch
+  (:attr:`DevicePatchLoader.kind_counts`, :attr:`DevicePatchLoader.fallback_counts`, logged).
 * ``slabs``: ``slab_planes`` planes over the whole in-plane extent (volumes edge-padded to the
   largest training scan), at a uniform position.
 * Other sampling modes are refused (:class:`planar3d.errors.ConfigError`), never silently replaced.
@@ -24,12 +34,19 @@ Augmentation, in MONAI's order and with its parameter distributions: in-plane fl
 with ``flip_prob``), in-plane rotation ``U(-rotate_degrees, rotate_degrees)`` and scale
 ``1 + U(-scale, scale)`` per in-plane axis with ``affine_prob`` (image trilinear, label nearest,
 border padding), gamma ``U(gamma_range)`` keeping mean and std, bias field (degree 3, coefficients
-``U(0, bias_field_coeff)``), Gaussian noise of std ``U(0, noise_std)``.
+``U(0, bias_field_coeff)``), Gaussian noise of std ``U(0, noise_std)``; then, with
+``augmentation.scanner``, :func:`planar3d.augment.scanner_augmentation`'s transforms on the image:
+thick slices (:func:`planar3d.augment.simulate_thick_slices` along the plane axis or a drawn one,
+factor ``U(thick_slice_factor)`` capped by the volume's spacing with
+:func:`planar3d.augment.capped_thickness_factor`), Gaussian blur (sigma ``U(blur_sigma)`` per axis,
+MONAI's kernels), bias field, histogram shift (``U{control points}``, MONAI's control-point rule,
+non-finite results replaced by the input), gamma, noise -- each with its own probability.
 
 Randomness: an epoch's volume order is drawn from ``(seed, epoch)`` (shared by all ranks, then
 sharded like ``DistributedSampler``), and step ``s``'s choices from a generator seeded with
-``(seed, epoch, rank, s)``: kinds, centres and augmentation parameters on the CPU, the noise
-field on the training device. So any batch is a pure function of those four numbers: a resumed
+``(seed, epoch, rank, s)``: kinds, centres and augmentation parameters on the CPU (the scanner
+parameters as a second block of rows, so the sampling stream does not depend on them), the noise
+fields on the training device. So any batch is a pure function of those four numbers: a resumed
 run draws exactly what an uninterrupted one would have, on the CPU bit for bit (on a GPU, the
 noise comes from the device's generator: repeatable there, different from the CPU's numbers).
 The host never waits for the GPU: parameters travel in one small pinned, non-blocking copy.

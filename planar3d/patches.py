@@ -4,11 +4,16 @@ Why: MONAI's dictionary transforms run per sample on the CPU (in DataLoader work
 the training step (a 16x256x256 slab forward + backward in ~16 ms) then waits for the loader.
 These kernels do the same sampling and augmentation on tensors that may live on the GPU, so a
 loader (``pipelines.device_batches``) can keep the preprocessed volumes there and cut, flip,
-deform and perturb patches where the network runs.
+deform and perturb patches where the network runs: padding, crop starts, background draws,
+in-plane affine, gamma, bias field, and the scanner augmentation's Gaussian blur (MONAI's
+kernels) and histogram shift (MONAI ``RandHistogramShift``'s control points and map, with the
+non-finite guard of ``FiniteRandHistogramShiftd``); thick slices are
+:func:`planar3d.augment.simulate_thick_slices` itself, which works on tensors anywhere.
 
 Every random number is drawn by the caller (on the CPU, from its own generator) and passed in as
-plain numbers or small tensors; only the Gaussian noise field is drawn on the device, from a
-generator the caller seeds. So nothing here synchronises a GPU with the host, and a caller that
+plain numbers or small tensors (a histogram shift's control points come from
+:func:`histogram_control_points` of the caller's uniforms); only the Gaussian noise field is drawn
+on the device, from a generator the caller seeds. So nothing here synchronises a GPU with the host, and a caller that
 seeds its generators from ``(seed, epoch, rank, step)`` gets a stream of patches that is a pure
 function of those.
 
