@@ -58,13 +58,14 @@ def loader_rate(manifest, config, device, epochs: int = 2) -> dict:
 
     from planar3d.data.manifest import load_manifest
     from pipelines import data as D
+    from pipelines.config import resolve_loader
     from pipelines.device_batches import DevicePatchLoader
 
     device = torch.device(device)
     cases = load_manifest(manifest).train_cases(0)
     plane_axis, _ = D.resolve_geometry(config, cases)
     start = time.perf_counter()
-    if config.data.loader == "device":
+    if resolve_loader(config.data.loader, device.type) == "device":
         source = DevicePatchLoader.from_cases(config, cases, plane_axis, device)
 
         def batches(epoch):

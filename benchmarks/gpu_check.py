@@ -9,7 +9,9 @@
 2. **train**: ``planar3d train`` (packaged ``default`` config, 3 epochs, validation off) on
    synthetic 1 mm phantoms in a subprocess while ``nvidia-smi`` samples GPU utilisation every
    0.5 s, once per training loader (:data:`TRAIN_LOADERS`: MONAI with 2 workers as measured in
-   issue 10; MONAI with ``num_workers: auto`` and persistent workers; ``data.loader: device``);
+   issue 10; MONAI with ``num_workers: auto`` and persistent workers; ``data.loader: device``,
+   which is what ``data.loader: auto`` of the default config picks on CUDA), every row with the
+   default recipe (hard-negative sampling, scanner augmentation; ``--tiny`` adds them to ``tiny``);
    reports the training voxels/s of ``metrics.csv`` and the utilisation (mean, median, share of
    samples >= 85 %), then each loader's rate alone (``bench_loader.py``) and the host-device
    synchronisations it causes. Targets: >= 5e7 voxels/s, GPU busy >= 85 %.
@@ -125,6 +127,8 @@ TRAIN_LOADERS = (("monai, 2 workers (issue 10's)", ["data.loader=monai", "data.n
                  ("monai, workers auto, persistent", ["data.loader=monai", "data.num_workers=auto",
                                                       "data.persistent_workers=true"]),
                  ("device", ["data.loader=device"]))
+#: The packaged default recipe's sampling and scanner augmentation, for configs that lack them (``--tiny``).
+RECIPE_OVERRIDES = ("data.sampling=lesion_hard_negative", "data.ratios=[1, 1, 1]", "augmentation.scanner={}")
 
 
 def check_train(tiny: bool, work: Path, device: str) -> None:
@@ -136,7 +140,9 @@ def check_train(tiny: bool, work: Path, device: str) -> None:
     config = "tiny" if tiny else "default"
     # full: 16 patches a volume, ~40 steps an epoch on the training phantoms of fold 0, as the
     # 42-step epochs issue 10 measured; the first epoch includes cuDNN's autotuning
-    overrides = (["optim.epochs=1", "data.samples_per_volume=1", "validation.every=1000"] if tiny
+    # tiny: the tiny network and patches with the default recipe's sampling and scanner augmentation
+    # (ScannerAugmentation's defaults are default.yaml's), so every loader row runs the recipe
+    overrides = (["optim.epochs=1", "data.samples_per_volume=1", "validation.every=1000", *RECIPE_OVERRIDES] if tiny
                  else ["optim.epochs=3", "validation.every=1000", "data.samples_per_volume=16"])
     print(f"config {config} {' '.join(overrides)}\n")
     print("| loader | seconds per epoch | training voxels/s (last epoch) | wall incl. start-up | GPU utilisation |")

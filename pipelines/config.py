@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from planar3d.augment import ScannerAugmentation
 from planar3d.errors import ConfigError
@@ -100,8 +100,9 @@ class DataSection(_Section):
     cache: Literal["memory", "disk", "none"] = "memory"
     num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = 0
     # monai: MONAI transforms in DataLoader workers; device: volumes kept as tensors, patches cut and
-    # augmented on the training device (pipelines/device_batches.py; lesion and slabs sampling only)
-    loader: Literal["monai", "device"] = "monai"
+    # augmented on the training device (pipelines/device_batches.py); auto: device when training on
+    # CUDA, monai on the CPU (resolve_loader)
+    loader: Literal["auto", "monai", "device"] = "monai"
     # monai loader: one DataLoader with persistent workers for the run (pipelines/loader_workers.py)
     persistent_workers: bool = False
 
@@ -118,13 +119,6 @@ class DataSection(_Section):
         if len(value) != 3 or any(v < 0 for v in value) or sum(value) <= 0:
             raise ValueError("must be 3 non-negative numbers (lesion, hard_negative, random), not all 0")
         return value
-
-    @model_validator(mode="after")
-    def _device_loader_sampling(self):
-        if self.loader == "device" and self.sampling not in ("lesion", "slabs"):
-            raise ValueError(f"loader device with sampling {self.sampling}: the device loader samples only "
-                             "lesion and slabs; use loader monai for this sampling")
-        return self
 
 
 @dataclass(frozen=True)
@@ -211,18 +205,26 @@ class TrainConfig(_Section):
     loss: LossSection = LossSection()
     validation: ValidationSection = ValidationSection()
 
-    @model_validator(mode="after")
-    def _device_loader_augmentation(self):
-        # the device loader implements the classic augmentations only: scanner augmentation
-        # would be silently skipped
-        if self.data.loader == "device" and self.augmentation.scanner is not None:
-            raise ValueError("data.loader device with augmentation.scanner: the device loader does not apply the "
-                             "scanner augmentation; use data.loader monai, or augmentation.scanner null")
-        return self
-
     def to_dict(self) -> dict:
         """Plain JSON-compatible dict (for run.json and checkpoints)."""
         return self.model_dump(mode="json")
+
+
+def resolve_loader(loader: str, device_type: str) -> str:
+    """The training loader ``data.loader`` names on a device of type ``device_type``.
+
+    ``auto`` is ``device`` on CUDA (a GPU step outruns CPU transforms in DataLoader workers,
+    issue 10) and ``monai`` elsewhere (on the CPU the network dominates, and the MONAI path is
+    the one measured there); ``monai`` and ``device`` are themselves.
+
+    >>> resolve_loader("auto", "cuda"), resolve_loader("auto", "cpu"), resolve_loader("device", "cpu")
+    ('device', 'monai', 'device')
+    """
+    if loader == "auto":
+        return "device" if device_type == "cuda" else "monai"
+    if loader not in ("monai", "device"):
+        raise ConfigError(f"data.loader={loader!r}: expected auto, monai or device")
+    return loader
 
 
 def _merge(base: dict, top: dict) -> dict:

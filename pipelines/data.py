@@ -177,6 +177,19 @@ def hard_negative_threshold(config: TrainConfig) -> float:
     return float(threshold)
 
 
+def centre_indices_transform(config: TrainConfig):
+    """The :class:`planar3d.sampling.PatchCentreIndicesd` of ``lesion_hard_negative`` sampling
+    (both loaders compute their candidate centres with it, on the padded volume): the
+    brightness threshold in network units (so the factor is the threshold and white matter is
+    1), ``data.hard_negative.margin``, and the ``brain_mask`` key as prior when
+    ``data.hard_negative.prior`` asks for it."""
+    from planar3d.sampling import PatchCentreIndicesd
+
+    return PatchCentreIndicesd("image", "label", brightness_factor=hard_negative_threshold(config), white_matter_value=1.0,
+                               margin=config.data.hard_negative.margin,
+                               prior_key="brain_mask" if uses_brain_masks(config) else None)
+
+
 def sampling_transforms(config: TrainConfig, plane_axis: int, shapes: Sequence[Sequence[int]]) -> list:
     """Patch sampling: ``slabs`` (published), ``lesion`` (positive/negative centred crops) or
     ``lesion_hard_negative`` (lesion, hard-negative and random centres, :mod:`planar3d.sampling`).
@@ -200,16 +213,13 @@ def sampling_transforms(config: TrainConfig, plane_axis: int, shapes: Sequence[S
         ]
     size = _patch_size(data.patch_size, shapes)
     if data.sampling == "lesion_hard_negative":
-        from planar3d.sampling import PatchCentreIndicesd, RandCropByLesionHardNegatived
+        from planar3d.sampling import RandCropByLesionHardNegatived
 
-        # threshold already in network units: factor = threshold, white matter = 1
-        prior = "brain_mask" if data.hard_negative.prior == "brain_mask" else None
         pads = [SpatialPadd(keys, size, mode="edge")]
-        if prior is not None:  # the prior is padded like the image, so indices stay aligned
+        if uses_brain_masks(config):  # the prior is padded like the image, so indices stay aligned
             pads = [SpatialPadd(keys, size, mode="edge"), SpatialPadd("brain_mask", size, mode="constant", allow_missing_keys=True)]
         return pads + [
-            PatchCentreIndicesd("image", "label", brightness_factor=hard_negative_threshold(config), white_matter_value=1.0,
-                                margin=data.hard_negative.margin, prior_key=prior),
+            centre_indices_transform(config),
             RandCropByLesionHardNegatived(keys, size, ratios=tuple(data.ratios), num_samples=data.samples_per_volume),
         ]
     ratio = data.pos_neg_ratio

@@ -5,8 +5,9 @@ could not keep up with the training step (issue 10: 1.5-2e7 voxels/s, GPU busy <
 H100, where a 16x256x256 slab forward + backward takes 16 ms). Here every preprocessed training
 volume is loaded once and kept as a tensor -- on the GPU when it fits in half of its free memory,
 else in pinned host memory -- and each step's patches are cut with slicing, then flipped,
-deformed (``affine_grid``/``grid_sample``), gamma-adjusted, bias-field-multiplied and noised as
-batched tensor operations on the training device (:mod:`planar3d.patches`). No worker processes,
+deformed (``affine_grid``/``grid_sample``), gamma-adjusted, bias-field-multiplied, noised and
+(with ``augmentation.scanner``) thick-sliced, blurred and histogram-shifted as batched or
+per-sample tensor operations on the training device (:mod:`planar3d.patches`). No worker processes,
 no per-sample CPU transform; on the CPU it is the same code with ``device=cpu``.
 
 Samples (same distributions as the MONAI chain of :mod:`pipelines.data`, not the same numbers):
@@ -16,6 +17,15 @@ Samples (same distributions as the MONAI chain of :mod:`pipelines.data`, not the
   (``RandCropByPosNegLabeld(pos=pos_neg_ratio, neg=1)``; a volume without lesion gives background
   centres only); volumes are edge-padded to at least the patch size first, and a centre near the
   border moves the least needed for the patch to fit (MONAI's rule).
+* ``lesion_hard_negative`` (:class:`planar3d.sampling.RandCropByLesionHardNegatived`'s
+  distribution): the kind (lesion, hard_negative, random) drawn with ``data.ratios``; the centre a
+  uniform lesion voxel, a hard-negative candidate (uniform, or by the prior's cumulative weights)
+  or a uniform position of the padded volume. The candidates are computed once per volume when
+  the loader is built, by the MONAI chain's own transform
+  (:func:`pipelines.data.centre_indices_transform`: ``PatchCentreIndicesd`` on the edge-padded
+  volume, the brain mask -- or ones for a case without one -- zero-padded as ``SpatialPadd``
+  pads it). A kind without candidates gives a random patch instead, counted per epoch
+  (:attr:`DevicePatchLoader.kind_counts`, :attr:`DevicePatchLoader.fallback_counts`, logged).
 * ``slabs``: ``slab_planes`` planes over the whole in-plane extent (volumes edge-padded to the
   largest training scan), at a uniform position.
 * Other sampling modes are refused (:class:`planar3d.errors.ConfigError`), never silently replaced.
@@ -24,12 +34,19 @@ Augmentation, in MONAI's order and with its parameter distributions: in-plane fl
 with ``flip_prob``), in-plane rotation ``U(-rotate_degrees, rotate_degrees)`` and scale
 ``1 + U(-scale, scale)`` per in-plane axis with ``affine_prob`` (image trilinear, label nearest,
 border padding), gamma ``U(gamma_range)`` keeping mean and std, bias field (degree 3, coefficients
-``U(0, bias_field_coeff)``), Gaussian noise of std ``U(0, noise_std)``.
+``U(0, bias_field_coeff)``), Gaussian noise of std ``U(0, noise_std)``; then, with
+``augmentation.scanner``, :func:`planar3d.augment.scanner_augmentation`'s transforms on the image:
+thick slices (:func:`planar3d.augment.simulate_thick_slices` along the plane axis or a drawn one,
+factor ``U(thick_slice_factor)`` capped by the volume's spacing with
+:func:`planar3d.augment.capped_thickness_factor`), Gaussian blur (sigma ``U(blur_sigma)`` per axis,
+MONAI's kernels), bias field, histogram shift (``U{control points}``, MONAI's control-point rule,
+non-finite results replaced by the input), gamma, noise -- each with its own probability.
 
 Randomness: an epoch's volume order is drawn from ``(seed, epoch)`` (shared by all ranks, then
 sharded like ``DistributedSampler``), and step ``s``'s choices from a generator seeded with
-``(seed, epoch, rank, s)``: kinds, centres and augmentation parameters on the CPU, the noise
-field on the training device. So any batch is a pure function of those four numbers: a resumed
+``(seed, epoch, rank, s)``: kinds, centres and augmentation parameters on the CPU (the scanner
+parameters as a second block of rows, so the sampling stream does not depend on them), the noise
+fields on the training device. So any batch is a pure function of those four numbers: a resumed
 run draws exactly what an uninterrupted one would have, on the CPU bit for bit (on a GPU, the
 noise comes from the device's generator: repeatable there, different from the CPU's numbers).
 The host never waits for the GPU: parameters travel in one small pinned, non-blocking copy.
@@ -45,26 +62,28 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from planar3d import patches as P
+from planar3d.augment import capped_thickness_factor, simulate_thick_slices
 from planar3d.errors import ConfigError
-from planar3d.preprocess import load_preprocessed
+from planar3d.sampling import KINDS
 
 from pipelines.config import TrainConfig
 
 log = logging.getLogger("planar3d.train")
 
-DEVICE_SAMPLING = ("lesion", "slabs")
+DEVICE_SAMPLING = ("lesion", "slabs", "lesion_hard_negative")
 #: Share of the GPU's free memory the cached volumes may take before they are kept in pinned host memory.
 DEVICE_MEMORY_SHARE = 0.5
-_CACHE_FORMAT = "planar3d-device-cache/1"
+_CACHE_FORMAT = "planar3d-device-cache/2"
 
 # columns of the per-patch uniform draws (one row per patch, the same layout for every step)
 _KIND, _CENTRE, _START = 0, 1, 2            # _START.._START+2: slab start per axis
@@ -74,6 +93,15 @@ _GAMMA, _GAMMA_VALUE = 11, 12
 _BIAS, _BIAS_COEFFS = 13, 14                # 20 coefficients
 _NOISE, _NOISE_STD = 14 + len(P.bias_field_terms()), 15 + len(P.bias_field_terms())
 _DRAWS = _NOISE_STD + 1
+
+# columns of the scanner-augmentation draws (a second block of rows, drawn after the first)
+_THICK, _THICK_AXIS, _THICK_FACTOR = 0, 1, 2
+_BLUR, _BLUR_SIGMA = 3, 4                   # three axes
+_SBIAS, _SBIAS_COEFFS = 7, 8                # 20 coefficients
+_HIST, _HIST_COUNT = 8 + len(P.bias_field_terms()), 9 + len(P.bias_field_terms())
+_SGAMMA, _SGAMMA_VALUE = _HIST_COUNT + 1, _HIST_COUNT + 2
+_SNOISE, _SNOISE_STD = _HIST_COUNT + 3, _HIST_COUNT + 4
+_HIST_POINTS = _SNOISE_STD + 1              # up to (most control points - 2) interior points
 
 
 def step_seed(*values: int) -> int:
@@ -86,37 +114,72 @@ def check_device_loader_config(config: TrainConfig) -> None:
     """Refuse configurations the device loader does not implement, naming them."""
     if config.data.sampling not in DEVICE_SAMPLING:
         raise ConfigError(f"data.loader=device with data.sampling={config.data.sampling}: the device loader "
-                          f"samples only {' and '.join(DEVICE_SAMPLING)}; use data.loader=monai for this sampling")
+                          f"samples only {', '.join(DEVICE_SAMPLING)}; use data.loader=monai for this sampling")
 
 
-def cache_key(image: Path, label: Path, normalization) -> str:
-    """Name of a case's persistent cache file: changes with either file or the normalisation."""
-    parts = {"format": _CACHE_FORMAT, "normalization": normalization.to_dict()}
-    for name, path in (("image", image), ("label", label)):
+@dataclass
+class LoadedVolume:
+    """One preprocessed training case as :func:`load_volume` returns it (CPU tensors)."""
+
+    image: torch.Tensor                     # (1, X, Y, Z) float32
+    label: torch.Tensor                     # (1, X, Y, Z) uint8
+    spacing: Tuple[float, float, float]     # RAS voxel spacing, mm (caps simulated slice thickness)
+    prior: Optional[torch.Tensor] = None    # (1, X, Y, Z) float32 brain mask (hard-negative weights), if asked
+
+
+def cache_key(image: Path, label: Path, normalization, brain_mask: Optional[str] = None) -> str:
+    """Name of a case's persistent cache file: changes with any of its files or the normalisation."""
+    parts = {"format": _CACHE_FORMAT, "normalization": normalization.to_dict(), "brain_mask": brain_mask}
+    named = [("image", image), ("label", label)] + ([("brain_mask_file", brain_mask)] if brain_mask else [])
+    for name, path in named:
         stat = Path(path).stat()
         parts[name] = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, allow_nan=False).encode()).hexdigest()[:32]
 
 
-def load_volume(case, normalization, cache_dir: Optional[Path]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(image (1, X, Y, Z) float32, label (1, X, Y, Z) uint8)`` preprocessed as prediction does
-    (:func:`planar3d.preprocess.load_preprocessed`); read from / written to ``cache_dir`` if given."""
+def load_volume(case, normalization, cache_dir: Optional[Path], brain_mask: Optional[str] = None) -> LoadedVolume:
+    """A case preprocessed as the MONAI loader does (:class:`pipelines.data.LoadPreprocessd`, so
+    exactly as prediction does); ``brain_mask``: ``None`` (not wanted), ``""`` (wanted, the case
+    has none: uniform weights, as the MONAI loader gives) or the sidecar's path. Read from /
+    written to ``cache_dir`` if given."""
+    from pipelines.data import LoadPreprocessd
+
     path = None
     if cache_dir is not None:
-        path = cache_dir / f"{cache_key(case.image, case.label, normalization)}.pt"
+        path = cache_dir / f"{cache_key(case.image, case.label, normalization, brain_mask)}.pt"
         if path.is_file():
             stored = torch.load(path, weights_only=True)
-            return stored["image"], stored["label"]
-    scan = load_preprocessed(case.image, normalization, label=case.label)
-    image = torch.from_numpy(np.ascontiguousarray(scan.volume[None], dtype=np.float32))
-    label = torch.from_numpy(np.ascontiguousarray(scan.label[None] > 0)).to(torch.uint8)
+            return LoadedVolume(stored["image"], stored["label"], tuple(stored["spacing"].tolist()), stored.get("prior"))
+    item = {"image": str(case.image), "label": str(case.label)}
+    if brain_mask is not None:
+        item["brain_mask"] = brain_mask
+    loaded = LoadPreprocessd(normalization=normalization)(item)
+    image = loaded["image"].contiguous()
+    label = (loaded["label"] > 0).to(torch.uint8).contiguous()
+    prior = torch.as_tensor(loaded["brain_mask"], dtype=torch.float32) if "brain_mask" in loaded else None
+    volume = LoadedVolume(image, label, tuple(float(v) for v in loaded["spacing"]), prior)
     if path is not None:
         from planar3d.io import atomic_write
 
         cache_dir.mkdir(parents=True, exist_ok=True)
+        stored = {"image": image, "label": label, "spacing": torch.tensor(volume.spacing, dtype=torch.float64)}
+        if prior is not None:
+            stored["prior"] = prior
         with atomic_write(path, "wb") as stream:
-            torch.save({"image": image, "label": label}, stream)
-    return image, label
+            torch.save(stored, stream)
+    return volume
+
+
+@dataclass
+class PatchChoice:
+    """Where one patch of a step came from (``lesion_hard_negative``: its kind and any fallback)."""
+
+    volume: int
+    kind: str                   # lesion, hard_negative, random (lesion/slabs modes: lesion, background, slab)
+    requested: str              # the kind drawn
+    fallback: str               # why ``kind`` differs from ``requested`` ("" when it does not)
+    voxel: Tuple[int, int, int]  # the drawn centre voxel (padded volume), or the slab start
+    start: Tuple[int, int, int]
 
 
 @dataclass
@@ -125,6 +188,9 @@ class _Volume:
     label: torch.Tensor            # (1, X, Y, Z) uint8, same
     lesions: torch.Tensor          # sorted flat indices of lesion voxels (CPU int64)
     ranks: torch.Tensor            # planar3d.patches.background_ranks(lesions)
+    spacing: Optional[Tuple[float, float, float]] = None
+    hard_negatives: Optional[np.ndarray] = None   # PatchCentreIndicesd's candidates (padded volume)
+    cumweights: Optional[np.ndarray] = None       # their cumulative prior weights, or None (unweighted)
 
 
 class DevicePatchLoader:
@@ -134,14 +200,21 @@ class DevicePatchLoader:
         volumes: ``(image, label)`` per training case, channel-first ``(1, X, Y, Z)`` (preprocessed,
             RAS), on the CPU.
         config: the training config (``data`` and ``augmentation`` sections are used).
-        plane_axis: the network's plane axis (flips, rotation and slabs are about it).
+        plane_axis: the network's plane axis (flips, rotation, slabs and thick slices are about it).
         device: the training device; batches come out there.
         storage: ``auto`` (the device when the volumes take at most half its free memory, else
             pinned host memory), ``device`` or ``host``.
+        spacings: RAS voxel spacing (mm) per volume: caps the simulated slice thickness as the
+            MONAI loader's ``spacing`` key does; ``None``: no cap.
+        priors: ``(1, X, Y, Z)`` hard-negative weights per volume (the brain mask) or ``None``
+            entries; used when ``data.hard_negative.prior`` asks for them, where a missing one
+            weighs every voxel 1, as the MONAI loader does.
     """
 
     def __init__(self, volumes: Sequence[Tuple[torch.Tensor, torch.Tensor]], config: TrainConfig, plane_axis: int,
-                 device: torch.device, storage: str = "auto"):
+                 device: torch.device, storage: str = "auto",
+                 spacings: Optional[Sequence[Optional[Tuple[float, float, float]]]] = None,
+                 priors: Optional[Sequence[Optional[torch.Tensor]]] = None):
         check_device_loader_config(config)
         if not volumes:
             raise ConfigError("data.loader=device: no training volume")
@@ -156,23 +229,50 @@ class DevicePatchLoader:
             size = [max(s[a] for s in shapes) if int(v) < 0 else int(v) for a, v in enumerate(data.patch_size)]
         self.patch_size = tuple(size)
         self.pos_fraction = data.pos_neg_ratio / (data.pos_neg_ratio + 1.0)
-        padded = [(P.pad_symmetric_edge(image, size), P.pad_symmetric_edge(label, size)) for image, label in volumes]
+        ratios = np.asarray(data.ratios, dtype=np.float64)
+        self.kind_bounds = np.cumsum(ratios / ratios.sum())[:2].tolist()  # lesion below [0], hard negative below [1]
+        spacings = list(spacings) if spacings is not None else [None] * len(volumes)
+        priors = list(priors) if priors is not None else [None] * len(volumes)
+        padded = [(P.pad_symmetric(image, size), P.pad_symmetric(label, size)) for image, label in volumes]
         self.storage = self._choose_storage(storage, padded)
         self.volumes: List[_Volume] = []
-        for image, label in padded:
+        for (image, label), (original, _), spacing, prior in zip(padded, volumes, spacings, priors):
             lesions = torch.nonzero(label[0].reshape(-1)).reshape(-1).to(torch.int64)
+            hard_negatives, cumweights = None, None
+            if data.sampling == "lesion_hard_negative":
+                hard_negatives, cumweights = self._candidates(image, label, original, prior)
             image, label = image.contiguous(), label.contiguous()
             if self.storage == "device":
                 image, label = image.to(self.device), label.to(self.device)
             elif self.device.type == "cuda":
                 image, label = image.pin_memory(), label.pin_memory()
-            self.volumes.append(_Volume(image, label, lesions, P.background_ranks(lesions)))
+            self.volumes.append(_Volume(image, label, lesions, P.background_ranks(lesions),
+                                        tuple(float(v) for v in spacing) if spacing is not None else None,
+                                        hard_negatives, cumweights))
         self.noise_generator = torch.Generator(device=self.device)
         self._legendre: Optional[Tuple[torch.Tensor, ...]] = None  # bias-field bases of the patch shape
+        self.kind_counts: Counter = Counter()       # this epoch's patches by kind (lesion_hard_negative)
+        self.fallback_counts: Counter = Counter()   # this epoch's fallbacks to a random patch, by (requested, reason)
+        self.last_choices: List[PatchChoice] = []   # the last batch's patches
         log.info("device loader: %d volumes (%.0f MB) kept on %s, patches %s made on %s", len(self.volumes),
                  sum(v.image.numel() * 5 for v in self.volumes) / 1e6,
                  self.device if self.storage == "device" else "the host (pinned)" if self.device.type == "cuda" else "the host",
                  "x".join(map(str, self.patch_size)), self.device)
+
+    def _candidates(self, image: torch.Tensor, label: torch.Tensor, original: torch.Tensor,
+                    prior: Optional[torch.Tensor]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Hard-negative centres of one padded volume, by the MONAI loader's own transform
+        (:func:`pipelines.data.centre_indices_transform`) on the same padded arrays: the prior (or
+        ones, for a case without one) zero-padded as its ``SpatialPadd(mode="constant")`` does."""
+        from pipelines.data import centre_indices_transform
+
+        transform = centre_indices_transform(self.config)
+        item = {"image": image, "label": label}
+        if transform.prior_key is not None:
+            weights = prior if prior is not None else torch.ones_like(original, dtype=torch.float32)
+            item[transform.prior_key] = P.pad_symmetric(weights.float(), self.patch_size, mode="constant")
+        out = transform(item)
+        return out[transform.prefix + "hard_negative_indices"], out.get(transform.prefix + "hard_negative_cumweights")
 
     def _choose_storage(self, storage: str, padded) -> str:
         if storage not in ("auto", "device", "host"):
@@ -192,13 +292,23 @@ class DevicePatchLoader:
 
         ``data.cache: disk`` keeps the preprocessed tensors in ``run_dir/cache/device`` for later
         runs; ``memory`` and ``none`` load them from the NIfTI files (the volumes are held in
-        memory either way: sampling on the device needs them there).
+        memory either way: sampling on the device needs them there). With a brain-mask prior
+        (:func:`pipelines.data.uses_brain_masks`) each case's sidecar is read with it.
         """
+        from pipelines.data import brain_masks_of, uses_brain_masks
+
         check_device_loader_config(config)
         cache_dir = Path(run_dir) / "cache" / "device" if config.data.cache == "disk" and run_dir is not None else None
+        masks: Dict[str, Optional[Path]] = brain_masks_of(cases) if uses_brain_masks(config) else {}
+
+        def load(case) -> LoadedVolume:
+            mask = (str(masks[case.id]) if masks.get(case.id) else "") if masks else None
+            return load_volume(case, config.normalization, cache_dir, mask)
+
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(cases)))) as pool:
-            volumes = list(pool.map(lambda case: load_volume(case, config.normalization, cache_dir), cases))
-        return cls(volumes, config, plane_axis, device, storage)
+            loaded = list(pool.map(load, cases))
+        return cls([(v.image, v.label) for v in loaded], config, plane_axis, device, storage,
+                   spacings=[v.spacing for v in loaded], priors=[v.prior for v in loaded])
 
     # --- the epoch's plan ---------------------------------------------------------------------
 
@@ -223,38 +333,80 @@ class DevicePatchLoader:
         return [patches[i:i + data.batch_size] for i in range(0, len(patches), data.batch_size)]
 
     def epoch_batches(self, epoch: int, rank: int = 0, world_size: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(image, label)`` batches ``(B, 1, *patch_size)`` float32 on the device, for one epoch."""
+        """``(image, label)`` batches ``(B, 1, *patch_size)`` float32 on the device, for one epoch.
+
+        With ``lesion_hard_negative`` sampling the epoch's patches are counted by kind
+        (:attr:`kind_counts`) and fallbacks to a random patch by reason (:attr:`fallback_counts`,
+        logged at the end of the epoch when there are any)."""
+        self.kind_counts, self.fallback_counts = Counter(), Counter()
         for step, volumes in enumerate(self.steps(epoch, rank, world_size)):
             yield self.batch(volumes, step_seed(self.config.seed, epoch, rank, step))
+        if self.fallback_counts:
+            log.info("epoch %d: %d of %d patches fell back to a random patch (%s)", epoch + 1,
+                     sum(self.fallback_counts.values()), sum(self.kind_counts.values()),
+                     "; ".join(f"{requested}: {reason} x{n}" for (requested, reason), n in sorted(self.fallback_counts.items())))
 
     # --- one step -----------------------------------------------------------------------------
 
-    def _starts(self, volume: _Volume, draws: Sequence[float]) -> List[int]:
-        shape = volume.image.shape[1:]
+    def _choose(self, index: int, draws: Sequence[float]) -> PatchChoice:
+        """One patch's kind, drawn voxel and start (the rules of the module docstring)."""
+        volume = self.volumes[index]
+        shape = tuple(volume.image.shape[1:])
         size = self.patch_size
         if self.config.data.sampling == "slabs":
-            return [min(int(draws[_START + a] * (shape[a] - size[a] + 1)), shape[a] - size[a]) for a in range(3)]
-        lesion_count = len(volume.lesions)
-        background_count = int(np.prod(shape)) - lesion_count
-        on_lesion = lesion_count > 0 and (background_count == 0 or draws[_KIND] < self.pos_fraction)
-        if on_lesion:
-            flat = int(volume.lesions[min(int(draws[_CENTRE] * lesion_count), lesion_count - 1)])
+            start = tuple(min(int(draws[_START + a] * (shape[a] - size[a] + 1)), shape[a] - size[a]) for a in range(3))
+            return PatchChoice(index, "slab", "slab", "", start, start)
+        kind, requested, reason = "", "", ""
+        if self.config.data.sampling == "lesion_hard_negative":
+            requested = KINDS[0] if draws[_KIND] < self.kind_bounds[0] else KINDS[1] if draws[_KIND] < self.kind_bounds[1] else KINDS[2]
+            flat, kind, reason = self._hard_negative_centre(volume, requested, draws[_CENTRE], shape)
         else:
-            flat = P.nth_background(min(int(draws[_CENTRE] * background_count), background_count - 1),
-                                    volume.lesions, volume.ranks)
-        centre = np.unravel_index(flat, shape)
-        return [P.crop_start(int(centre[a]), size[a], shape[a]) for a in range(3)]
+            lesion_count = len(volume.lesions)
+            background_count = int(np.prod(shape)) - lesion_count
+            on_lesion = lesion_count > 0 and (background_count == 0 or draws[_KIND] < self.pos_fraction)
+            if on_lesion:
+                flat = int(volume.lesions[min(int(draws[_CENTRE] * lesion_count), lesion_count - 1)])
+            else:
+                flat = P.nth_background(min(int(draws[_CENTRE] * background_count), background_count - 1),
+                                        volume.lesions, volume.ranks)
+            kind = requested = "lesion" if on_lesion else "background"
+        voxel = tuple(int(v) for v in np.unravel_index(flat, shape))
+        start = tuple(P.crop_start(voxel[a], size[a], shape[a]) for a in range(3))
+        return PatchChoice(index, kind, requested, reason, voxel, start)
 
-    def _cut(self, volumes: Sequence[int], draws: Sequence[Sequence[float]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _hard_negative_centre(volume: _Volume, requested: str, uniform: float, shape) -> Tuple[int, str, str]:
+        """``(flat index, actual kind, fallback reason)``: :class:`planar3d.sampling.RandCropByLesionHardNegatived`'s
+        draw with ``uniform`` as its one random number (uniform lesion voxel; hard negative uniform or
+        by cumulative prior weight; uniform position; a kind without candidates falls back to random)."""
+        reason = ""
+        if requested == "lesion":
+            count = len(volume.lesions)
+            if count:
+                return int(volume.lesions[min(int(uniform * count), count - 1)]), "lesion", ""
+            reason = "no lesion voxel"
+        elif requested == "hard_negative":
+            candidates, cumulative = volume.hard_negatives, volume.cumweights
+            count = len(candidates)
+            if count:
+                if cumulative is None:
+                    return int(candidates[min(int(uniform * count), count - 1)]), "hard_negative", ""
+                position = int(np.searchsorted(cumulative, uniform * cumulative[-1], side="right"))
+                return int(candidates[min(position, count - 1)]), "hard_negative", ""
+            reason = "no bright non-lesion voxel"
+        total = int(np.prod(shape))
+        return min(int(uniform * total), total - 1), "random", reason
+
+    def _cut(self, choices: Sequence[PatchChoice]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The patches, stacked, on the training device (sliced there, or on the host and copied)."""
         size = self.patch_size
         on_host = self.storage == "host" and self.device.type == "cuda"
         where = torch.device("cpu") if on_host else self.device
-        image = torch.empty((len(volumes), 1, *size), dtype=torch.float32, device=where, pin_memory=on_host)
-        label = torch.empty((len(volumes), 1, *size), dtype=torch.uint8, device=where, pin_memory=on_host)
-        for i, index in enumerate(volumes):
-            volume = self.volumes[index]
-            x, y, z = self._starts(volume, draws[i])
+        image = torch.empty((len(choices), 1, *size), dtype=torch.float32, device=where, pin_memory=on_host)
+        label = torch.empty((len(choices), 1, *size), dtype=torch.uint8, device=where, pin_memory=on_host)
+        for i, choice in enumerate(choices):
+            volume = self.volumes[choice.volume]
+            x, y, z = choice.start
             region = (slice(None), slice(x, x + size[0]), slice(y, y + size[1]), slice(z, z + size[2]))
             image[i].copy_(volume.image[region])
             label[i].copy_(volume.label[region])
@@ -270,11 +422,49 @@ class DevicePatchLoader:
         generator = torch.Generator().manual_seed(seed)
         # one row of uniform numbers per patch, as Python floats: indexing them costs no tensor op
         draws = torch.rand((len(volumes), _DRAWS), generator=generator, dtype=torch.float64).tolist()
-        image, label = self._cut(volumes, draws)
+        scanner = self.config.augmentation.scanner
+        scanner_draws = None
+        if scanner is not None:  # a second block, so the first one's numbers do not depend on it
+            columns = _HIST_POINTS + max(scanner.histogram_control_points) - 2
+            scanner_draws = torch.rand((len(volumes), columns), generator=generator, dtype=torch.float64).tolist()
+        choices = [self._choose(index, draws[i]) for i, index in enumerate(volumes)]
+        self.last_choices = choices
+        if self.config.data.sampling == "lesion_hard_negative":
+            self.kind_counts.update(c.kind for c in choices)
+            self.fallback_counts.update((c.requested, c.fallback) for c in choices if c.fallback)
+        image, label = self._cut(choices)
         label = label.float()
-        return self._augment(image, label, draws, seed)
+        image, label = self._augment(image, label, draws, seed)
+        if scanner_draws is not None:
+            image = self._scanner(image, choices, scanner_draws, seed)
+        return image, label
+
+    # --- augmentation -------------------------------------------------------------------------
+
+    def _gamma(self, image: torch.Tensor, gammas: Dict[int, float]) -> None:
+        for i, gamma in gammas.items():
+            image[i] = P.adjust_gamma(image[i], gamma)
+
+    def _bias(self, image: torch.Tensor, coefficients: Dict[int, Sequence[float]]) -> None:
+        if not coefficients:
+            return
+        if self._legendre is None:
+            self._legendre = P.legendre_bases(self.patch_size, device=self.device)
+        matrices = P.bias_field_matrices(torch.tensor(list(coefficients.values()), dtype=torch.float64))
+        fields = P.bias_fields(self._to_device(matrices), self._legendre)
+        for n, i in enumerate(coefficients):
+            image[i] = image[i] * fields[n]
+
+    def _noise(self, image: torch.Tensor, stds: Dict[int, float], seed: int) -> None:
+        if not stds:
+            return
+        self.noise_generator.manual_seed(seed)
+        noise = torch.randn((len(stds), *image.shape[1:]), generator=self.noise_generator, device=self.device)
+        for n, (i, std) in enumerate(stds.items()):
+            image[i] = image[i] + noise[n] * std
 
     def _augment(self, image: torch.Tensor, label: torch.Tensor, draws: Sequence[Sequence[float]], seed: int):
+        """Flips, in-plane affine, gamma, bias field, noise (``augmentation.*``, MONAI's order)."""
         aug = self.config.augmentation
         count = image.shape[0]
         for i in range(count):  # flips: per sample, decided on the host, so no mask travels
@@ -295,27 +485,55 @@ class DevicePatchLoader:
                 theta = self._to_device(torch.stack(thetas))
                 for n, i in enumerate(chosen):
                     image[i:i + 1], label[i:i + 1] = P.affine_resample(image[i:i + 1], label[i:i + 1], theta[n:n + 1])
-        if aug.gamma_prob > 0:
-            low, high = aug.gamma_range
-            for i in range(count):
-                if draws[i][_GAMMA] < aug.gamma_prob:
-                    image[i] = P.adjust_gamma(image[i], low + (high - low) * draws[i][_GAMMA_VALUE])
-        if aug.bias_field_prob > 0:
-            chosen = [i for i in range(count) if draws[i][_BIAS] < aug.bias_field_prob]
-            if chosen:
-                terms = len(P.bias_field_terms())
-                coefficients = torch.tensor([draws[i][_BIAS_COEFFS:_BIAS_COEFFS + terms] for i in chosen])
-                coefficients = coefficients * aug.bias_field_coeff
-                if self._legendre is None:
-                    self._legendre = P.legendre_bases(self.patch_size, device=self.device)
-                fields = P.bias_fields(self._to_device(P.bias_field_matrices(coefficients)), self._legendre)
-                for n, i in enumerate(chosen):
-                    image[i] = image[i] * fields[n]
-        if aug.noise_prob > 0:
-            chosen = [i for i in range(count) if draws[i][_NOISE] < aug.noise_prob]
-            if chosen:
-                self.noise_generator.manual_seed(step_seed(seed, 1))
-                noise = torch.randn((len(chosen), *image.shape[1:]), generator=self.noise_generator, device=self.device)
-                for n, i in enumerate(chosen):
-                    image[i] = image[i] + noise[n] * (aug.noise_std * draws[i][_NOISE_STD])
+        low, high = aug.gamma_range
+        self._gamma(image, {i: low + (high - low) * draws[i][_GAMMA_VALUE]
+                            for i in range(count) if aug.gamma_prob > 0 and draws[i][_GAMMA] < aug.gamma_prob})
+        terms = len(P.bias_field_terms())
+        self._bias(image, {i: [aug.bias_field_coeff * v for v in draws[i][_BIAS_COEFFS:_BIAS_COEFFS + terms]]
+                           for i in range(count) if aug.bias_field_prob > 0 and draws[i][_BIAS] < aug.bias_field_prob})
+        self._noise(image, {i: aug.noise_std * draws[i][_NOISE_STD]
+                            for i in range(count) if aug.noise_prob > 0 and draws[i][_NOISE] < aug.noise_prob},
+                    step_seed(seed, 1))
         return image, label
+
+    def _scanner(self, image: torch.Tensor, choices: Sequence[PatchChoice], draws: Sequence[Sequence[float]],
+                 seed: int) -> torch.Tensor:
+        """``augmentation.scanner`` (:func:`planar3d.augment.scanner_augmentation`'s transforms, in
+        its order, on the image only): thick slices (capped by the volume's spacing), Gaussian blur,
+        bias field, histogram shift, gamma, noise."""
+        p = self.config.augmentation.scanner
+        count = image.shape[0]
+        for i in range(count):
+            row = draws[i]
+            if p.thick_slice_prob > 0 and row[_THICK] < p.thick_slice_prob:
+                axis = self.plane_axis if p.thick_slice_axis == "plane" else min(int(row[_THICK_AXIS] * 3), 2)
+                low, high = p.thick_slice_factor
+                factor: Optional[float] = low + (high - low) * row[_THICK_FACTOR]
+                spacing = self.volumes[choices[i].volume].spacing
+                if spacing is not None:
+                    factor = capped_thickness_factor(factor, spacing[axis], p.thick_slice_max_mm)
+                if factor is not None:
+                    image[i] = simulate_thick_slices(image[i], axis, factor)
+        low, high = p.blur_sigma
+        for i in range(count):
+            if p.blur_prob > 0 and draws[i][_BLUR] < p.blur_prob:
+                sigmas = [low + (high - low) * draws[i][_BLUR_SIGMA + a] for a in range(3)]
+                kernels = [self._to_device(k) for k in P.gaussian_kernels(sigmas)]
+                image[i] = P.gaussian_blur(image[i], kernels)
+        terms = len(P.bias_field_terms())
+        self._bias(image, {i: [p.bias_field_coeff * v for v in draws[i][_SBIAS_COEFFS:_SBIAS_COEFFS + terms]]
+                           for i in range(count) if p.bias_field_prob > 0 and draws[i][_SBIAS] < p.bias_field_prob})
+        fewest, most = min(p.histogram_control_points), max(p.histogram_control_points)
+        for i in range(count):
+            if p.histogram_prob > 0 and draws[i][_HIST] < p.histogram_prob:
+                points = fewest + min(int(draws[i][_HIST_COUNT] * (most - fewest + 1)), most - fewest)
+                reference, floating = P.histogram_control_points(points, draws[i][_HIST_POINTS:])
+                both = self._to_device(torch.stack([reference, floating]).float())
+                image[i] = P.histogram_shift(image[i], both[0], both[1])
+        low, high = p.gamma_range
+        self._gamma(image, {i: low + (high - low) * draws[i][_SGAMMA_VALUE]
+                            for i in range(count) if p.gamma_prob > 0 and draws[i][_SGAMMA] < p.gamma_prob})
+        self._noise(image, {i: p.noise_std * draws[i][_SNOISE_STD]
+                            for i in range(count) if p.noise_prob > 0 and draws[i][_SNOISE] < p.noise_prob},
+                    step_seed(seed, 2))
+        return image

@@ -35,7 +35,7 @@ from planar3d.errors import ConfigError, InputError, TrainingError
 from planar3d.io import atomic_write_text, check_output_folder, json_safe, sha256_file, write_json
 from planar3d.provenance import package_versions
 
-from pipelines.config import TrainConfig
+from pipelines.config import TrainConfig, resolve_loader
 from pipelines import data as data_module
 
 log = logging.getLogger("planar3d.train")
@@ -574,6 +574,7 @@ class TrainingRun:
     writer: object = None
     wrapped: Optional[nn.Module] = None  # the model as trained (DDP-wrapped when distributed)
     frozen: Optional[bool] = None
+    loader: str = "monai"  # data.loader resolved for the device (pipelines.config.resolve_loader)
 
 
 def _estimated_steps(loader, config: TrainConfig) -> Optional[int]:
@@ -631,7 +632,9 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
 
     sampling = sampling_record(config, train_cases)
     loss_fn = build_loss(config.loss.name, config.loss.batch_dice, **config.loss.options)
-    if config.data.loader == "device":  # volumes held once as tensors, patches made on the device
+    loader = resolve_loader(config.data.loader, dev.type)
+    log.info("loader: %s (%s)", loader, f"auto, {dev.type}" if config.data.loader == "auto" else "configured")
+    if loader == "device":  # volumes held once as tensors, patches made on the device
         from pipelines.device_batches import DevicePatchLoader
 
         dataset = DevicePatchLoader.from_cases(config, train_cases, plane_axis, dev, out_dir)
@@ -648,11 +651,11 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
             "fold": fold, "device": str(dev), "world_size": dist.world_size, "encoder_source": encoder_source,
             "plane_axis": plane_axis, "pool_across_planes": list(pools), "resumed_from_epoch": state.epoch if resume else None,
             "data": data_record(manifest, train_cases, val_cases), "split": split.record(),
-            "sampling": sampling, "validation_criterion": config.validation.criterion,
+            "sampling": sampling, "loader": loader, "validation_criterion": config.validation.criterion,
         })
         writer = open_tensorboard(out_dir)
     return TrainingRun(config, out_dir, dist, dev, model, net_config, optimizer, scheduler, loss_fn, dataset,
-                       val_volumes, state, info, writer)
+                       val_volumes, state, info, writer, loader=loader)
 
 
 def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
@@ -664,7 +667,7 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
         run.wrapped = wrap_model(run.model, dist, run.device)
         log.info("epoch %d: encoder %s", epoch + 1, "frozen" if run.frozen else "trainable")
     lr = run.optimizer.param_groups[0]["lr"]
-    if config.data.loader == "device":
+    if run.loader == "device":
         batches = run.dataset.epoch_batches(epoch, dist.rank, dist.world_size)
         total_steps = len(run.dataset.steps(epoch, dist.rank, dist.world_size))
     else:

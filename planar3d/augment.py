@@ -123,6 +123,24 @@ def simulate_thick_slices(image, axis: int, factor: float):
     return x
 
 
+#: A thickness factor capped below this is not a thick-slice acquisition any more: skipped.
+MIN_THICKNESS_FACTOR = 1.5
+
+
+def capped_thickness_factor(factor: float, spacing_mm: float, max_thickness_mm: float) -> Optional[float]:
+    """``factor`` capped so the simulated slice is at most ``max_thickness_mm`` thick along an axis
+    of ``spacing_mm`` voxels; ``None`` (skip the simulation) when that cap is below
+    :data:`MIN_THICKNESS_FACTOR` (the scan is already about that thick).
+
+    >>> capped_thickness_factor(4.0, 1.0, 6.0), capped_thickness_factor(4.0, 3.0, 6.0), capped_thickness_factor(4.0, 5.0, 6.0)
+    (4.0, 2.0, None)
+    """
+    cap = float(max_thickness_mm) / float(spacing_mm)
+    if cap < MIN_THICKNESS_FACTOR:
+        return None
+    return min(float(factor), cap)
+
+
 class RandThickSliced(Randomizable, MapTransform):
     """With probability ``prob``, :func:`simulate_thick_slices` on ``keys`` (images only).
 
@@ -157,12 +175,12 @@ class RandThickSliced(Randomizable, MapTransform):
         out = dict(data)
         if not self._do:
             return out
-        factor = self._factor
+        factor: Optional[float] = self._factor
         if self.spacing_key is not None and self.spacing_key in data:
-            cap = self.max_thickness_mm / float(np.asarray(data[self.spacing_key]).reshape(-1)[self._axis])
-            if cap < 1.5:
+            spacing = float(np.asarray(data[self.spacing_key]).reshape(-1)[self._axis])
+            factor = capped_thickness_factor(self._factor, spacing, self.max_thickness_mm)
+            if factor is None:
                 return out
-            factor = min(factor, cap)
         for key in self.key_iterator(out):
             out[key] = simulate_thick_slices(out[key], self._axis, factor)
         return out

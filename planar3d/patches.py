@@ -4,11 +4,16 @@ Why: MONAI's dictionary transforms run per sample on the CPU (in DataLoader work
 the training step (a 16x256x256 slab forward + backward in ~16 ms) then waits for the loader.
 These kernels do the same sampling and augmentation on tensors that may live on the GPU, so a
 loader (``pipelines.device_batches``) can keep the preprocessed volumes there and cut, flip,
-deform and perturb patches where the network runs.
+deform and perturb patches where the network runs: padding, crop starts, background draws,
+in-plane affine, gamma, bias field, and the scanner augmentation's Gaussian blur (MONAI's
+kernels) and histogram shift (MONAI ``RandHistogramShift``'s control points and map, with the
+non-finite guard of ``FiniteRandHistogramShiftd``); thick slices are
+:func:`planar3d.augment.simulate_thick_slices` itself, which works on tensors anywhere.
 
 Every random number is drawn by the caller (on the CPU, from its own generator) and passed in as
-plain numbers or small tensors; only the Gaussian noise field is drawn on the device, from a
-generator the caller seeds. So nothing here synchronises a GPU with the host, and a caller that
+plain numbers or small tensors (a histogram shift's control points come from
+:func:`histogram_control_points` of the caller's uniforms); only the Gaussian noise field is drawn
+on the device, from a generator the caller seeds. So nothing here synchronises a GPU with the host, and a caller that
 seeds its generators from ``(seed, epoch, rank, step)`` gets a stream of patches that is a pure
 function of those.
 
@@ -18,7 +23,7 @@ of the parameters are the caller's (``pipelines.device_batches`` draws MONAI's).
 Example:
     >>> import torch
     >>> volume = torch.arange(24.0).reshape(1, 2, 3, 4)
-    >>> pad_symmetric_edge(volume, (4, 3, 4)).shape
+    >>> pad_symmetric(volume, (4, 3, 4)).shape
     torch.Size([1, 4, 3, 4])
     >>> crop_start(centre=0, size=2, extent=4), crop_start(centre=3, size=2, extent=4)
     (0, 2)
@@ -30,6 +35,7 @@ from typing import Sequence, Tuple
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,12 +52,15 @@ def bias_field_terms(degree: int = BIAS_FIELD_DEGREE) -> Tuple[Tuple[int, int, i
     return tuple((i, j, k) for i in range(degree + 1) for j in range(degree + 1 - i) for k in range(degree + 1 - i - j))
 
 
-def pad_symmetric_edge(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Pad a channel-first ``(C, X, Y, Z)`` volume to at least ``size`` by repeating its edge.
+def pad_symmetric(volume: torch.Tensor, size: Sequence[int], mode: str = "edge") -> torch.Tensor:
+    """Pad a channel-first ``(C, X, Y, Z)`` volume to at least ``size``, repeating its edge
+    (``mode="edge"``) or with zeros (``mode="constant"``).
 
     Axes already at least that large are left alone; the padding is split ``floor`` before,
-    ``ceil`` after, as MONAI ``SpatialPadd(mode="edge")`` does.
+    ``ceil`` after, as MONAI ``SpatialPadd(mode=...)`` does.
     """
+    if mode not in ("edge", "constant"):
+        raise ValueError(f"mode must be 'edge' or 'constant', got {mode!r}")
     widths = []
     for extent, wanted in zip(reversed(volume.shape[1:]), reversed(list(size))):  # F.pad: last axis first
         missing = max(int(wanted) - int(extent), 0)
@@ -59,6 +68,8 @@ def pad_symmetric_edge(volume: torch.Tensor, size: Sequence[int]) -> torch.Tenso
     if not any(widths):
         return volume
     dtype = volume.dtype
+    if mode == "constant":
+        return F.pad(volume, widths, mode="constant", value=0)
     padded = F.pad(volume[None].float(), widths, mode="replicate")[0]
     return padded.to(dtype)
 
@@ -169,3 +180,53 @@ def adjust_gamma(image: torch.Tensor, gamma: float) -> torch.Tensor:
     out = ((image - low) / (spread + 1e-7)) ** gamma * spread + low
     out = out - out.mean()
     return out / (out.std() + 1e-8) * std + mean
+
+
+def gaussian_blur(image: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """MONAI ``GaussianSmooth`` on one ``(C, X, Y, Z)`` sample with per-axis 1D ``kernels``
+    (:func:`gaussian_kernels`, already on the image's device): separable, zero padding."""
+    from monai.networks.layers.simplelayers import separable_filtering
+
+    return separable_filtering(image[None].float(), list(kernels))[0]
+
+
+def gaussian_kernels(sigmas: Sequence[float], truncated: float = 4.0) -> Tuple[torch.Tensor, ...]:
+    """MONAI's ``GaussianFilter`` kernels (``approx="erf"``, ``truncated`` sigmas) for each axis,
+    built on the host (their lengths depend on the sigmas)."""
+    from monai.networks.layers.convutils import gaussian_1d
+
+    return tuple(gaussian_1d(float(s), truncated=truncated, approx="erf") for s in sigmas)
+
+
+def histogram_control_points(count: int, uniforms: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(reference, floating)`` control points of MONAI ``RandHistogramShift`` for ``count`` points:
+    reference ``linspace(0, 1, count)``; floating point ``i`` (``0 < i < count - 1``) drawn
+    uniformly between floating point ``i - 1`` and reference point ``i + 1``, from ``uniforms[i - 1]``
+    (so the map is monotone and keeps both ends). float64, on the host."""
+    reference = torch.from_numpy(np.linspace(0.0, 1.0, int(count)))  # numpy's rounding, as MONAI
+    floating = reference.clone()
+    for i in range(1, int(count) - 1):
+        low, high = float(floating[i - 1]), float(floating[i + 1])
+        floating[i] = low + (high - low) * float(uniforms[i - 1])
+    return reference, floating
+
+
+def histogram_shift(image: torch.Tensor, reference: torch.Tensor, floating: torch.Tensor) -> torch.Tensor:
+    """MONAI ``RandHistogramShift`` on one sample: the piecewise-linear map taking ``reference``
+    to ``floating`` control points, both scaled to the sample's ``[min, max]``.
+
+    Where the result is not finite anywhere (a constant or nearly constant sample: the control
+    points' spacings round to 0), the input comes back unchanged, as
+    :class:`planar3d.augment.FiniteRandHistogramShiftd` does; decided on the device (no host sync).
+    """
+    low, high = image.amin(), image.amax()
+    xp = reference.to(image) * (high - low) + low
+    fp = floating.to(image) * (high - low) + low
+    slopes = (fp[1:] - fp[:-1]) / (xp[1:] - xp[:-1])
+    offsets = fp[:-1] - slopes * xp[:-1]
+    flat = image.reshape(-1)
+    index = (torch.searchsorted(xp.contiguous(), flat) - 1).clamp(0, len(slopes) - 1)
+    out = (slopes[index] * flat + offsets[index]).reshape(image.shape)
+    out = torch.where(image < xp[0], fp[0], out)
+    out = torch.where(image > xp[-1], fp[-1], out)
+    return torch.where(torch.isfinite(out).all(), out, image)

@@ -19,6 +19,7 @@ def test_gpu_check_tiny_runs_all_steps_on_cpu():
         assert heading in out
     assert "| planar | 32x64x64 | fwd | cl |" in out          # the model table has the planar channels_last row
     assert "config tiny optim.epochs=1" in out and "failed" not in out
+    assert "data.sampling=lesion_hard_negative" in out and "augmentation.scanner={}" in out  # the default recipe
     for loader in ("| monai, 2 workers (issue 10's) |", "| monai, workers auto, persistent |", "| device |"):
         assert out.count(loader) == 2, loader  # trained, and timed alone
     assert "| 3 (3 distinct) | 0.0625 |" in out               # all three masks written

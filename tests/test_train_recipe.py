@@ -43,17 +43,23 @@ def test_default_config_is_the_recipe():
     ("data.hard_negative.margn=1", "margn"),
     ("data.ratios=[1, -1, 1]", "ratios"),
     ("validation.criterion=f1", "criterion"),
-    ("data.loader=device", "samples only lesion and slabs"),  # the device loader has no hard negatives
+    ("data.loader=gpu", "loader"),
 ])
 def test_recipe_keys_are_checked(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config("default", [override])
 
 
-def test_device_loader_refuses_scanner_augmentation_rather_than_skipping_it():
-    with pytest.raises(ConfigError, match="does not apply the scanner augmentation"):
-        load_config("default", ["data.loader=device", "data.sampling=lesion"])
-    assert load_config("default", ["data.loader=device", "data.sampling=lesion", "augmentation.scanner=null"]).data.loader == "device"
+def test_the_recipe_runs_on_either_loader_and_auto_picks_the_device_loader_on_cuda():
+    from pipelines.config import resolve_loader
+
+    default = load_config("default")
+    assert default.data.loader == "auto" and default.data.sampling == "lesion_hard_negative"
+    assert default.augmentation.scanner is not None
+    assert (resolve_loader("auto", "cuda"), resolve_loader("auto", "cpu")) == ("device", "monai")
+    # the device loader implements hard negatives and scanner augmentation: nothing to refuse
+    device = load_config("default", ["data.loader=device"])
+    assert device.data.loader == "device" and device.augmentation.scanner == default.augmentation.scanner
 
 
 def test_scanner_section_round_trips_through_run_json_dict():
