@@ -86,7 +86,7 @@ def score(run_dir: Path, cases, box: List[int], threshold: float = 0.5) -> Dict[
     for case in cases:
         scan = load_preprocessed(case.image, checkpoint.normalization, label=case.label)
         volume, label = test_box(scan.volume, scan.label, box)
-        probability = predict_probabilities(model, volume, roi_size=None, amp=False,
+        probability = predict_probabilities(model, volume, roi_size=None, precision="fp32",
                                             in_channels=checkpoint.network.in_channels)
         mask = probability > threshold
         lesions = lesion_metrics(mask, label, scan.reorientation.spacing)

@@ -43,7 +43,7 @@ def score_case(model, checkpoint, case, min_lesion_size: float) -> dict:
 
     scan = load_preprocessed(case.image, checkpoint.normalization, label=case.label, keep_raw=True)
     probability = predict_probabilities(model, scan.volume, roi_size=checkpoint.roi_size, overlap=checkpoint.overlap,
-                                        amp=False, in_channels=checkpoint.network.in_channels)
+                                        precision="fp32", in_channels=checkpoint.network.in_channels)
     spacing = scan.reorientation.spacing
     mask, _ = lesion_mask(probability, checkpoint.threshold, spacing, min_lesion_size)
     lesions = lesion_metrics(mask, scan.label, spacing)

@@ -134,6 +134,7 @@ def predict(
     fold: Optional[int] = typer.Option(None, "--fold", help="With a manifest: this fold's test cases only (0-based)."),
     root: Optional[Path] = typer.Option(None, "--root", help="With a manifest: data folder overriding its root."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on cuda, fp32 on the cpu), fp32 or bf16 (on a CPU with bf16 units, e.g. AVX512-BF16 or AMX, about 1.9x faster than fp32; probabilities move by ~1e-3). Recorded with each mask."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Probability threshold (default: the checkpoint's; an ensemble: the mean of its members')."),
     min_lesion_size: float = typer.Option(3.0, "--min-lesion-size", help="Remove 6-connected components of at most this many mm³ (0: keep all)."),
     tta: bool = typer.Option(False, "--tta", help="Average with flips of the two in-plane axes (3x the time)."),
@@ -162,6 +163,8 @@ def predict(
         fail(f"--device must be auto, cpu or cuda, got {device!r}")
     if layout not in ("suffix", "nnunet", "bids"):
         fail(f"--layout must be suffix, nnunet or bids, got {layout!r}")
+    if precision not in ("auto", "fp32", "bf16"):
+        fail(f"--precision must be auto, fp32 or bf16, got {precision!r}")
     if part_id >= num_parts:
         fail(f"--part-id must be below --num-parts ({num_parts}), got {part_id}")
     roi: Optional[List[int]] = None
@@ -177,7 +180,7 @@ def predict(
             inputs, out, model, fold=fold, root=root, device=device, threshold=threshold,
             min_lesion_size=min_lesion_size, tta=tta, save_probabilities=save_probabilities, overlap=overlap,
             roi_size=roi, overwrite=overwrite, num_parts=num_parts, part_id=part_id, qc=qc,
-            max_image_bytes=int(max_image_gb * 1024 ** 3), layout=layout, pattern=pattern,
+            max_image_bytes=int(max_image_gb * 1024 ** 3), layout=layout, pattern=pattern, precision=precision,
         )
     except SummaryWriteError as error:  # the batch ran: show its results, then why they are not on disk
         typer.echo(error.summary.text())  # type: ignore[attr-defined]

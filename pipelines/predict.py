@@ -53,6 +53,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -108,6 +109,7 @@ def predict_folder(
     layout: str = "suffix",
     pattern: Optional[str] = None,
     compile_model: bool = False,
+    precision: str = "auto",
 ) -> PredictionSummary:
     """Predict lesion masks for every scan of ``inputs`` (see the module docstring).
 
@@ -137,6 +139,8 @@ def predict_folder(
             (``derivatives/planar3d/sub-*/[ses-*/]anat/*_desc-lesion_mask.nii.gz``).
         pattern: with a folder, take exactly the files matching this glob.
         compile_model: ``torch.compile`` the network (:func:`planar3d.inference.prepare_for_inference`).
+        precision: ``auto`` (bf16 on CUDA, fp32 on the CPU), ``fp32`` or ``bf16``
+            (:func:`planar3d.inference.resolve_precision`); recorded and compared on reuse.
 
     Returns:
         The :class:`PredictionSummary` of this worker (its part summary is in ``.planar3d/parts``;
@@ -161,7 +165,7 @@ def predict_folder(
     model, settings, record = load_models(
         [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path), device,
         threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta, min_lesion_size=min_lesion_size,
-        sw_batch_size=sw_batch_size, layout=layout, compile_model=compile_model)
+        sw_batch_size=sw_batch_size, layout=layout, compile_model=compile_model, precision=precision)
     settings = replace(settings, max_image_bytes=int(max_image_bytes))
     return predict_with_model(
         model, None, scans, out_dir, settings, save_probabilities=save_probabilities,  # type: ignore[arg-type]
@@ -203,6 +207,13 @@ def load_models(
     except ValueError as error:
         raise WeightsError(described[0]["path"], str(error)) from None
     settings = member_settings[0]
+    if settings.precision == "bf16" and str(device).startswith("cpu"):
+        from planar3d.inference import cpu_has_bf16_units
+
+        if cpu_has_bf16_units() is False:
+            logging.getLogger("planar3d.predict").warning(
+                "warning: --precision bf16 on a CPU without bf16 units (no avx512_bf16/amx_bf16 flag): "
+                "expect it to be slower than fp32")
     if len(models) > 1:
         chosen = threshold if threshold is not None else ensemble_threshold([d["threshold"] for d in described])
         settings = replace(settings, threshold=float(chosen))

@@ -277,7 +277,7 @@ def predict_with_model(
             reads.start()  # claim and decode the first scans while the model warms up
             if todo:
                 for member in (model.models if isinstance(model, Ensemble) else [model]):
-                    warm_up(member, settings.device, settings.in_channels)
+                    warm_up(member, settings.device, settings.in_channels, settings.precision)
             for (index, scan, outputs), current in reads:
                 try:
                     prepared = current.result()

@@ -51,6 +51,7 @@ class InferenceSettings:
         min_lesion_size: components of at most this volume (mm³) are removed.
         sw_batch_size: windows per forward pass.
         device: torch device string.
+        precision: ``"fp32"`` or ``"bf16"`` (resolved by :func:`planar3d.inference.resolve_precision`).
         max_image_bytes: largest image accepted (see :func:`planar3d.io.load_image`).
     """
 
@@ -64,6 +65,7 @@ class InferenceSettings:
     min_lesion_size: float = MIN_LESION_SIZE_MM3
     sw_batch_size: int = 1
     device: str = "cpu"
+    precision: str = "fp32"
     max_image_bytes: int = MAX_IMAGE_BYTES
 
     @classmethod
@@ -77,6 +79,7 @@ class InferenceSettings:
         min_lesion_size: float = MIN_LESION_SIZE_MM3,
         sw_batch_size: int = 1,
         device: str = "cpu",
+        precision: str = "auto",
     ) -> "InferenceSettings":
         """Settings of a :class:`planar3d.checkpoint.ModelCheckpoint`; arguments not None override it.
 
@@ -104,6 +107,12 @@ class InferenceSettings:
             raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
         if min_lesion_size < 0:
             raise ConfigError(f"min_lesion_size must be >= 0 mm³, got {min_lesion_size}")
+        from planar3d.inference import resolve_precision
+
+        try:
+            precision = resolve_precision(precision, device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         return cls(
             normalization=checkpoint.normalization,
             plane_axis=plane_axis,
@@ -115,6 +124,7 @@ class InferenceSettings:
             min_lesion_size=float(min_lesion_size),
             sw_batch_size=int(sw_batch_size),
             device=str(device),
+            precision=precision,
         )
 
 

@@ -116,7 +116,7 @@ def _probabilities(model: Any, volume: np.ndarray, settings: InferenceSettings, 
     return predict_probabilities(
         model, volume, roi_size=settings.roi_size, overlap=settings.overlap,
         sw_batch_size=settings.sw_batch_size, device=settings.device, flip_axes=settings.flip_axes,
-        in_channels=settings.in_channels, progress=progress,
+        in_channels=settings.in_channels, precision=settings.precision, progress=progress,
     )
 
 

@@ -1,8 +1,8 @@
 """Provenance of a predicted mask: which model(s) and settings made it, and whether a rerun may reuse it.
 
 ``predict`` skips an existing output only when it was made by the same model files (SHA-256)
-and the same settings (threshold, minimum lesion size, TTA, window and overlap, output layout,
-planar3d version); otherwise it recomputes it and says why (nnU-Net's ``--continue_prediction``).
+and the same settings (threshold, minimum lesion size, TTA, window and overlap, precision,
+output layout, planar3d version); otherwise it recomputes it and says why (nnU-Net's ``--continue_prediction``).
 The record lives in three places:
 
 * a sidecar JSON beside each mask (``x_mask.nii.gz`` -> ``x_mask.json``, the BIDS convention):
@@ -35,8 +35,9 @@ from planar3d.naming import strip_nifti_extension
 RECORD_FORMAT = "planar3d-prediction/1"
 #: NIfTI ``intent_name`` of planar3d masks (16 characters at most).
 MASK_INTENT_NAME = "planar3d-mask"
-#: Settings that change the output, compared by :func:`reuse_problem` (device or batch size do not).
-COMPARED_SETTINGS = ("threshold", "min_lesion_size", "tta", "roi_size", "overlap", "layout")
+#: Settings that change the output, compared by :func:`reuse_problem`. The device and batch size are
+#: not: a device changes the mask only through its precision (bf16 or fp32), which is compared.
+COMPARED_SETTINGS = ("threshold", "min_lesion_size", "tta", "roi_size", "overlap", "precision", "layout")
 
 
 def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str, Any], layout: str = "suffix",
@@ -46,7 +47,7 @@ def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str
     Args:
         models: one ``{"path", "sha256", "threshold"}`` per model (several: an ensemble).
         settings: the inference settings (``threshold``, ``min_lesion_size``, ``flip_axes``,
-            ``roi_size``, ``overlap``; others are kept but not compared).
+            ``roi_size``, ``overlap``, ``precision``; others are kept but not compared).
         layout: the output layout (:data:`planar3d.naming.LAYOUTS`).
         version: planar3d's version (default: this package's).
     """
@@ -62,6 +63,7 @@ def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str
             "tta": bool(list(settings.get("flip_axes") or [])),
             "roi_size": [int(r) for r in settings["roi_size"]],
             "overlap": float(settings["overlap"]),
+            "precision": str(settings.get("precision", "fp32")),
             "layout": layout,
         },
     }
@@ -73,6 +75,8 @@ def header_description(record: Mapping[str, Any]) -> str:
     sha = str((models[0].get("sha256") if models else None) or "unknown")[:12]
     what = f"model {sha}" if len(models) <= 1 else f"ensemble of {len(models)} {sha}"
     text = f"planar3d {record.get('planar3d_version')} {what} thr {record['settings']['threshold']:g}"
+    if record["settings"].get("precision") == "bf16":
+        text += " bf16"
     return text[:80]
 
 

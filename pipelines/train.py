@@ -325,7 +325,7 @@ def validate(model, volumes, config: TrainConfig, device):
     for _, image, label, spacing in volumes:
         probabilities.append(predict_probabilities(
             model, image, roi_size=config.validation.roi_size, overlap=config.validation.overlap,
-            device=device, amp=config.amp, in_channels=config.network.in_channels,
+            device=device, precision="auto" if config.amp else "fp32", in_channels=config.network.in_channels,
         ))
         labels.append(label)
         spacings.append(spacing)

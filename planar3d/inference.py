@@ -20,9 +20,10 @@ thing. Three ways to cover a scan, chosen by ``roi_size``:
 
 Layout and precision: :func:`prepare_for_inference` puts the model in ``channels_last_3d`` on both
 devices (oneDNN on the CPU and cuDNN on CUDA avoid layout reorders around every conv: the
-whole-head pass on 2 CPU cores went from 49 s to 36 s), bf16 autocast on CUDA, fp32 on the CPU
-(so a CPU's mask does not depend on whether that CPU has bf16 units: on this project's AVX512-BF16
-CPU a bf16 conv is 2x faster, on CPUs without them slower; docs/prediction.md).
+whole-head pass on 2 CPU cores went from 49 s to 36 s). Precision (:func:`resolve_precision`):
+by default bf16 autocast on CUDA and fp32 on the CPU, so a CPU's mask does not depend on whether
+that CPU has bf16 units; ``precision="bf16"`` opts in on the CPU (on this project's AVX512-BF16 CPU
+the network ran 1.9x faster; on CPUs without bf16 units it is slower; docs/prediction.md).
 """
 
 from __future__ import annotations
@@ -53,9 +54,47 @@ MEMORY_FRACTION = 0.6
 
 
 def autocast_context(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA; fp32 on the CPU (the module docstring says why)."""
+    """Training's precision: bf16 autocast on CUDA; fp32 on the CPU (the module docstring says why)."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+#: Inference precisions: ``auto`` (bf16 on CUDA, fp32 on the CPU), ``fp32``, ``bf16`` (autocast).
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``"fp32"`` or ``"bf16"``: ``auto`` is bf16 on CUDA and fp32 on the CPU.
+
+    bf16 on the CPU is an opt-in: on a CPU with bf16 units (AVX512-BF16 or AMX) a whole-network
+    pass ran 1.9x faster here, but probabilities move by about 1e-3 and a CPU without those units
+    runs it slower than fp32, so the default keeps a CPU's mask independent of the CPU model.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
+    """Whether the CPU has bf16 arithmetic (``avx512_bf16`` or ``amx_bf16`` flags); None when unknown."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return None
+    return None
+
+
+def precision_context(device: torch.device | str, precision: str):
+    """Inference's precision (a resolved ``"fp32"``/``"bf16"``): bf16 autocast on the device, or nothing."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -200,7 +239,7 @@ def _slab_axis(model: nn.Module, slab_axis: Optional[int], shape: Sequence[int])
     return int(np.argmax(shape))
 
 
-def warm_up(model: nn.Module, device: torch.device | str, in_channels: int = 1, amp: bool = True) -> None:
+def warm_up(model: nn.Module, device: torch.device | str, in_channels: int = 1, precision: str = "auto") -> None:
     """One small forward pass on CUDA, so the first scan does not pay the one-time start-up
     (cuDNN handles, lazy initialisation, compilation under ``torch.compile``). Nothing on the
     CPU: oneDNN prepares its kernels per input shape, so a small pass would not help a scan."""
@@ -209,7 +248,7 @@ def warm_up(model: nn.Module, device: torch.device | str, in_channels: int = 1, 
         return
     shape = [2 * m for m in size_multiple(model)]
     x = torch.zeros(1, in_channels, *shape, device=device).contiguous(memory_format=torch.channels_last_3d)
-    with torch.inference_mode(), autocast_context(device, amp):
+    with torch.inference_mode(), precision_context(device, resolve_precision(precision, device)):
         model(x)
     torch.cuda.synchronize(device)
 
@@ -239,7 +278,7 @@ def predict_probabilities(
     overlap: float | Sequence[float] = 0.25,
     sw_batch_size: int = 1,
     device: torch.device | str = "cpu",
-    amp: bool = True,
+    precision: str = "auto",
     flip_axes: Sequence[int] = (),
     in_channels: int = 1,
     slab_axis: Optional[int] = None,
@@ -257,7 +296,8 @@ def predict_probabilities(
         overlap: window overlap fraction (one value or one per axis), windows only.
         sw_batch_size: windows run together in one batch, windows only.
         device: where the model runs.
-        amp: bf16 autocast on CUDA.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on the CPU), ``fp32`` or ``bf16``
+            (:func:`resolve_precision`).
         flip_axes: spatial axes to flip for test-time augmentation; the prediction is the
             mean of the plain pass and one pass per flipped axis (each flipped back).
         in_channels: 3 repeats the grey volume into 3 channels (the published setting).
@@ -272,6 +312,7 @@ def predict_probabilities(
         float32 array of ``volume``'s shape.
     """
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
     shape = tuple(int(s) for s in volume.shape)
     window = _window(roi_size, shape)
     image = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
@@ -281,7 +322,7 @@ def predict_probabilities(
     image = image.to(device).contiguous(memory_format=memory_format)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        with autocast_context(device, amp):
+        with precision_context(device, precision):
             return model(batch.contiguous(memory_format=memory_format)).float()
 
     if window != list(shape):

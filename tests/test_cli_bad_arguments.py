@@ -82,6 +82,7 @@ def _cases():
         ("predict fold without manifest", ["predict", "-i", "{root}/folder", "-o", "{root}/p", "--model", "{root}/text.txt",
                                            "--fold", "0"]),
         ("predict device", ["predict", "-i", "{root}/folder", "-o", "{root}/p", "--model", "{root}/text.txt", "--device", "tpu"]),
+        ("predict precision", ["predict", "-i", "{root}/folder", "-o", "{root}/p", "--model", "{root}/text.txt", "--precision", "fp16"]),
         ("predict roi", ["predict", "-i", "{root}/folder", "-o", "{root}/p", "--model", "{root}/text.txt", "--roi-size", "a,b"]),
         ("predict part", ["predict", "-i", "{root}/folder", "-o", "{root}/p", "--model", "{root}/text.txt",
                           "--num-parts", "2", "--part-id", "5"]),

@@ -87,7 +87,7 @@ def test_provenance_in_header_sidecar_and_summary(scans, runs, tmp_path):
     assert record["models"] == [{"path": str(runs[0] / "best.pt"), "sha256": sha, "threshold": 0.4}]
     assert record["planar3d_version"] == __version__
     assert {k: v for k, v in record["settings"].items() if k != "device"} == {"threshold": 0.4, "min_lesion_size": 3.0, "tta": False, "roi_size": [-1, -1, -1],
-                                  "overlap": 0.25, "layout": "suffix"}
+                                  "overlap": 0.25, "precision": "fp32", "layout": "suffix"}
     assert record["scan"]["name"] == "s1.nii.gz"
     summary = json.loads((out / "predictions.json").read_text())
     assert summary["provenance"]["models"][0]["sha256"] == sha
@@ -114,6 +114,31 @@ def test_rerun_reuses_only_same_model_and_settings(scans, runs, tmp_path):
     again = predict_folder(scans, out, runs[1], threshold=0.9, progress=False)
     assert [r.status for r in again.results] == ["done", "skipped"]
     assert again.results[0].redone.startswith("no provenance record")
+
+
+def test_bf16_on_the_cpu_is_an_opt_in_recorded_and_compared(scans, runs, tmp_path):
+    out = tmp_path / "out"
+    fp32 = predict_folder(scans, out, runs[0], progress=False, save_probabilities=True)  # auto on the CPU: fp32
+    assert [r.status for r in fp32.results] == ["done", "done"]
+    assert read_sidecar(out / "s1_mask.nii.gz")["settings"]["precision"] == "fp32"
+    reference = np.asarray(nib.load(out / "s1_prob.nii.gz").dataobj)
+    bf16 = predict_folder(scans, out, runs[0], progress=False, save_probabilities=True, precision="bf16")
+    assert [r.status for r in bf16.results] == ["done", "done"]  # not reused: other precision
+    assert bf16.results[0].redone == "made with precision fp32, now bf16"
+    record = read_sidecar(out / "s1_mask.nii.gz")
+    assert record["settings"]["precision"] == "bf16"
+    descrip = nib.load(out / "s1_mask.nii.gz").header["descrip"].tobytes().rstrip(b"\0").decode()
+    assert descrip.endswith(" bf16")
+    probability = np.asarray(nib.load(out / "s1_prob.nii.gz").dataobj)
+    assert probability.shape == reference.shape
+    assert 0 < np.abs(probability - reference).max() < 0.02  # bf16 rounding, not another result
+    again = predict_folder(scans, out, runs[0], progress=False, save_probabilities=True, precision="bf16")
+    assert [r.status for r in again.results] == ["skipped", "skipped"]
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16"):
+        predict_folder(scans, out, runs[0], progress=False, precision="fp16")
+    result = CliRunner().invoke(app, ["predict", "-i", str(scans), "--out", str(tmp_path / "o"), "-m", str(runs[0]),
+                                      "--precision", "half"])
+    assert result.exit_code == 1 and "--precision must be auto, fp32 or bf16" in result.output
 
 
 def test_cli_default_device_is_auto(runs, scans, tmp_path):

@@ -139,3 +139,19 @@ def test_channels_last_whole_pass_equals_the_plain_forward():
     tta = predict_probabilities(fast, volume, in_channels=3, flip_axes=(1,))
     flipped = predict_probabilities(fast, volume[:, ::-1].copy(), in_channels=3)[:, ::-1]
     assert np.abs(tta - (out + flipped) / 2).max() <= 1e-6
+
+
+def test_precision_resolution_and_cpu_flags(tmp_path):
+    from planar3d.inference import cpu_has_bf16_units, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", "cpu")
+    with_units, without = tmp_path / "a", tmp_path / "b"
+    with_units.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert cpu_has_bf16_units(str(with_units)) is True
+    assert cpu_has_bf16_units(str(without)) is False
+    assert cpu_has_bf16_units(str(tmp_path / "missing")) is None
