@@ -21,6 +21,7 @@ Usage (from the project root)::
     python benchmarks/bench_predict.py --quick         # width 0.25, no DynUNet, small big-scan
     python benchmarks/bench_predict.py --width 0.5 --skip dynunet
     python benchmarks/bench_predict.py --head          # issue 10's CPU rows on the 1 mm head, one table
+    python benchmarks/bench_predict.py --head --bf16   # the same plus planar3d and DynUNet under bf16 autocast
 """
 
 from __future__ import annotations
@@ -99,13 +100,13 @@ def _planar_work(checkpoint_path: Path, scan_path: str):
     return flops, plan
 
 
-def phase_planar(inputs: Path, work: Path, width: float) -> dict:
+def phase_planar(inputs: Path, work: Path, width: float, precision: str = "fp32") -> dict:
     from pipelines.predict import predict_folder
 
     model = _checkpoint(work, width)
     shapes = {str(p): _shape(p) for p in inputs.rglob("*.nii*")}
     start = time.perf_counter()
-    summary = predict_folder(inputs, work / "out_planar", model, overwrite=True, progress=False)
+    summary = predict_folder(inputs, work / "out_planar", model, overwrite=True, progress=False, precision=precision)
     wall = time.perf_counter() - start
     rows = _rows_from_results(summary.results, shapes)
     for row, result in zip(rows, summary.results):
@@ -163,9 +164,11 @@ def forward_flops(model, shape) -> float:
     return float(counter.get_total_flops())
 
 
-def phase_peer(name: str, inputs: Path, work: Path) -> dict:
+def phase_peer(name: str, inputs: Path, work: Path, precision: str = "fp32") -> dict:
     import torch
     from monai.inferers import sliding_window_inference
+
+    from planar3d.inference import precision_context
 
     from planar3d.checkpoint import ModelCheckpoint
     from planar3d.networks import PlanarResUNetConfig
@@ -179,9 +182,9 @@ def phase_peer(name: str, inputs: Path, work: Path) -> dict:
     for scan in find_inputs(inputs):
         prepared = prepare_scan(scan, settings)
         t = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), precision_context("cpu", precision):
             x = torch.from_numpy(prepared.volume)[None, None]
-            logits = sliding_window_inference(x, window, 1, net, overlap=overlap, mode="gaussian")
+            logits = sliding_window_inference(x, window, 1, net, overlap=overlap, mode="gaussian").float()
             probability = torch.sigmoid(logits)[0, 0].numpy()
         prepared.timings["model"] = time.perf_counter() - t
         shape = list(prepared.volume.shape)
@@ -217,10 +220,12 @@ def make_big(path: Path, shape=(512, 512, 200)) -> None:
 
 def run_phase(args: argparse.Namespace) -> None:
     work = Path(args.work)
-    if args.phase == "planar":
-        result = phase_planar(Path(args.inputs), work, args.width)
-    elif args.phase in PEERS:
-        result = phase_peer(args.phase, Path(args.inputs), work)
+    phase, _, precision = args.phase.partition("@")  # "planar@bf16": that phase in bf16
+    precision = precision or "fp32"
+    if phase == "planar":
+        result = phase_planar(Path(args.inputs), work, args.width, precision)
+    elif phase in PEERS:
+        result = phase_peer(phase, Path(args.inputs), work, precision)
     else:
         raise SystemExit(f"unknown phase {args.phase}")
     print("RESULT " + json.dumps(result))
@@ -270,8 +275,9 @@ def gemm_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
-def head_rows(scan: Path, width: float) -> None:
-    """Issue 10's CPU rows: ours vs DynUNet vs MONAI UNet on one scan, same run, one table."""
+def head_rows(scan: Path, width: float, bf16: bool = False) -> None:
+    """Issue 10's CPU rows: ours vs DynUNet vs MONAI UNet on one scan, same run, one table (with
+    ``bf16``, also ours and DynUNet under bf16 autocast, each compared with DynUNet in its precision)."""
     gemm_start = gemm_flops_per_s()
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_predict_head_") as tmp:
@@ -280,19 +286,20 @@ def head_rows(scan: Path, width: float) -> None:
         inputs.mkdir()
         (inputs / scan.name).symlink_to(scan.resolve())
         results = {}
-        for phase in ("planar", "dynunet", "unet"):
+        for phase in ("planar", "dynunet", "unet") + (("planar@bf16", "dynunet@bf16") if bf16 else ()):
             results[phase] = _subprocess(phase, inputs, work / phase, width)
             row = results[phase]["rows"][0]
             print(f"  {phase}: model {row['model']:.1f} s ({row.get('plan')})", file=sys.stderr, flush=True)
     gemm_end = gemm_flops_per_s()
     gemm = max(gemm_start, gemm_end)
     names = {"planar": f"planar res-u-net width {width} (planar3d predict)",
-             "dynunet": "MONAI DynUNet, nnU-Net-like (31 M)", "unet": "MONAI UNet (4.8 M)"}
-    reference = results["dynunet"]["rows"][0]["model"]
+             "dynunet": "MONAI DynUNet, nnU-Net-like (31 M)", "unet": "MONAI UNet (4.8 M)",
+             "planar@bf16": f"planar res-u-net width {width} (planar3d predict --precision bf16)",
+             "dynunet@bf16": "MONAI DynUNet, nnU-Net-like (31 M), bf16 autocast"}
     print(f"scan {scan.name} {'x'.join(map(str, results['planar']['rows'][0]['shape']))}; fp32 2048² GEMM "
           f"{gemm_start / 1e9:.0f} GFLOP/s at the start, {gemm_end / 1e9:.0f} at the end (the higher is the reference); "
           f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
-    print("| model | passes | GFLOP | model s | scan total s | GFLOP/s | % of GEMM rate | model time vs DynUNet | peak RSS |")
+    print("| model | passes | GFLOP | model s | scan total s | GFLOP/s | % of GEMM rate | model time vs DynUNet (same precision) | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|")
     for phase, result in results.items():
         row = result["rows"][0]
@@ -300,7 +307,9 @@ def head_rows(scan: Path, width: float) -> None:
             print(f"| {names[phase]} | {row['status']}: {row['error']} ||||||||")
             continue
         rate = row["flops"] / row["model"]
-        versus = "reference" if phase == "dynunet" else f"{reference / row['model']:.2f}x faster"
+        peer = "dynunet@bf16" if phase.endswith("@bf16") else "dynunet"  # compared in the same precision
+        reference = results[peer]["rows"][0]["model"]
+        versus = "reference" if phase == peer else f"{reference / row['model']:.2f}x faster"
         print(f"| {names[phase]} | {row['plan']} | {row['flops'] / 1e9:.0f} | {row['model']:.1f} | "
               f"{sum(row[s] for s in STEPS):.1f} | {rate / 1e9:.0f} | {100 * rate / gemm:.0f} % | "
               f"{versus} | {result['rss'] / 1024:.1f} GiB |")
@@ -315,6 +324,7 @@ def main() -> None:
     parser.add_argument("--head", action="store_true",
                         help="only the CPU rows of one scan (--scan): planar3d predict vs DynUNet vs MONAI UNet, one table")
     parser.add_argument("--scan", default=str(REAL / "flair_head_1mm.nii.gz"), help="the scan of --head")
+    parser.add_argument("--bf16", action="store_true", help="with --head: also planar3d and DynUNet in bf16 (CPU autocast)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -330,7 +340,7 @@ def main() -> None:
     if args.head:
         print(f"# bench_predict --head {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
               f"torch {torch.__version__} ({torch.get_num_threads()} threads), random weights\n", flush=True)
-        head_rows(Path(args.scan), args.width)
+        head_rows(Path(args.scan), args.width, args.bf16)
         return
 
     print(f"# bench_predict {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
