@@ -25,7 +25,7 @@ def _network_summary(records: List[dict]) -> Dict[str, object]:
         return {}
     model, checkpoint = load_model(records[0]["best_checkpoint"])
     data = checkpoint.to_dict()
-    training = checkpoint.training  # written by pipelines.train: every key is there
+    training = checkpoint.training  # written by pipelines.train_records.model_checkpoint: every key is there
     return {
         "name": "planar 3D res-u-net (VGG-16 blocks 1-4 with planar kernels, residual-concatenation decoder)",
         "parameters": count_parameters(model),
