@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,14 +75,14 @@ def conv_of_concatenation(conv: nn.Conv3d, parts: List[torch.Tensor]) -> torch.T
     channels = sum(int(part.shape[1]) for part in parts)
     if not parts or channels != conv.in_channels:
         raise ValueError(f"parts hold {channels} channels, the conv takes {conv.in_channels}")
-    result = torch.empty(0)  # replaced by the first part's term
+    result: Optional[torch.Tensor] = None
     start = 0
-    for index, part in enumerate(parts):
+    for part in parts:
         stop = start + part.shape[1]
         if isinstance(conv, EvenSameConv3d):
             part = F.pad(part, conv.far_extra)
-        term = conv._conv_forward(part, conv.weight[:, start:stop], conv.bias if index == 0 else None)
-        result = term if index == 0 else result.add_(term)
+        term = conv._conv_forward(part, conv.weight[:, start:stop], conv.bias if result is None else None)
+        result = term if result is None else result.add_(term)
         start = stop
     return result
 
