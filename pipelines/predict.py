@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from planar3d.errors import ConfigError, InputError, WeightsError
+from planar3d.host_memory import retain_freed_memory
 from planar3d.io import MAX_IMAGE_BYTES, check_output_folder, sha256_file
 from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3
 from planar3d.naming import LAYOUTS
@@ -162,11 +163,14 @@ def predict_folder(
     scans = shard(found, num_parts, part_id)
     check_output_folder(out_dir, inputs)
     device = resolve_device(device)
+    # CPU: freed tensors reused instead of faulted in anew (planar3d.host_memory; results unchanged)
+    host_memory = retain_freed_memory() if device == "cpu" else "unchanged (not a CPU run)"
     model, settings, record = load_models(
         [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path), device,
         threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta, min_lesion_size=min_lesion_size,
         sw_batch_size=sw_batch_size, layout=layout, compile_model=compile_model, precision=precision)
     settings = replace(settings, max_image_bytes=int(max_image_bytes))
+    record["settings"]["host_memory"] = host_memory  # kept for the reader, not compared
     return predict_with_model(
         model, None, scans, out_dir, settings, save_probabilities=save_probabilities,  # type: ignore[arg-type]
         overwrite=overwrite, qc=qc, summary_path=summary_file(out_dir, num_parts, part_id), progress=progress,

@@ -174,12 +174,15 @@ def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
 def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root, resume: bool, device,
               overwrite: bool = False) -> TrainingRun:
     """Check the data, resolve the geometry, build model/optimiser/schedule/data, write ``run.json``."""
+    from planar3d.host_memory import retain_freed_memory
     from planar3d.inference import prepare_model
     from planar3d.losses import build_loss
 
     check_output_folder(out_dir)  # before any data is read or any epoch runs
     check_run_folder(out_dir, resume, overwrite)
     dev = choose_device(device)
+    # CPU training: freed tensors reused instead of faulted in anew (a step 1.6x faster, planar3d.host_memory)
+    host_memory = retain_freed_memory() if dev.type == "cpu" else "unchanged (not a CPU run)"
     dist = setup_distributed(dev)
     setup_logging(out_dir, dist.main)
     set_determinism(config.seed, config.deterministic)
@@ -222,6 +225,7 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
             "plane_axis": plane_axis, "pool_across_planes": list(pools), "resumed_from_epoch": state.epoch if resume else None,
             "data": data_record(manifest, train_cases, val_cases), "split": split.record(),
             "sampling": sampling, "loader": loader, "validation_criterion": config.validation.criterion,
+            "host_memory": host_memory,
         })
         writer = open_tensorboard(out_dir)
     return TrainingRun(config, out_dir, dist, dev, model, net_config, optimizer, scheduler, loss_fn, dataset,

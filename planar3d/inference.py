@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from planar3d.host_memory import free_heap_bytes
+
 #: Planes computed and discarded on each inner side of a slab when nothing else is asked for.
 DEFAULT_MARGIN_PLANES = 16
 #: A margin that makes slabs equal the whole-volume pass (to rounding) for the published network:
@@ -164,7 +166,8 @@ def estimated_forward_bytes(model: nn.Module, shape: Sequence[int], device: torc
 def memory_budget_bytes(device: torch.device | str) -> int:
     """What one forward pass may use: :data:`MEMORY_FRACTION` of the free memory of ``device``.
 
-    CPU: ``MemAvailable`` of ``/proc/meminfo`` (else 4 GiB); CUDA: ``torch.cuda.mem_get_info``.
+    CPU: ``MemAvailable`` of ``/proc/meminfo`` (else 4 GiB) plus the free memory the process keeps
+    for reuse (:func:`planar3d.host_memory.free_heap_bytes`); CUDA: ``torch.cuda.mem_get_info``.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -174,7 +177,7 @@ def memory_budget_bytes(device: torch.device | str) -> int:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(int(line.split()[1]) * 1024 * MEMORY_FRACTION)
+                    return int((int(line.split()[1]) * 1024 + free_heap_bytes()) * MEMORY_FRACTION)
     except OSError:
         pass
     return 4 * 2**30
