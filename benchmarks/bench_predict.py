@@ -22,6 +22,13 @@ Usage (from the project root)::
     python benchmarks/bench_predict.py --width 0.5 --skip dynunet
     python benchmarks/bench_predict.py --head          # issue 10's CPU rows on the 1 mm head, one table
     python benchmarks/bench_predict.py --head --bf16   # the same plus planar3d and DynUNet under bf16 autocast
+    python benchmarks/bench_predict.py --head --copies 2   # the scan twice in the folder: first and steady scan
+
+Memory: ``planar3d predict`` on the CPU keeps freed memory in the process
+(:mod:`planar3d.host_memory`). ``--head`` therefore also runs planar3d with glibc's default
+(``planar+glibc``: ``PLANAR3D_RETAIN_MEMORY=0``) and DynUNet with memory retained
+(``dynunet+retained``), and compares planar3d with DynUNet both as a MONAI script runs it and
+under the same allocator setting.
 """
 
 from __future__ import annotations
@@ -222,6 +229,15 @@ def run_phase(args: argparse.Namespace) -> None:
     work = Path(args.work)
     phase, _, precision = args.phase.partition("@")  # "planar@bf16": that phase in bf16
     precision = precision or "fp32"
+    phase, _, memory = phase.partition("+")  # "dynunet+retained", "planar+glibc": host allocator
+    if memory == "glibc":
+        os.environ["PLANAR3D_RETAIN_MEMORY"] = "0"  # planar3d predict leaves glibc as it is
+    elif memory == "retained":
+        from planar3d.host_memory import retain_freed_memory
+
+        retain_freed_memory()  # what planar3d predict does on the CPU
+    elif memory:
+        raise SystemExit(f"unknown memory setting in phase {args.phase}")
     if phase == "planar":
         result = phase_planar(Path(args.inputs), work, args.width, precision)
     elif phase in PEERS:
@@ -275,44 +291,66 @@ def gemm_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
-def head_rows(scan: Path, width: float, bf16: bool = False) -> None:
+def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1) -> None:
     """Issue 10's CPU rows: ours vs DynUNet vs MONAI UNet on one scan, same run, one table (with
-    ``bf16``, also ours and DynUNet under bf16 autocast, each compared with DynUNet in its precision)."""
+    ``bf16``, also ours and DynUNet under bf16 autocast, each compared with DynUNet in its precision).
+
+    Each model runs over a folder holding ``copies`` links to the scan; rows report the first
+    scan (a fresh process) and, with copies > 1, the last (steady state of a folder)."""
     gemm_start = gemm_flops_per_s()
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_predict_head_") as tmp:
         work = Path(tmp)
         inputs = work / "inputs"
         inputs.mkdir()
-        (inputs / scan.name).symlink_to(scan.resolve())
+        stem = scan.name[: -len(".nii.gz")] if scan.name.endswith(".nii.gz") else scan.stem
+        for copy in range(copies):
+            (inputs / f"{stem}_copy{copy}.nii.gz").symlink_to(scan.resolve())
         results = {}
-        for phase in ("planar", "dynunet", "unet") + (("planar@bf16", "dynunet@bf16") if bf16 else ()):
+        phases = ("planar", "planar+glibc", "dynunet", "dynunet+retained", "unet")
+        for phase in phases + (("planar@bf16", "dynunet@bf16") if bf16 else ()):
             results[phase] = _subprocess(phase, inputs, work / phase, width)
-            row = results[phase]["rows"][0]
-            print(f"  {phase}: model {row['model']:.1f} s ({row.get('plan')})", file=sys.stderr, flush=True)
+            times = ", ".join(f"{r['model']:.1f}" for r in results[phase]["rows"])
+            print(f"  {phase}: model {times} s ({results[phase]['rows'][0].get('plan')})", file=sys.stderr, flush=True)
     gemm_end = gemm_flops_per_s()
     gemm = max(gemm_start, gemm_end)
     names = {"planar": f"planar res-u-net width {width} (planar3d predict)",
-             "dynunet": "MONAI DynUNet, nnU-Net-like (31 M)", "unet": "MONAI UNet (4.8 M)",
+             "planar+glibc": f"planar res-u-net width {width}, PLANAR3D_RETAIN_MEMORY=0 (glibc default)",
+             "dynunet": "MONAI DynUNet, nnU-Net-like (31 M), glibc default (as a MONAI script runs)",
+             "dynunet+retained": "MONAI DynUNet, nnU-Net-like (31 M), memory retained like planar3d",
+             "unet": "MONAI UNet (4.8 M)",
              "planar@bf16": f"planar res-u-net width {width} (planar3d predict --precision bf16)",
              "dynunet@bf16": "MONAI DynUNet, nnU-Net-like (31 M), bf16 autocast"}
-    print(f"scan {scan.name} {'x'.join(map(str, results['planar']['rows'][0]['shape']))}; fp32 2048² GEMM "
+    print(f"scan {scan.name} {'x'.join(map(str, results['planar']['rows'][0]['shape']))}, {copies} cop{'y' if copies == 1 else 'ies'} "
+          f"in the folder; fp32 2048² GEMM "
           f"{gemm_start / 1e9:.0f} GFLOP/s at the start, {gemm_end / 1e9:.0f} at the end (the higher is the reference); "
           f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
-    print("| model | passes | GFLOP | model s | scan total s | GFLOP/s | % of GEMM rate | model time vs DynUNet (same precision) | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | scan | passes | GFLOP | model s | scan total s | GFLOP/s | % of GEMM rate "
+          "| model time vs DynUNet (glibc default) | vs DynUNet (memory retained) | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    indices = sorted({0, copies - 1})
     for phase, result in results.items():
-        row = result["rows"][0]
-        if row["status"] != "done":
-            print(f"| {names[phase]} | {row['status']}: {row['error']} ||||||||")
-            continue
-        rate = row["flops"] / row["model"]
-        peer = "dynunet@bf16" if phase.endswith("@bf16") else "dynunet"  # compared in the same precision
-        reference = results[peer]["rows"][0]["model"]
-        versus = "reference" if phase == peer else f"{reference / row['model']:.2f}x faster"
-        print(f"| {names[phase]} | {row['plan']} | {row['flops'] / 1e9:.0f} | {row['model']:.1f} | "
-              f"{sum(row[s] for s in STEPS):.1f} | {rate / 1e9:.0f} | {100 * rate / gemm:.0f} % | "
-              f"{versus} | {result['rss'] / 1024:.1f} GiB |")
+        for index in indices:
+            row = result["rows"][index]
+            which = "first" if index == 0 else "last"
+            if row["status"] != "done":
+                print(f"| {names[phase]} | {which} | {row['status']}: {row['error']} |||||||||")
+                continue
+            rate = row["flops"] / row["model"]
+            if phase.endswith("@bf16"):  # compared in the same precision
+                peers = ["dynunet@bf16", None]
+            else:
+                peers = ["dynunet", "dynunet+retained"]
+            versus = []
+            for peer in peers:
+                if peer is None:
+                    versus.append("")
+                    continue
+                reference = results[peer]["rows"][index]["model"]
+                versus.append("reference" if phase == peer else f"{reference / row['model']:.2f}x faster")
+            print(f"| {names[phase]} | {which} | {row['plan']} | {row['flops'] / 1e9:.0f} | {row['model']:.1f} | "
+                  f"{sum(row[s] for s in STEPS):.1f} | {rate / 1e9:.0f} | {100 * rate / gemm:.0f} % | "
+                  f"{versus[0]} | {versus[1]} | {result['rss'] / 1024:.1f} GiB |")
 
 
 def main() -> None:
@@ -325,6 +363,8 @@ def main() -> None:
                         help="only the CPU rows of one scan (--scan): planar3d predict vs DynUNet vs MONAI UNet, one table")
     parser.add_argument("--scan", default=str(REAL / "flair_head_1mm.nii.gz"), help="the scan of --head")
     parser.add_argument("--bf16", action="store_true", help="with --head: also planar3d and DynUNet in bf16 (CPU autocast)")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="with --head: links to the scan in the folder (2: also the steady state after the first scan)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -340,7 +380,7 @@ def main() -> None:
     if args.head:
         print(f"# bench_predict --head {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
               f"torch {torch.__version__} ({torch.get_num_threads()} threads), random weights\n", flush=True)
-        head_rows(Path(args.scan), args.width, args.bf16)
+        head_rows(Path(args.scan), args.width, args.bf16, max(1, args.copies))
         return
 
     print(f"# bench_predict {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
