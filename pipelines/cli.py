@@ -136,7 +136,7 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on cuda, fp32 on the cpu), fp32 or bf16 (on a CPU with bf16 units, e.g. AVX512-BF16 or AMX, about 1.9x faster than fp32; probabilities move by ~1e-3). Recorded with each mask."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Probability threshold (default: the checkpoint's; an ensemble: the mean of its members')."),
-    min_lesion_size: float = typer.Option(3.0, "--min-lesion-size", help="Remove 6-connected components of at most this many mm³ (0: keep all)."),
+    min_lesion_size: Optional[float] = typer.Option(None, "--min-lesion-size", help="Remove 6-connected components of at most this many mm³ (0: keep all; default: the checkpoint's, chosen on validation with its threshold, 3 for older checkpoints; an ensemble: the mean of its members')."),
     tta: bool = typer.Option(False, "--tta", help="Average with flips of the two in-plane axes (3x the time)."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write <name>_prob.nii.gz (float32)."),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap (default: the checkpoint's)."),

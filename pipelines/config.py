@@ -174,6 +174,9 @@ class ValidationSection(_Section):
     roi_size: List[int] = [-1, -1, -1]
     overlap: float = Field(0.25, ge=0, lt=1)
     thresholds: List[float] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    # minimum lesion sizes (mm³) chosen with the threshold; the pair goes into the checkpoint
+    # and is what predict applies unless told otherwise (planar3d.thresholds)
+    min_lesion_sizes: List[float] = [3.0]
     # what chooses the threshold and the best epoch (planar3d.thresholds.choose_threshold)
     criterion: Literal[CRITERIA] = "lesion_f1"  # type: ignore[valid-type]
     # validation cases of injected sets come from hosts no training case comes from
@@ -185,6 +188,13 @@ class ValidationSection(_Section):
     def _in_unit_interval(cls, value):
         if not value or any(not 0 < t < 1 for t in value):
             raise ValueError("must be a non-empty list of numbers strictly between 0 and 1")
+        return value
+
+    @field_validator("min_lesion_sizes")
+    @classmethod
+    def _non_negative(cls, value):
+        if not value or any(not m >= 0 for m in value):
+            raise ValueError("must be a non-empty list of sizes >= 0 (mm³)")
         return value
 
 

@@ -67,7 +67,7 @@ class TrainSection(_Strict):
 
 class PredictSection(_Strict):
     tta: bool = False
-    min_lesion_size: float = Field(3.0, ge=0)
+    min_lesion_size: Optional[float] = Field(None, ge=0)  # None: each model's, chosen on validation
     threshold: Optional[float] = Field(None, gt=0, lt=1)
 
 

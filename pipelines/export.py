@@ -127,7 +127,7 @@ def export_bundle(model_path: str | Path, out_dir: str | Path) -> Path:
                         "config": "$PlanarResUNetConfig.from_dict(@network_config)"},
         "network_config": checkpoint.network.to_dict(),
         "tta": False,
-        "min_lesion_size": 3.0,
+        "min_lesion_size": float(checkpoint.min_lesion_size),  # chosen on validation with the threshold
         "run": ["$predict_folder(@input_dir, @output_dir, @ckpt_path, device=@device, tta=@tta, min_lesion_size=@min_lesion_size, progress=False)"],
     }
     write_json(out_dir / "configs" / "metadata.json", metadata)

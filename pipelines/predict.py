@@ -12,7 +12,8 @@ Each scan goes through the steps training used, recorded in the ``planar3d-model
    ``roi_size``/``overlap``, gives blended sliding windows instead; optional flip TTA over the
    two in-plane axes;
 4. **postprocess** (:func:`lesion_mask`): threshold (the checkpoint's, or ``threshold``), then removal of 6-connected
-   components of volume ≤ ``min_lesion_size`` mm³ (the MSSEG rule of
+   components of volume ≤ ``min_lesion_size`` mm³ (the checkpoint's, chosen on validation with
+   its threshold, or ``min_lesion_size``; the components are those of
    :func:`planar3d.metrics.lesion.label_lesions`, so evaluation counts exactly the lesions kept);
 5. **write**: back to the scan's own voxel order and written with :func:`planar3d.io.write_like`:
    the mask has the input's shape, affine, qform/sform and codes, voxel for voxel (uint8, 0/1).
@@ -62,7 +63,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from planar3d.errors import ConfigError, InputError, WeightsError
 from planar3d.host_memory import retain_freed_memory
 from planar3d.io import MAX_IMAGE_BYTES, check_output_folder, sha256_file
-from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3
 from planar3d.naming import LAYOUTS
 from pipelines.predict_batch import (
     SCAN_ERRORS, PredictionSummary, predict_with_model, reusable, summary_file, write_batch_reports,
@@ -95,7 +95,7 @@ def predict_folder(
     root: Optional[str | os.PathLike] = None,
     device: str = "auto",
     threshold: Optional[float] = None,
-    min_lesion_size: float = MIN_LESION_SIZE_MM3,
+    min_lesion_size: Optional[float] = None,
     tta: bool = False,
     save_probabilities: bool = False,
     overlap: Optional[float] = None,
@@ -125,7 +125,9 @@ def predict_folder(
             channels_last_3d there).
         threshold: probability threshold (default: the checkpoint's; an ensemble: the mean of its
             members', :func:`planar3d.ensemble.ensemble_threshold`).
-        min_lesion_size: components of at most this many mm³ are removed (0: keep all).
+        min_lesion_size: components of at most this many mm³ are removed (0: keep all; default:
+            the checkpoint's, chosen on validation with its threshold; an ensemble: the mean of
+            its members', :func:`planar3d.ensemble.ensemble_min_lesion_size`).
         tta: average with flips of the two in-plane axes.
         save_probabilities: also write ``_prob.nii.gz`` (float32).
         overlap, roi_size: override the checkpoint's sliding-window settings (-1: whole axis).
@@ -192,7 +194,7 @@ def load_models(
         WeightsError: a missing or unreadable checkpoint, not a planar3d model, or members on another voxel convention.
     """
     from planar3d.checkpoint import load_model
-    from planar3d.ensemble import check_member_conventions, ensemble_threshold
+    from planar3d.ensemble import check_member_conventions, ensemble_min_lesion_size, ensemble_threshold
     from planar3d.inference import prepare_for_inference
 
     if not model_paths:
@@ -220,7 +222,9 @@ def load_models(
                 "expect it to be slower than fp32")
     if len(models) > 1:
         chosen = threshold if threshold is not None else ensemble_threshold([d["threshold"] for d in described])
-        settings = replace(settings, threshold=float(chosen))
+        size = overrides.get("min_lesion_size")
+        size = size if size is not None else ensemble_min_lesion_size([m.min_lesion_size for m in member_settings])
+        settings = replace(settings, threshold=float(chosen), min_lesion_size=float(size))
         model: Any = Ensemble(models, member_settings)
     else:
         model = models[0]

@@ -76,7 +76,7 @@ class InferenceSettings:
         roi_size: Optional[Sequence[int]] = None,
         overlap: Optional[float] = None,
         tta: bool = False,
-        min_lesion_size: float = MIN_LESION_SIZE_MM3,
+        min_lesion_size: Optional[float] = None,
         sw_batch_size: int = 1,
         device: str = "cpu",
         precision: str = "auto",
@@ -105,7 +105,8 @@ class InferenceSettings:
         threshold = checkpoint.threshold if threshold is None else threshold
         if not 0.0 < float(threshold) < 1.0:
             raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
-        if min_lesion_size < 0:
+        min_lesion_size = checkpoint.min_lesion_size if min_lesion_size is None else min_lesion_size
+        if not float(min_lesion_size) >= 0:
             raise ConfigError(f"min_lesion_size must be >= 0 mm³, got {min_lesion_size}")
         from planar3d.inference import resolve_precision
 

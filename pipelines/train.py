@@ -31,6 +31,7 @@ from torch import nn
 from planar3d.checkpoint import ModelCheckpoint
 from planar3d.errors import InputError
 from planar3d.io import check_output_folder, sha256_file
+from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3
 from planar3d.provenance import package_versions
 
 from pipelines.config import TrainConfig, resolve_loader
@@ -70,7 +71,9 @@ def _resume_state(out_dir: Path, model, optimizer, scheduler, config: TrainConfi
     scheduler.load_state_dict(resume["scheduler"])
     set_rng_state(resume["rng"])
     log.info("resuming after epoch %d (best validation score %.4f)", resume["epoch"], resume["best_metric"])
-    return RunState(resume["epoch"], resume["best_metric"], resume["best_threshold"], resume["best_epoch"], list(resume["history"]))
+    return RunState(resume["epoch"], resume["best_metric"], resume["best_threshold"], resume["best_epoch"], list(resume["history"]),
+                    # last.pt files written before the size was chosen on validation: the MSSEG rule
+                    float(resume.get("best_min_lesion_size", MIN_LESION_SIZE_MM3)))
 
 
 def train(
@@ -254,12 +257,12 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
     state.epoch = epoch + 1
     nan = float("nan")
     scores = {"val_score": nan, "val_dice": nan, "val_lesion_f1": nan, "val_lesion_ppv": nan}
-    threshold, table = state.best_threshold, []
+    threshold, min_lesion_size, table = state.best_threshold, state.best_min_lesion_size, []
     is_last = state.epoch == config.optim.epochs
     if dist.main and run.val_volumes and (state.epoch % config.validation.every == 0 or is_last):
         choice = validate(run.model, run.val_volumes, config, run.device)
-        threshold, table = choice.threshold, choice.table
-        chosen = next(r for r in table if r["threshold"] == choice.threshold)
+        threshold, min_lesion_size, table = choice.threshold, choice.min_lesion_size, choice.table
+        chosen = next(r for r in table if (r["threshold"], r["min_lesion_size"]) == (choice.threshold, choice.min_lesion_size))
         scores = {"val_score": choice.score, "val_dice": chosen["dice"], "val_lesion_f1": chosen["lesion_f1"],
                   "val_lesion_ppv": chosen["lesion_ppv"]}
     score = scores["val_score"]
@@ -267,8 +270,9 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
     if improved:
         state.best_metric = score if run.val_volumes else state.best_metric
         state.best_threshold, state.best_epoch = threshold, state.epoch
+        state.best_min_lesion_size = min_lesion_size
     row = {"epoch": state.epoch, "train_loss": result["train_loss"], **scores, "val_threshold": threshold,
-           "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
+           "val_min_lesion_size": min_lesion_size, "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
     state.history.append(row)
     metrics = {**scores, "val_criterion": config.validation.criterion, "val_by_threshold": table,
                "train_loss": result["train_loss"]}
@@ -279,13 +283,14 @@ def record_epoch(run: TrainingRun, row: dict, metrics: dict, improved: bool) -> 
     """Rank 0: log the epoch, save ``best.pt``/``last.pt``, ``metrics.csv`` and TensorBoard scalars."""
     state = run.state
     validation = ("no validation this epoch" if not metrics["val_by_threshold"] else
-                  "val %s %.4f (Dice %.4f, lesion F1 %.4f, PPV %.4f; t=%.2f)" % (
+                  "val %s %.4f (Dice %.4f, lesion F1 %.4f, PPV %.4f; t=%.2f, min lesion %g mm³)" % (
                       run.config.validation.criterion, row["val_score"], row["val_dice"], row["val_lesion_f1"],
-                      row["val_lesion_ppv"], row["val_threshold"]))
+                      row["val_lesion_ppv"], row["val_threshold"], row["val_min_lesion_size"]))
     log.info("epoch %d/%d loss %.4f %s lr %.2e %.1f s %.3g vox/s", state.epoch, run.config.optim.epochs,
              row["train_loss"], validation, row["lr"], row["seconds"], row["voxels_per_second"])
     checkpoint = model_checkpoint(run.model, run.config, run.net_config,
-                                  row["val_threshold"] if improved else state.best_threshold, state.epoch, metrics, run.info)
+                                  row["val_threshold"] if improved else state.best_threshold, state.epoch, metrics, run.info,
+                                  row["val_min_lesion_size"] if improved else state.best_min_lesion_size)
     save_checkpoints(run.out_dir, checkpoint, run.optimizer, run.scheduler, state, improved)
     write_metrics_csv(run.out_dir, state.history)
     if run.writer is not None:

@@ -73,7 +73,8 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
 
 
 def validate(model, volumes, config: TrainConfig, device):
-    """Score the validation volumes at each threshold and choose one by ``validation.criterion``.
+    """Score the validation volumes at each threshold and minimum lesion size and choose the pair
+    by ``validation.criterion``.
 
     Returns the :class:`planar3d.thresholds.ThresholdChoice`: its ``score`` (the criterion, which
     also picks the best epoch), ``threshold`` and the per-threshold table (Dice, lesion-wise F1,
@@ -92,4 +93,5 @@ def validate(model, volumes, config: TrainConfig, device):
         ))
         labels.append(label)
         spacings.append(spacing)
-    return choose_threshold(probabilities, labels, spacings, config.validation.thresholds, config.validation.criterion)
+    return choose_threshold(probabilities, labels, spacings, config.validation.thresholds, config.validation.criterion,
+                            min_lesion_sizes=config.validation.min_lesion_sizes)

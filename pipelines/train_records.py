@@ -20,6 +20,7 @@ from typing import List, Optional
 from planar3d.checkpoint import ModelCheckpoint
 from planar3d.errors import InputError
 from planar3d.io import atomic_write_text, json_safe, sha256_file, write_json
+from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3
 
 from pipelines.config import TrainConfig
 from pipelines import data as data_module
@@ -36,15 +37,19 @@ class RunState:
     best_metric: float = -1.0
     best_threshold: float = 0.5
     best_epoch: int = 0
+    best_min_lesion_size: float = MIN_LESION_SIZE_MM3
     history: List[dict] = field(default_factory=list)
 
 
-def model_checkpoint(model, config: TrainConfig, net_config, threshold: float, epoch: int, metrics: dict, info: dict) -> ModelCheckpoint:
-    """The ``planar3d-model/1`` checkpoint of the model as it is now."""
+def model_checkpoint(model, config: TrainConfig, net_config, threshold: float, epoch: int, metrics: dict, info: dict,
+                     min_lesion_size: float = MIN_LESION_SIZE_MM3) -> ModelCheckpoint:
+    """The ``planar3d-model/1`` checkpoint of the model as it is now (with the post-processing
+    chosen on validation: ``threshold`` and ``min_lesion_size``)."""
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
     roi = config.validation.roi_size
     return ModelCheckpoint(
         state_dict=state, network=net_config, normalization=config.normalization, threshold=float(threshold),
+        min_lesion_size=float(min_lesion_size),
         roi_size=None if all(int(r) < 0 for r in roi) else tuple(int(r) for r in roi),  # type: ignore[arg-type]
         overlap=float(config.validation.overlap),
         training={
@@ -62,13 +67,13 @@ def save_checkpoints(out_dir: Path, checkpoint: ModelCheckpoint, optimizer, sche
     checkpoint.resume = {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": state.epoch,
         "best_metric": state.best_metric, "best_threshold": state.best_threshold, "best_epoch": state.best_epoch,
-        "history": state.history, "rng": rng_state(),
+        "best_min_lesion_size": state.best_min_lesion_size, "history": state.history, "rng": rng_state(),
     }
     checkpoint.save(out_dir / "last.pt")
 
 
-METRIC_COLUMNS = ("epoch", "train_loss", "val_score", "val_dice", "val_lesion_f1", "val_lesion_ppv", "val_threshold", "lr",
-                  "seconds", "voxels_per_second")
+METRIC_COLUMNS = ("epoch", "train_loss", "val_score", "val_dice", "val_lesion_f1", "val_lesion_ppv", "val_threshold",
+                  "val_min_lesion_size", "lr", "seconds", "voxels_per_second")
 
 
 def write_metrics_csv(out_dir: Path, history: List[dict]) -> None:

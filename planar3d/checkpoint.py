@@ -19,6 +19,7 @@ import torch
 
 from planar3d.errors import WeightsError
 from planar3d.io import atomic_write, make_parent_folder
+from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3
 from planar3d.networks.res_unet import PlanarResUNetConfig
 from planar3d.preprocess import NormalizationConfig
 
@@ -77,6 +78,9 @@ class ModelCheckpoint:
         network: the network's shape.
         normalization: intensity scaling the network was trained with.
         threshold: probability threshold chosen on validation, in (0, 1).
+        min_lesion_size: mm³; prediction drops the 6-connected components of at most this
+            volume, chosen on validation with the threshold (3, MSSEG's rule, for checkpoints
+            written before that choice).
         roi_size: sliding-window size per axis (-1: whole axis), or ``None`` when training
             validated on whole volumes; prediction then uses slabs along the plane axis.
         overlap: window overlap fraction in [0, 1).
@@ -96,6 +100,7 @@ class ModelCheckpoint:
     orientation: str = "RAS"
     training: Dict[str, Any] = field(default_factory=dict)
     resume: Optional[Dict[str, Any]] = None
+    min_lesion_size: float = MIN_LESION_SIZE_MM3
 
     FORMAT = MODEL_FORMAT
 
@@ -109,6 +114,8 @@ class ModelCheckpoint:
             problems.append("state_dict is not a dict of tensors")
         if not 0.0 < float(self.threshold) < 1.0:
             problems.append(f"threshold {self.threshold} is not in (0, 1)")
+        if not float(self.min_lesion_size) >= 0.0:
+            problems.append(f"min_lesion_size {self.min_lesion_size} is not >= 0 mm³")
         if self.roi_size is not None and (len(self.roi_size) != 3 or any(int(r) == 0 or int(r) < -1 for r in self.roi_size)):
             problems.append(f"roi_size {list(self.roi_size)} is not 3 positive sizes or -1")
         if not 0.0 <= float(self.overlap) < 1.0:
@@ -130,7 +137,7 @@ class ModelCheckpoint:
             "orientation": self.orientation,
             "threshold": float(self.threshold),
             "inference": {"roi_size": None if self.roi_size is None else [int(r) for r in self.roi_size],
-                          "overlap": float(self.overlap)},
+                          "overlap": float(self.overlap), "min_lesion_size": float(self.min_lesion_size)},
             "training": self.training,
         }
         if self.resume is not None:
@@ -159,6 +166,7 @@ class ModelCheckpoint:
             checkpoint = cls(
                 state_dict=data["state_dict"], network=network, normalization=normalization,
                 threshold=float(data["threshold"]),
+                min_lesion_size=float(inference.get("min_lesion_size", MIN_LESION_SIZE_MM3)),
                 roi_size=None if roi_size is None else tuple(int(r) for r in roi_size),  # type: ignore[arg-type]
                 overlap=float(inference["overlap"]), orientation=data["orientation"],
                 training=data["training"], resume=data.get("resume"),

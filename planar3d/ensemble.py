@@ -17,7 +17,8 @@ Threshold of the ensemble (:func:`ensemble_threshold`): the mean of the members'
 thresholds. Choosing it again on validation cases is biased for cross-validation folds (each
 fold's validation cases are training cases of other folds), so the mean is the default; with
 validation cases no member trained on, :func:`planar3d.thresholds.choose_threshold` on the averaged
-maps is the better choice.
+maps is the better choice. The minimum lesion size each member chose with its threshold
+(:func:`ensemble_min_lesion_size`) is averaged the same way.
 
 Example:
     >>> import numpy as np
@@ -96,4 +97,16 @@ def ensemble_threshold(member_thresholds: Sequence[float]) -> float:
     values = [float(t) for t in member_thresholds]
     if not values or any(not 0.0 < t < 1.0 for t in values):
         raise ValueError(f"need member thresholds in (0, 1), got {values}")
+    return float(np.mean(values))
+
+
+def ensemble_min_lesion_size(member_sizes: Sequence[float]) -> float:
+    """The ensemble's minimum lesion size (mm³): the mean of its members' (module docstring).
+
+    Raises:
+        ValueError: no size, or a negative one.
+    """
+    values = [float(m) for m in member_sizes]
+    if not values or any(not m >= 0.0 for m in values):
+        raise ValueError(f"need member minimum lesion sizes >= 0 mm³, got {values}")
     return float(np.mean(values))

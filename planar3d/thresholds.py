@@ -16,8 +16,15 @@ Criteria (per-case scores averaged over the cases, then compared across threshol
 * ``"dice_and_f1"``: mean of (Dice + lesion F1) / 2 per case.
 
 Ties (equal scores up to 1e-12) go to the **higher** threshold: the more conservative mask.
-A threshold ``t`` keeps ``probability > t``, the rule ``planar3d predict`` applies, so the score
-of the chosen threshold is the score of what prediction will write.
+A threshold ``t`` keeps ``probability > t`` and then drops the 6-connected components of at most
+``min_lesion_size`` mm³, the rule ``planar3d predict`` applies, so the score of the chosen pair is
+the score of what prediction will write.
+
+The minimum lesion size is chosen with the threshold when several are given
+(``validation.min_lesion_sizes``), as nnU-Net chooses its post-processing on validation cases:
+a threshold alone trades every small false-positive blob against the edges of true lesions,
+while a size in mm³ removes the specks whatever the voxel size. Ties go to the **smaller**
+size: what validation cannot tell apart is not removed.
 
 Example:
     >>> import numpy as np
@@ -30,11 +37,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from planar3d.metrics.lesion import DetectionParameters, lesion_metrics
+from planar3d.metrics.lesion import (
+    DetectionParameters, components, drop_small_components, label_lesions, labelled_lesion_metrics,
+)
 from planar3d.metrics.voxel import dice
 
 CRITERIA = ("lesion_f1", "dice", "dice_and_f1")
@@ -43,22 +52,25 @@ _TIE_DECIMALS = 12  # scores equal to 12 decimals are a tie (mean of floats diff
 
 @dataclass(frozen=True)
 class ThresholdChoice:
-    """The chosen threshold and the scores behind the choice.
+    """The chosen threshold (and minimum lesion size) and the scores behind the choice.
 
     Attributes:
         threshold: the chosen threshold.
         criterion: the criterion it maximises.
         score: its criterion value.
-        table: one row per threshold (input order): ``threshold``, ``score`` (criterion),
+        table: one row per (threshold, minimum lesion size), thresholds in input order, sizes in
+            input order within each: ``threshold``, ``min_lesion_size``, ``score`` (criterion),
             ``dice``, ``lesion_f1``, ``lesion_ppv``, ``lesion_sensitivity`` (means over cases;
             PPV/sensitivity ignore cases where they are undefined, nan if all are) and
             ``n_pred`` (predicted lesions summed over cases).
+        min_lesion_size: the chosen minimum lesion size (mm³).
     """
 
     threshold: float
     criterion: str
     score: float
     table: List[Dict[str, float]]
+    min_lesion_size: float = DetectionParameters.min_lesion_size
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -72,8 +84,11 @@ def threshold_table(
     spacings: Sequence[Sequence[float]],
     thresholds: Sequence[float],
     params: DetectionParameters = DetectionParameters(),
+    min_lesion_sizes: Optional[Sequence[float]] = None,
 ) -> List[Dict[str, float]]:
-    """Mean Dice and lesion-wise scores of ``probability > t`` over the cases, for each ``t``.
+    """Mean Dice and lesion-wise scores of the masks prediction would write, for each
+    threshold ``t`` and minimum lesion size ``m``: ``probability > t`` without its components of
+    at most ``m`` mm³.
 
     Args:
         probabilities: one foreground probability map per case.
@@ -81,35 +96,48 @@ def threshold_table(
         spacings: voxel spacing (mm) of each case, in the arrays' axis order.
         thresholds: thresholds to score.
         params: lesion detection rule (MSSEG 2016 defaults).
+        min_lesion_sizes: minimum lesion sizes (mm³) to score; default ``params.min_lesion_size``.
 
     Raises:
-        ValueError: mismatched lengths or shapes, or no case / no threshold.
+        ValueError: mismatched lengths or shapes, no case / no threshold / no size, or a negative size.
     """
     if not (len(probabilities) == len(labels) == len(spacings)) or not probabilities:
         raise ValueError(f"need as many probability maps, labels and spacings (>= 1), got "
                          f"{len(probabilities)}, {len(labels)}, {len(spacings)}")
     if not len(thresholds):
         raise ValueError("no threshold to choose from")
+    sizes = [float(params.min_lesion_size)] if min_lesion_sizes is None else [float(m) for m in min_lesion_sizes]
+    if not sizes or any(m < 0 or np.isnan(m) for m in sizes):
+        raise ValueError(f"need minimum lesion sizes >= 0 mm³, got {sizes}")
+    cases = []
+    for probability, label, spacing in zip(probabilities, labels, spacings):
+        probability, label = np.asarray(probability), np.asarray(label).astype(bool, copy=False)
+        if probability.shape != label.shape:
+            raise ValueError(f"probability shape {probability.shape} differs from label shape {label.shape}")
+        cases.append((probability, label, spacing, label_lesions(label, spacing, params.min_lesion_size)))
     rows = []
     for t in thresholds:
-        per_case = []
-        for probability, label, spacing in zip(probabilities, labels, spacings):
-            probability, label = np.asarray(probability), np.asarray(label).astype(bool, copy=False)
-            if probability.shape != label.shape:
-                raise ValueError(f"probability shape {probability.shape} differs from label shape {label.shape}")
-            mask = probability > t
-            scores = lesion_metrics(mask, label, spacing, params)
-            scores["dice"] = dice(mask, label)
-            per_case.append(scores)
-        rows.append({
-            "threshold": float(t),
-            "dice": float(np.mean([s["dice"] for s in per_case])),
-            "lesion_f1": float(np.mean([s["lesion_f1"] for s in per_case])),
-            "dice_and_f1": float(np.mean([(s["dice"] + s["lesion_f1"]) / 2 for s in per_case])),
-            "lesion_ppv": _nanmean([s["lesion_ppv"] for s in per_case]),
-            "lesion_sensitivity": _nanmean([s["lesion_sensitivity"] for s in per_case]),
-            "n_pred": float(sum(s["n_pred"] for s in per_case)),
-        })
+        per_size: Dict[float, List[Dict[str, float]]] = {m: [] for m in sizes}
+        for probability, label, spacing, (ref_labels, n_ref) in cases:
+            found = components(probability > t)  # labelled once, filtered for each size
+            for m in sizes:
+                written, n_written = drop_small_components(*found, spacing, m)  # planar3d predict's mask
+                scored = drop_small_components(written, n_written, spacing, params.min_lesion_size)
+                scores = labelled_lesion_metrics(ref_labels, n_ref, *scored, params)
+                scores["dice"] = dice(written > 0, label)
+                per_size[m].append(scores)
+        for m in sizes:
+            per_case = per_size[m]
+            rows.append({
+                "threshold": float(t),
+                "min_lesion_size": m,
+                "dice": float(np.mean([s["dice"] for s in per_case])),
+                "lesion_f1": float(np.mean([s["lesion_f1"] for s in per_case])),
+                "dice_and_f1": float(np.mean([(s["dice"] + s["lesion_f1"]) / 2 for s in per_case])),
+                "lesion_ppv": _nanmean([s["lesion_ppv"] for s in per_case]),
+                "lesion_sensitivity": _nanmean([s["lesion_sensitivity"] for s in per_case]),
+                "n_pred": float(sum(s["n_pred"] for s in per_case)),
+            })
     return rows
 
 
@@ -120,8 +148,10 @@ def choose_threshold(
     thresholds: Sequence[float],
     criterion: str = "lesion_f1",
     params: DetectionParameters = DetectionParameters(),
+    min_lesion_sizes: Optional[Sequence[float]] = None,
 ) -> ThresholdChoice:
-    """The threshold maximising ``criterion`` over the cases; ties go to the higher threshold.
+    """The (threshold, minimum lesion size) maximising ``criterion`` over the cases; ties go to
+    the higher threshold, then to the smaller size.
 
     Args: as :func:`threshold_table`, plus ``criterion`` (one of :data:`CRITERIA`).
 
@@ -130,8 +160,8 @@ def choose_threshold(
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    table = threshold_table(probabilities, labels, spacings, thresholds, params)
+    table = threshold_table(probabilities, labels, spacings, thresholds, params, min_lesion_sizes)
     for row in table:
         row["score"] = row[criterion]
-    best = max(table, key=lambda row: (round(row["score"], _TIE_DECIMALS), row["threshold"]))
-    return ThresholdChoice(best["threshold"], criterion, best["score"], table)
+    best = max(table, key=lambda row: (round(row["score"], _TIE_DECIMALS), row["threshold"], -row["min_lesion_size"]))
+    return ThresholdChoice(best["threshold"], criterion, best["score"], table, best["min_lesion_size"])

@@ -43,19 +43,19 @@ def _scan(path, seed=0, affine=None):
     return path
 
 
-def _run(folder, seed, threshold):
+def _run(folder, seed, threshold, min_lesion_size=3.0):
     config = PlanarResUNetConfig(width=0.0625)
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     ModelCheckpoint(PlanarResUNet(config).state_dict(), config, NormalizationConfig(), threshold=threshold,
-                    roi_size=None, overlap=0.25).save(folder / "best.pt")
+                    roi_size=None, overlap=0.25, min_lesion_size=min_lesion_size).save(folder / "best.pt")
     return folder
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    return _run(root / "a", 0, 0.4), _run(root / "b", 1, 0.6)
+    return _run(root / "a", 0, 0.4), _run(root / "b", 1, 0.6, min_lesion_size=9.0)
 
 
 @pytest.fixture
@@ -86,13 +86,16 @@ def test_provenance_in_header_sidecar_and_summary(scans, runs, tmp_path):
     assert sidecar_path(out / "s1_mask.nii.gz") == out / "s1_mask.json"
     assert record["models"] == [{"path": str(runs[0] / "best.pt"), "sha256": sha, "threshold": 0.4}]
     assert record["planar3d_version"] == __version__
-    assert {k: v for k, v in record["settings"].items() if k != "device"} == {"threshold": 0.4, "min_lesion_size": 3.0, "tta": False, "roi_size": [-1, -1, -1],
+    assert {k: v for k, v in record["settings"].items() if k not in ("device", "host_memory")} == {"threshold": 0.4, "min_lesion_size": 3.0, "tta": False, "roi_size": [-1, -1, -1],
                                   "overlap": 0.25, "precision": "fp32", "layout": "suffix"}
     assert record["scan"]["name"] == "s1.nii.gz"
     summary = json.loads((out / "predictions.json").read_text())
     assert summary["provenance"]["models"][0]["sha256"] == sha
     assert summary["provenance"]["planar3d_version"] == __version__
     assert summary["provenance"]["settings"]["device"] == "cpu"
+    from planar3d.host_memory import retain_freed_memory
+
+    assert record["settings"]["host_memory"] == retain_freed_memory()  # this process's setting, recorded, not compared
 
 
 def test_rerun_reuses_only_same_model_and_settings(scans, runs, tmp_path):
@@ -268,6 +271,7 @@ def test_ensemble_averages_members(scans, runs, tmp_path):
     record = read_sidecar(tmp_path / "ens/s1_mask.nii.gz")
     assert [m["sha256"] for m in record["models"]] == [sha256_file(run / "best.pt") for run in runs]
     assert record["settings"]["threshold"] == pytest.approx(0.5)  # mean of the members' 0.4 and 0.6
+    assert record["settings"]["min_lesion_size"] == 6.0  # mean of the members' 3 and 9 mm³
     mask = np.asarray(nib.load(tmp_path / "ens/s1_mask.nii.gz").dataobj)
     assert summary.results[0].lesions is not None and set(np.unique(mask)) <= {0, 1}
     result = CliRunner().invoke(app, ["predict", "-i", str(scans), "-o", str(tmp_path / "ens"), "--model", str(runs[0]),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from planar3d.ensemble import average_probabilities, check_member_conventions, ensemble_threshold
+from planar3d.ensemble import average_probabilities, check_member_conventions, ensemble_min_lesion_size, ensemble_threshold
 
 
 def test_average_is_the_mean_and_float32():
@@ -39,6 +39,11 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="thresholds"):
         ensemble_threshold([0.5, 1.0])
     assert ensemble_threshold([0.3, 0.5, 0.7]) == pytest.approx(0.5)
+    assert ensemble_min_lesion_size([3.0, 15.0]) == 9.0
+    with pytest.raises(ValueError, match="minimum lesion sizes"):
+        ensemble_min_lesion_size([3.0, -1.0])
+    with pytest.raises(ValueError, match="minimum lesion sizes"):
+        ensemble_min_lesion_size([])
 
 
 def test_member_conventions():

@@ -229,6 +229,12 @@ def test_settings_from_checkpoint():
     assert settings.flip_axes == (0, 2) and settings.in_channels == 3
     overridden = InferenceSettings.from_checkpoint(meta, threshold=0.6, roi_size=(8, 8, 8), overlap=0.0)
     assert (overridden.threshold, overridden.roi_size, overridden.overlap) == (0.6, (8, 8, 8), 0.0)
+    # the minimum lesion size: the checkpoint's (chosen on validation) unless given, 0 included
+    assert settings.min_lesion_size == 3.0
+    assert InferenceSettings.from_checkpoint(replace(meta, min_lesion_size=12.0)).min_lesion_size == 12.0
+    assert InferenceSettings.from_checkpoint(replace(meta, min_lesion_size=12.0), min_lesion_size=0).min_lesion_size == 0.0
+    with pytest.raises(ValueError, match="min_lesion_size"):
+        InferenceSettings.from_checkpoint(meta, min_lesion_size=-2)
     with pytest.raises(ValueError, match="threshold"):
         InferenceSettings.from_checkpoint(meta, threshold=1.5)
     with pytest.raises(ValueError, match="roi_size"):

@@ -93,3 +93,33 @@ def test_shared_host_warning():
     warning = shared_host_warning(train, val)
     assert warning.startswith("2 of 3 validation case(s) share a host scan with training cases: a-LPS (v0, v2)")
     assert "\n" not in warning
+
+
+def test_minimum_lesion_size_is_chosen_with_the_threshold():
+    """The eight 2^3 false positives (8 mm³ each) survive every threshold that keeps the lesions'
+    edges; removing components of <= 10 mm³ drops them and keeps the 216 mm³ lesions."""
+    probability, label = _two_lesions_and_false_positives()
+    args = ([probability], [label], [(1.0, 1.0, 1.0)], [0.2, 0.5])
+    choice = choose_threshold(*args, criterion="dice_and_f1", min_lesion_sizes=[3, 10])
+    assert (choice.threshold, choice.min_lesion_size, choice.score) == (0.2, 10.0, 1.0)
+    # lesion F1 alone is 1.0 at (0.2, 10), (0.5, 3) and (0.5, 10): the higher threshold, then the smaller size
+    by_f1 = choose_threshold(*args, min_lesion_sizes=[3, 10])
+    assert (by_f1.threshold, by_f1.min_lesion_size) == (0.5, 3.0)
+    assert [(r["threshold"], r["min_lesion_size"]) for r in choice.table] == [(0.2, 3.0), (0.2, 10.0), (0.5, 3.0), (0.5, 10.0)]
+    low_cleaned = choice.table[1]
+    assert low_cleaned["dice"] == 1.0 and low_cleaned["n_pred"] == 2
+    # the same masks at 1 x 1 x 4 mm: each blob is 32 mm³, so 10 mm³ no longer removes them
+    coarse = choose_threshold([probability], [label], [(1.0, 1.0, 4.0)], [0.2, 0.5], criterion="dice_and_f1",
+                              min_lesion_sizes=[3, 10])
+    assert (coarse.threshold, coarse.min_lesion_size) == (0.5, 3.0)
+
+
+def test_size_ties_go_to_the_smaller_size_and_sizes_are_checked():
+    probability, label = _two_lesions_and_false_positives()
+    # at t=0.5 nothing is smaller than 100 mm³ (cores are 144 mm³): sizes 3 and 100 tie
+    choice = choose_threshold([probability], [label], [(1, 1, 1)], [0.5], min_lesion_sizes=[100, 3])
+    assert choice.min_lesion_size == 3.0
+    with pytest.raises(ValueError, match="minimum lesion sizes"):
+        threshold_table([probability], [label], [(1, 1, 1)], [0.5], min_lesion_sizes=[-1])
+    with pytest.raises(ValueError, match="minimum lesion sizes"):
+        threshold_table([probability], [label], [(1, 1, 1)], [0.5], min_lesion_sizes=[])

@@ -15,6 +15,7 @@ from pipelines.config import load_config
 from pipelines.data import (augmentation_transforms, brain_masks_of, case_items, hard_negative_threshold,
                             sampling_transforms, split_validation, split_validation_by_host, LoadPreprocessd)
 from planar3d.data.manifest import Case, load_manifest, save_manifest
+from planar3d.checkpoint import ModelCheckpoint
 from planar3d.data.synth import brain_mask_path, write_synthetic_dataset
 from planar3d.errors import ConfigError
 
@@ -196,6 +197,7 @@ def test_training_records_the_recipe_and_validates_by_lesion_f1(phantom_manifest
         "encoder.freeze_epochs=0", "amp=false", "channels_last=false", "val_cases=1", "data.patch_size=[32,32,16]",
         "data.samples_per_volume=2", "data.batch_size=2", "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0",
         "validation.every=1", "validation.roi_size=[-1,-1,-1]", "validation.thresholds=[0.3,0.5]", "data.cache=none",
+        "validation.min_lesion_sizes=[3,10]",
     ])
     run = tmp_path / "run"
     train(path, 0, run, config, device="cpu")
@@ -211,6 +213,10 @@ def test_training_records_the_recipe_and_validates_by_lesion_f1(phantom_manifest
     row, = csv.DictReader(open(run / "metrics.csv"))
     assert {"val_score", "val_dice", "val_lesion_f1", "val_lesion_ppv", "val_threshold"} <= set(row)
     assert row["val_score"] == row["val_lesion_f1"] and float(row["val_threshold"]) in (0.3, 0.5)
+    # the minimum lesion size is chosen with the threshold and goes into the checkpoint predict reads
+    best = ModelCheckpoint.load(run / "best.pt")
+    assert float(row["val_min_lesion_size"]) in (3.0, 10.0)
+    assert (best.threshold, best.min_lesion_size) == (float(row["val_threshold"]), float(row["val_min_lesion_size"]))
     assert "encoder weights: none" in (run / "train.log").read_text()
 
 

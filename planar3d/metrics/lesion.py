@@ -51,15 +51,15 @@ class DetectionParameters:
     gamma: float = GAMMA
 
 
-def label_lesions(mask: np.ndarray, spacing: Sequence[float], min_lesion_size: float = MIN_LESION_SIZE_MM3) -> Tuple[np.ndarray, int]:
-    """6-connected components of ``mask`` with those of volume ≤ ``min_lesion_size`` mm³ removed.
-
-    Returns:
-        ``(labels, n)``: an int array with lesions numbered ``1..n`` (consecutive) and ``n``.
-    """
+def components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
+    """6-connected components of ``mask``: ``(labels numbered 1..n, n)``."""
     mask = np.asarray(mask).astype(bool, copy=False)
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    labels, n = ndimage.label(mask, structure=structure)
+    return ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+
+
+def drop_small_components(labels: np.ndarray, n: int, spacing: Sequence[float], min_lesion_size: float) -> Tuple[np.ndarray, int]:
+    """``labels`` (components ``1..n``) without those of volume ≤ ``min_lesion_size`` mm³,
+    renumbered ``1..kept``; returns ``(labels, kept)``."""
     if n == 0:
         return labels, 0
     voxel = float(np.prod(np.asarray(spacing, dtype=float)))
@@ -69,6 +69,15 @@ def label_lesions(mask: np.ndarray, spacing: Sequence[float], min_lesion_size: f
     new_ids = np.zeros(n + 1, dtype=labels.dtype)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
     return new_ids[labels], int(keep.sum())
+
+
+def label_lesions(mask: np.ndarray, spacing: Sequence[float], min_lesion_size: float = MIN_LESION_SIZE_MM3) -> Tuple[np.ndarray, int]:
+    """6-connected components of ``mask`` with those of volume ≤ ``min_lesion_size`` mm³ removed.
+
+    Returns:
+        ``(labels, n)``: an int array with lesions numbered ``1..n`` (consecutive) and ``n``.
+    """
+    return drop_small_components(*components(mask), spacing, min_lesion_size)
 
 
 def overlap_matrix(labels_a: np.ndarray, n_a: int, labels_b: np.ndarray, n_b: int) -> np.ndarray:
@@ -128,6 +137,13 @@ def lesion_metrics(
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
     ref_labels, n_ref = label_lesions(ref, spacing, params.min_lesion_size)
     pred_labels, n_pred = label_lesions(pred, spacing, params.min_lesion_size)
+    return labelled_lesion_metrics(ref_labels, n_ref, pred_labels, n_pred, params)
+
+
+def labelled_lesion_metrics(ref_labels: np.ndarray, n_ref: int, pred_labels: np.ndarray, n_pred: int,
+                            params: DetectionParameters = DetectionParameters()) -> Dict[str, float]:
+    """:func:`lesion_metrics` of masks already labelled by :func:`label_lesions` with
+    ``params.min_lesion_size`` (so a threshold search labels each reference once)."""
     matrix = overlap_matrix(ref_labels, n_ref, pred_labels, n_pred)
     tp_ref = _count_detected(matrix, params)
     tp_pred = _count_detected(matrix.T, params)
