@@ -2,14 +2,14 @@
 
 Each case is predicted with the checkpoint's stored threshold, ROI and overlap, and post-processed
 with the one rule of ``planar3d predict`` (components of <= ``--min-lesion-size`` mm³ removed,
-:func:`pipelines.predict.lesion_mask`); then voxel Dice and the lesion-wise scores of
+default the checkpoint's, :func:`pipelines.predict.lesion_mask`); then voxel Dice and the lesion-wise scores of
 :mod:`planar3d.metrics` (MSSEG 2016 detection rule). The lesion load is the lesion volume over
 the case's brain: its ``brain_masks/`` sidecar when ``planar3d synth`` wrote one, else the
 non-zero voxels of a brain-extracted image. Cases are "light" below 0.2 % of the brain and
 "heavy" from 1 % (issue 9).
 
 Usage:
-    python benchmarks/score_cases.py --model RUN/best.pt --manifest M.json [--cases ID,ID] [--min-lesion-size 3]
+    python benchmarks/score_cases.py --model RUN/best.pt --manifest M.json [--cases ID,ID] [--min-lesion-size MM3]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--cases", default="", help="comma-separated case ids (default: every labeled case)")
-    parser.add_argument("--min-lesion-size", type=float, default=3.0)
+    parser.add_argument("--min-lesion-size", type=float, default=None, help="mm³ (default: the checkpoint's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
 
@@ -66,9 +66,12 @@ def main() -> None:
     from planar3d.data.manifest import load_manifest
 
     model, checkpoint = load_model(args.model)
+    if args.min_lesion_size is None:
+        args.min_lesion_size = checkpoint.min_lesion_size
     wanted = set(filter(None, args.cases.split(",")))
     cases = [c for c in load_manifest(args.manifest).cases if c.label is not None and (not wanted or c.id in wanted)]
-    print(f"model {args.model} (threshold {checkpoint.threshold:g}), {len(cases)} case(s) of {args.manifest}")
+    print(f"model {args.model} (threshold {checkpoint.threshold:g}, components <= {args.min_lesion_size:g} mm³ removed), "
+          f"{len(cases)} case(s) of {args.manifest}")
     print("| case | load % | Dice | lesion F1 | lesion PPV | lesion sens. | voxel PPV | lesions ref/pred |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []

@@ -37,8 +37,8 @@ class RunState:
     best_metric: float = -1.0
     best_threshold: float = 0.5
     best_epoch: int = 0
-    best_min_lesion_size: float = MIN_LESION_SIZE_MM3
     history: List[dict] = field(default_factory=list)
+    best_min_lesion_size: float = MIN_LESION_SIZE_MM3
 
 
 def model_checkpoint(model, config: TrainConfig, net_config, threshold: float, epoch: int, metrics: dict, info: dict,
