@@ -6,7 +6,7 @@ must zero and map page by page on first touch. On this project's 2-core CPU a wh
 pass at full width (176x240x160) spent 11 of its 30 CPU-seconds in the kernel for that
 (2.8 M page faults); MONAI DynUNet's 128³ windows spent 4 of 11. With mmap disabled and the
 heap never trimmed, freed tensors are reused: a second head pass in the same process took
-10.2 s instead of 16.8 s (0.2 M faults; the first pass must fault in its peak either way and
+10.2-11.8 s instead of 16.8 s (0.2 M faults; the first pass must fault in its peak either way and
 took 14.5-19.4 s against 16.0-16.8 s), and a full-width training step 9.9 s instead of 16.1 s.
 The price is a higher and sticky resident size (peak 7.8-8.9 GiB instead of 5.8-6.2 GiB for
 the head, within the 10.1 GB that :data:`planar3d.inference.FORWARD_BYTES_PER_VOXEL` plans), so
