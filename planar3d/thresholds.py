@@ -122,7 +122,9 @@ def threshold_table(
             found = components(probability > t)  # labelled once, filtered for each size
             for m in sizes:
                 written, n_written = drop_small_components(*found, spacing, m)  # planar3d predict's mask
-                scored = drop_small_components(written, n_written, spacing, params.min_lesion_size)
+                # the detection rule's own size filter; already applied when m is at least its size
+                scored = ((written, n_written) if m >= params.min_lesion_size
+                          else drop_small_components(written, n_written, spacing, params.min_lesion_size))
                 scores = labelled_lesion_metrics(ref_labels, n_ref, *scored, params)
                 scores["dice"] = dice(written > 0, label)
                 per_size[m].append(scores)
