@@ -17,10 +17,11 @@ def test_to_sitk_places_voxels_like_nibabel():
     np.testing.assert_allclose(lps, [-ras[0], -ras[1], ras[2]], atol=1e-9)
 
 
-def test_registration_recovers_a_shift_between_raw_host_and_stripped_template():
+@pytest.mark.parametrize("shift", [(6.0, -5.0, 4.0), (-5.0, 12.0, 90.0)])  # near, and far as in raw scanner space
+def test_registration_recovers_a_shift_between_raw_host_and_stripped_template(shift):
     template = make_phantom_parts(np.random.default_rng(4), brain_extracted=True, bias=False)
     host = make_phantom_parts(np.random.default_rng(4))
-    shift = np.array([6.0, -5.0, 4.0])
+    shift = np.array(shift)
     host_affine = host.affine.copy()
     host_affine[:3, 3] += shift  # the host's world is the template's moved by `shift`
     matrix = register_to_host(template.flair, template.affine, host.flair, host_affine)
@@ -34,6 +35,15 @@ def test_registration_recovers_a_shift_between_raw_host_and_stripped_template():
     truth = template.flair > 0
     dice = 2 * (brain_on_host.astype(bool) & truth).sum() / (brain_on_host.sum() + truth.sum())
     assert dice > 0.9
+
+
+def test_an_implausibly_scaled_fit_is_refused():
+    from planar3d.data.register import check_plausible_scales
+
+    fine = np.diag([1.25, 1.2, 1.29, 1.0])
+    assert check_plausible_scales(fine) is fine
+    with pytest.raises(ValueError, match="implausible fit: the host is scaled by 1.00, 1.00, 3.50"):
+        check_plausible_scales(np.diag([1.0, 1.0, 3.5, 1.0]))
 
 
 def test_registration_rejects_an_empty_template():

@@ -37,6 +37,19 @@ def to_sitk(array: np.ndarray, affine: np.ndarray):
     return image
 
 
+#: Distance (mm) between the host's head centre and the template's centre beyond which the
+#: registration starts from the two centres aligned instead of from the world coordinates as
+#: they are (heads near the origin are 5-20 mm apart: the head's centre lies below the brain's).
+FAR_START_MM = 40.0
+
+
+def head_centre(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World (RAS mm) centre of the voxels brighter than the image's mean: the head, not the air."""
+    data = np.asarray(data, dtype=np.float32)
+    index = np.argwhere(data > data.mean()).mean(axis=0)
+    return (np.asarray(affine, dtype=np.float64) @ np.r_[index, 1.0])[:3]
+
+
 def _matrix_of(transform) -> np.ndarray:
     """4x4 matrix of a SimpleITK affine-like transform (LPS point -> LPS point)."""
     matrix = np.array(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
@@ -94,11 +107,17 @@ def register_to_host(template: np.ndarray, template_affine: np.ndarray, host: np
     moving = to_sitk(template_data, template_affine)
     moving_mask = to_sitk((template_data > 0).astype(np.uint8), template_affine)
 
-    # Start from the world coordinates as they are (both are heads near the origin), with the
-    # rotation centre at the template's brain centre.
+    # Start from the world coordinates as they are when the two are near each other (heads near
+    # the origin), with the rotation centre at the template's brain centre. A scan in raw scanner
+    # coordinates can sit far away (the 0.57x0.57x3.3 mm clinical host's head centre is at
+    # z = 104 mm): from there the optimiser shrank the template into the host's lowest 12 slices.
+    # Such a start is moved so that the host's head centre meets the template's centre.
     centre = moving.TransformContinuousIndexToPhysicalPoint([float(c) for c in np.argwhere(template_data > 0).mean(0)])
     similarity = sitk.Similarity3DTransform()
     similarity.SetCenter(centre)
+    offset = np.asarray(centre) - _RAS_TO_LPS[:3, :3] @ head_centre(np.asarray(host, dtype=np.float32), host_affine)
+    if np.linalg.norm(offset) > FAR_START_MM:
+        similarity.SetTranslation(tuple(float(v) for v in offset))
     previous_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
@@ -110,4 +129,21 @@ def register_to_host(template: np.ndarray, template_affine: np.ndarray, host: np
         _optimise(transform, fixed, moving, moving_mask, seed)
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous_threads)
-    return _RAS_TO_LPS @ _matrix_of(transform) @ _RAS_TO_LPS
+    return check_plausible_scales(_RAS_TO_LPS @ _matrix_of(transform) @ _RAS_TO_LPS)
+
+
+#: Scales a head-to-template fit may have: heads differ from a template by well under 2x (the
+#: MSLUB patient26 brain against the ICBM152 brain mask: 1.20-1.29). A fit outside is a failed
+#: registration, which would place every lesion in the wrong anatomy.
+PLAUSIBLE_SCALES = (0.5, 2.0)
+
+
+def check_plausible_scales(host_to_template: np.ndarray) -> np.ndarray:
+    """``host_to_template`` unchanged, or ValueError when its scales (singular values) are not
+    within :data:`PLAUSIBLE_SCALES`."""
+    scales = np.linalg.svd(np.asarray(host_to_template, dtype=np.float64)[:3, :3], compute_uv=False)
+    low, high = PLAUSIBLE_SCALES
+    if scales.min() < low or scales.max() > high:
+        raise ValueError(f"implausible fit: the host is scaled by {', '.join(f'{v:.2f}' for v in sorted(scales))} onto "
+                         f"the template (a head is within {low}-{high}x of one); is the host a head scan?")
+    return host_to_template
