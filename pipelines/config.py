@@ -157,6 +157,9 @@ class OptimSection(_Section):
     warmup_epochs: int = Field(0, ge=0)
     poly_power: float = Field(0.9, gt=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
+    # stop when nothing has been predicted in the training patches for this many epochs after the
+    # warm-up under a Dice-only loss (a collapse it cannot leave; pipelines.train.check_not_collapsed); 0 = never
+    collapse_epochs: int = Field(3, ge=0)
 
 
 class LossSection(_Section):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from planar3d.checkpoint import ModelCheckpoint
-from planar3d.errors import InputError
+from planar3d.errors import InputError, TrainingError
 from planar3d.io import check_output_folder, sha256_file
 from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3
 from planar3d.provenance import package_versions
@@ -123,8 +123,36 @@ def train(
         if run.dist.world_size > 1:
             torch.distributed.barrier()
         epochs.update(1)
+        check_not_collapsed(run.state, run.config)
     epochs.close()
     return finish_run(run)
+
+
+def check_not_collapsed(state: RunState, config: TrainConfig) -> None:
+    """Stop a run whose network has collapsed to background (``optim.collapse_epochs``).
+
+    Collapsed: no lesion voxel predicted (logit > 0) in the training patches, which hold lesions,
+    for ``collapse_epochs`` epochs in a row after the warm-up, under a loss without a voxel-wise
+    term (:data:`planar3d.losses.REGION_ONLY_LOSSES`). Its gradient has then vanished and the Dice
+    loss stays pinned at 1 (a width-0.125 run with lr 2e-3 and loss ``dice`` did so at epoch 15 and
+    trained on for 79 epochs; docs/training.md), so going on only spends time. Under ``dice_ce``
+    a run whose validation Dice was 0 at epochs 6 and 12 came back by epoch 18, so those runs go
+    on. ``best.pt`` and ``last.pt`` are already written when this raises.
+    """
+    from planar3d.losses import REGION_ONLY_LOSSES
+
+    patience = config.optim.collapse_epochs
+    if patience == 0 or config.loss.name not in REGION_ONLY_LOSSES or state.epoch < config.optim.warmup_epochs + patience:
+        return
+    recent = [row.get("train_predicted_to_lesion") for row in state.history[-patience:]]
+    if len(recent) == patience and all(ratio == 0.0 for ratio in recent):
+        best = (f"best.pt keeps epoch {state.best_epoch} (validation score {state.best_metric:.4f})" if state.best_epoch
+                else "no epoch was validated better than the start")
+        raise TrainingError(
+            f"epoch {state.epoch}: the network predicted no lesion voxel in the training patches (which hold lesions) "
+            f"for {patience} epochs in a row: it has collapsed to background; {best}, last.pt epoch {state.epoch}; "
+            f"lower optim.lr or use loss.name=dice_ce, whose cross-entropy term keeps a gradient "
+            f"(optim.collapse_epochs=0 trains on regardless)")
 
 
 @dataclass
@@ -271,8 +299,8 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
         state.best_metric = score if run.val_volumes else state.best_metric
         state.best_threshold, state.best_epoch = threshold, state.epoch
         state.best_min_lesion_size = min_lesion_size
-    row = {"epoch": state.epoch, "train_loss": result["train_loss"], **scores, "val_threshold": threshold,
-           "val_min_lesion_size": min_lesion_size, "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
+    row = {"epoch": state.epoch, "train_loss": result["train_loss"], "train_predicted_to_lesion": result["train_predicted_to_lesion"],
+           **scores, "val_threshold": threshold, "val_min_lesion_size": min_lesion_size, "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
     state.history.append(row)
     metrics = {**scores, "val_criterion": config.validation.criterion, "val_by_threshold": table,
                "train_loss": result["train_loss"]}
@@ -286,15 +314,16 @@ def record_epoch(run: TrainingRun, row: dict, metrics: dict, improved: bool) -> 
                   "val %s %.4f (Dice %.4f, lesion F1 %.4f, PPV %.4f; t=%.2f, min lesion %g mm³)" % (
                       run.config.validation.criterion, row["val_score"], row["val_dice"], row["val_lesion_f1"],
                       row["val_lesion_ppv"], row["val_threshold"], row["val_min_lesion_size"]))
-    log.info("epoch %d/%d loss %.4f %s lr %.2e %.1f s %.3g vox/s", state.epoch, run.config.optim.epochs,
-             row["train_loss"], validation, row["lr"], row["seconds"], row["voxels_per_second"])
+    log.info("epoch %d/%d loss %.4f (lesion voxels predicted/present %.2f) %s lr %.2e %.1f s %.3g vox/s", state.epoch,
+             run.config.optim.epochs, row["train_loss"], row["train_predicted_to_lesion"], validation, row["lr"], row["seconds"],
+             row["voxels_per_second"])
     checkpoint = model_checkpoint(run.model, run.config, run.net_config,
                                   row["val_threshold"] if improved else state.best_threshold, state.epoch, metrics, run.info,
                                   row["val_min_lesion_size"] if improved else state.best_min_lesion_size)
     save_checkpoints(run.out_dir, checkpoint, run.optimizer, run.scheduler, state, improved)
     write_metrics_csv(run.out_dir, state.history)
     if run.writer is not None:
-        for key in ("train_loss", "val_score", "val_dice", "val_lesion_f1", "lr", "voxels_per_second"):
+        for key in ("train_loss", "train_predicted_to_lesion", "val_score", "val_dice", "val_lesion_f1", "lr", "voxels_per_second"):
             if not (isinstance(row[key], float) and math.isnan(row[key])):
                 run.writer.add_scalar(key, row[key], state.epoch)
         run.writer.flush()

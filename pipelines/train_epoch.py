@@ -1,7 +1,8 @@
 """One training epoch and one validation pass.
 
 - :func:`train_one_epoch`: forward (autocast with ``amp``), loss (a non-finite loss stops before the
-  update), backward, optional gradient clipping, step; returns mean loss, seconds, voxels/second;
+  update), backward, optional gradient clipping, step; returns mean loss, seconds, voxels/second
+  and the ratio of predicted to present lesion voxels in the training patches;
 - :func:`validate`: whole validation volumes by sliding window, scored at each threshold, one
   chosen by ``validation.criterion``.
 """
@@ -22,7 +23,8 @@ from pipelines.train_process import Dist, _unwrap
 
 def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConfig, device, dist: Dist, epoch: int,
                     total_steps: Optional[int] = None) -> Dict[str, float]:
-    """One pass over the training patches; returns mean loss, seconds and voxels per second.
+    """One pass over the training patches; returns mean loss, seconds, voxels per second and
+    ``train_predicted_to_lesion`` (lesion voxels predicted / present, NaN without lesion voxels).
 
     ``total_steps`` (an estimate: volumes x samples per volume / batch size) gives the progress
     bar its total and ETA."""
@@ -33,6 +35,10 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
     model.train()
     memory_format = torch.channels_last_3d if device.type == "cuda" and config.channels_last else torch.contiguous_format
     total_loss, steps, voxels = 0.0, 0, 0
+    # lesion voxels predicted (logit > 0) and present in the patches, summed on the device and read
+    # once at the end: their ratio shows over- or under-segmentation, and 0 a collapsed network
+    predicted = torch.zeros((), dtype=torch.float64, device=device)
+    present = torch.zeros((), dtype=torch.float64, device=device)
     start = time.perf_counter()
     bar = tqdm(loader_batches, desc=f"epoch {epoch + 1}/{config.optim.epochs}", disable=not dist.main, leave=False, unit="step",
                total=total_steps)
@@ -57,6 +63,8 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
             raise TrainingError(
                 f"epoch {epoch + 1}, step {steps + 1}: the training loss is {loss_value:g}; last.pt keeps epoch {epoch} "
                 f"(input finite: {bool(torch.isfinite(image).all())}); lower optim.lr or check the augmentation")
+        predicted += (logits.detach() > 0).sum()
+        present += (label > 0.5).sum()
         loss.backward()
         if config.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.optim.grad_clip)
@@ -69,7 +77,13 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
     seconds = time.perf_counter() - start
     if steps == 0:
         raise InputError("training data", "no training patch was produced (no training cases on this rank?)")
-    return {"train_loss": total_loss / steps, "seconds": seconds, "voxels_per_second": voxels * dist.world_size / max(seconds, 1e-9)}
+    if dist.world_size > 1:
+        counts = torch.stack([predicted, present])
+        torch.distributed.all_reduce(counts)
+        predicted, present = counts[0], counts[1]
+    predicted, present = float(predicted), float(present)
+    return {"train_loss": total_loss / steps, "seconds": seconds, "voxels_per_second": voxels * dist.world_size / max(seconds, 1e-9),
+            "train_predicted_to_lesion": predicted / present if present else float("nan")}
 
 
 def validate(model, volumes, config: TrainConfig, device):

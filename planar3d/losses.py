@@ -82,6 +82,11 @@ LOSSES: Dict[str, Callable[..., nn.Module]] = {
     "generalized_dice": _monai("GeneralizedDiceLoss"),
 }
 
+#: Losses without a voxel-wise term: once the network predicts nothing, the sigmoid saturates and
+#: their gradient vanishes, so such a collapse does not end (``pipelines.train.check_not_collapsed``).
+#: A cross-entropy or focal term keeps a gradient of -1 per missed lesion voxel and can recover.
+REGION_ONLY_LOSSES = frozenset({"dice", "tversky", "generalized_dice"})
+
 
 class _FloatLoss(nn.Module):
     """Compute the wrapped loss in float32 (bf16 autocast logits are cast up first)."""

@@ -55,6 +55,7 @@ def test_train_writes_loadable_outputs(tiny_manifest, tmp_path):
     assert {"optimizer", "scheduler", "rng", "epoch", "best_metric"} <= set(last["resume"])
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 1 and {"epoch", "train_loss", "val_dice", "lr", "seconds", "voxels_per_second"} <= set(rows[0])
+    assert float(rows[0]["train_predicted_to_lesion"]) >= 0.0  # the patches hold lesions: a number, not NaN
     info = json.loads((run / "run.json").read_text())
     assert info["seed"] == 0 and info["config"]["network"]["width"] == 0.0625
     assert {"versions", "git", "machine", "manifest", "data"} <= set(info)
@@ -136,6 +137,53 @@ def _break(kind, case, tmp_path):
     if kind == "missing":
         return "label", tmp_path / "nowhere.nii.gz", "file not found"
     raise AssertionError(kind)
+
+
+def test_a_network_collapsed_to_background_stops_the_run(tiny_manifest, tmp_path, monkeypatch):
+    import pipelines.train as train_module
+    from planar3d.errors import TrainingError
+
+    build = train_module.build_model
+
+    def collapsed(*args, **kwargs):  # a head that can only say background, and an lr too small to change it
+        model, source = build(*args, **kwargs)
+        torch.nn.init.zeros_(model.head.weight)
+        torch.nn.init.constant_(model.head.bias, -1e3)
+        return model, source
+
+    monkeypatch.setattr(train_module, "build_model", collapsed)
+    run = tmp_path / "run"
+    config = tiny_config("optim.epochs=6", "optim.lr=1e-12", "optim.warmup_epochs=1", "optim.collapse_epochs=2", "loss.name=dice")
+    with pytest.raises(TrainingError, match="epoch 3: the network predicted no lesion voxel in the training patches"):
+        train(tiny_manifest, 0, run, config, device="cpu")
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [float(r["train_predicted_to_lesion"]) for r in rows] == [0.0, 0.0, 0.0]  # epochs 2-3 after the warm-up
+    assert torch.load(run / "last.pt", weights_only=True)["resume"]["epoch"] == 3
+    assert (run / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("ratios, warmup, patience, loss, stops", [
+    ([0.0, 0.0, 0.0], 0, 3, "dice", True),
+    ([1.2, 0.0, 0.0, 0.0], 1, 3, "generalized_dice", True),
+    ([0.0, 0.0, 0.0], 1, 3, "dice", False),  # within the warm-up and 3 epochs after it
+    ([0.0, 0.4, 0.0, 0.0], 0, 3, "dice", False),  # it predicted something in the window
+    ([0.0, float("nan"), 0.0], 0, 3, "dice", False),  # an epoch without lesions says nothing
+    ([0.0] * 10, 0, 0, "dice", False),  # switched off
+    ([0.0, 0.0], 0, 3, "dice", False),  # fewer epochs than the patience (e.g. history from an old last.pt)
+    ([0.0] * 10, 0, 3, "dice_ce", False),  # cross-entropy keeps a gradient: such runs have come back
+])
+def test_collapse_rule(ratios, warmup, patience, loss, stops):
+    from pipelines.train import check_not_collapsed
+    from pipelines.train_records import RunState
+    from planar3d.errors import TrainingError
+
+    state = RunState(epoch=len(ratios), history=[{"epoch": i + 1, "train_predicted_to_lesion": r} for i, r in enumerate(ratios)])
+    config = tiny_config(f"optim.warmup_epochs={warmup}", f"optim.collapse_epochs={patience}", f"loss.name={loss}")
+    if stops:
+        with pytest.raises(TrainingError, match=f"for {patience} epochs in a row"):
+            check_not_collapsed(state, config)
+    else:
+        check_not_collapsed(state, config)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "4d", "nan", "non_binary", "grid", "missing", "checksum"])
