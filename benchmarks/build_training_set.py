@@ -18,14 +18,17 @@ support ``--template mni152`` the script stops with that message; ``--template P
 brain-extracted image in the masks' MNI space instead (never patient26).
 
 Leave-one-host-out (``--leave-out HOST``): the training set is built without HOST, and a test set
-of HOST is drawn from a pool of injected cases: ``--test-cases`` light-load cases (lesions
-< 0.2 % of the brain) and as many heavy-load ones (>= 1 %). The load is the lesion volume over
-the MNI152 brain-mask volume (the affine registration scales lesions with the head, so this is
-the load relative to the host's brain up to the head-size difference between host and template).
+of HOST is made of ``--test-cases`` heavy-load cases (lesions >= 1 % of the brain), drawn from a
+pool of ``--test-pool`` injected cases (1-4 masks each), and as many light-load ones (< 0.2 %),
+drawn from a second pool in which each case gets one of the light masks (a mask's own load on
+the MNI152 brain below 0.2 %: 8 of the 27), since 1-4 masks of any size almost never make a
+light case (the first build's pool of 24 held none). A case's load is
+:func:`planar3d.data.synth.case_lesion_load` (its lesions over its brain mask), the same that
+``benchmarks/score_cases.py`` reports.
 
 Usage:
     python benchmarks/build_training_set.py --out DIR [--cases-per-host 8] [--phantoms 16] [--seed 0]
-        [--hosts NAME,NAME] [--leave-out HOST --test-cases 3 --test-pool 24]
+        [--hosts NAME,NAME] [--light-cases-per-host 0] [--leave-out HOST --test-cases 3 --test-pool 24]
         [--template mni152|PATH] [--brain-extracted 0.3] [--phantom-size full] [--dry-run]
 
 Outputs: ``DIR/parts/<part>/`` (one ``planar3d synth`` folder per host and for the phantoms),
@@ -44,8 +47,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 FORBIDDEN = "patient26"
-LIGHT_MAX = 0.002   # lesion load below which a test case is "light" (issue 9: < 0.2 % of the brain)
-HEAVY_MIN = 0.01    # lesion load from which a test case is "heavy"
 PROJECT = Path(__file__).resolve().parents[1]
 DATA = PROJECT.parent / "shared" / "data"
 
@@ -164,20 +165,49 @@ def lesion_load(label_path: Path, brain_mm3: float) -> float:
     return float(np.count_nonzero(np.asanyarray(image.dataobj) > 0) * voxel / brain_mm3)
 
 
-def select_by_load(loads: Dict[str, float], count: int) -> Tuple[List[str], List[str]]:
-    """``(light, heavy)``: up to ``count`` ids each, light = load < LIGHT_MAX, heavy = load >= HEAVY_MIN,
-    in id order; stops if either kind is missing."""
-    light = sorted(i for i, v in loads.items() if v < LIGHT_MAX)[:count]
-    heavy = sorted(i for i, v in loads.items() if v >= HEAVY_MIN)[:count]
-    if not light or not heavy:
-        raise SystemExit(f"the test pool has {len(light)} light (< {LIGHT_MAX:.1%}) and {len(heavy)} heavy "
-                         f"(>= {HEAVY_MIN:.0%}) case(s); a larger --test-pool or another --seed is needed")
-    return light, heavy
+def light_masks_dir(masks_dir: Path, names: Sequence[str], out: Path) -> Tuple[Path, List[str]]:
+    """A folder of links to the masks whose own load on the MNI152 brain is light (< 0.2 %)."""
+    from planar3d.data.synth import LIGHT_LOAD_MAX
+
+    brain = mni_brain_mm3()
+    light = [name for name in names if lesion_load(Path(masks_dir) / name, brain) < LIGHT_LOAD_MAX]
+    if not light:
+        raise SystemExit(f"{masks_dir}: no lesion mask lighter than {LIGHT_LOAD_MAX:.1%} of the MNI152 brain")
+    linked = out / "lesion_masks_light"
+    linked.mkdir(parents=True, exist_ok=True)
+    for name in light:
+        if not (linked / name).exists():
+            (linked / name).symlink_to((Path(masks_dir) / name).resolve())
+    return linked, light
 
 
-def synth_host(out: Path, host: Path, masks: Path, cases: int, seed: int, args, dry_run: bool) -> Path:
+def select_by_load(loads: Dict[str, float], count: int, kind: str) -> List[str]:
+    """Up to ``count`` ids of ``kind`` ("light": load < 0.2 %, "heavy": load >= 1 %), in id order;
+    stops if there is none."""
+    from planar3d.data.synth import HEAVY_LOAD_MIN, LIGHT_LOAD_MAX
+
+    if kind == "light":
+        chosen = sorted(i for i, v in loads.items() if v < LIGHT_LOAD_MAX)[:count]
+    else:
+        chosen = sorted(i for i, v in loads.items() if v >= HEAVY_LOAD_MIN)[:count]
+    if not chosen:
+        bound = f"< {LIGHT_LOAD_MAX:.1%}" if kind == "light" else f">= {HEAVY_LOAD_MIN:.0%}"
+        raise SystemExit(f"the test pool has no {kind} ({bound}) case; a larger --test-pool or another --seed is needed")
+    return chosen
+
+
+def case_loads(manifest: Path) -> Dict[str, float]:
+    """``{case id: lesion load}`` of a synth part (:func:`planar3d.data.synth.case_lesion_load`)."""
+    from planar3d.data.synth import case_lesion_load
+
+    return {c["id"]: case_lesion_load(manifest.parent / c["image"], manifest.parent / c["label"])
+            for c in json.loads(manifest.read_text())["cases"]}
+
+
+def synth_host(out: Path, host: Path, masks: Path, cases: int, seed: int, args, dry_run: bool, max_masks: int = 4) -> Path:
     run_cli(["synth", "--out", out, "--cases", cases, "--seed", seed, "--host", host, "--lesion-masks", masks,
-             "--template", args.template, "--brain-extracted", args.brain_extracted], dry_run)
+             "--template", args.template, "--brain-extracted", args.brain_extracted]
+            + (["--max-masks-per-case", max_masks] if max_masks != 4 else []), dry_run)
     return out / "manifest.json"
 
 
@@ -192,6 +222,7 @@ def build(args) -> dict:
     record: dict = {"hosts": {}, "masks": mask_names, "template": args.template, "leave_out": args.leave_out,
                     "seed": args.seed, "cli": "pipelines.cli"}
     parts = []
+    light_masks, light_names = light_masks_dir(masks, mask_names, out)
     for index, (name, path) in enumerate(hosts.items()):
         if name == args.leave_out:
             continue
@@ -201,6 +232,15 @@ def build(args) -> dict:
             relabel_part(manifest, name, name)
         record["hosts"][name] = {"path": str(path), "cases": args.cases_per_host, "seed": seed}
         parts.append(manifest)
+        if args.light_cases_per_host:
+            # light-load cases of the same host (one light mask each): validation on a held-out
+            # host then also scores its false positives on scans with few lesions
+            light = synth_host(out / "parts" / f"host_{name}_light", path, light_masks, args.light_cases_per_host,
+                               seed + 50, args, args.dry_run, max_masks=1)
+            if not args.dry_run:
+                relabel_part(light, f"{name}_light", name)
+            record["hosts"][name]["light"] = {"cases": args.light_cases_per_host, "seed": seed + 50, "masks": light_names}
+            parts.append(light)
     if args.phantoms:
         phantoms = out / "parts" / "phantoms"
         run_cli(["synth", "--out", phantoms, "--cases", args.phantoms, "--seed", args.seed, "--size", args.phantom_size,
@@ -215,18 +255,23 @@ def build(args) -> dict:
 
     if args.leave_out is not None:
         name = args.leave_out
+        # heavy cases from a pool like the training cases (the seed of the first builds, so their
+        # heavy test cases stay the same), light ones from a pool with one light mask per case
         part = out / "parts" / f"test_{name}"
         seed = args.seed + 7919
         manifest = synth_host(part, hosts[name], masks, args.test_pool, seed, args, args.dry_run)
+        light_part = out / "parts" / f"test_{name}_light"
+        light_manifest = synth_host(light_part, hosts[name], light_masks, args.test_pool, seed + 1, args, args.dry_run,
+                                    max_masks=1)
         if not args.dry_run:
-            brain = mni_brain_mm3()
-            cases = json.loads(manifest.read_text())["cases"]
-            loads = {c["id"]: lesion_load(part / c["label"], brain) for c in cases}
-            light, heavy = select_by_load(loads, args.test_cases)
-            relabel_part(manifest, f"test_{name}", name, keep=light + heavy)
-            record["test"] = {"host": name, "pool": args.test_pool, "seed": seed, "loads": loads,
-                              "light": light, "heavy": heavy, "brain_mm3": brain}
-        run_cli(["manifest", "merge", manifest, "--out", out / "test_manifest.json", "--dataset", "test"], args.dry_run)
+            loads, light_loads = case_loads(manifest), case_loads(light_manifest)
+            heavy, light = select_by_load(loads, args.test_cases, "heavy"), select_by_load(light_loads, args.test_cases, "light")
+            relabel_part(manifest, f"test_{name}", name, keep=heavy)
+            relabel_part(light_manifest, f"test_{name}_light", name, keep=light)
+            record["test"] = {"host": name, "pool": args.test_pool, "seed": seed, "loads": loads, "heavy": heavy,
+                              "light_pool": {"seed": seed + 1, "masks": light_names, "loads": light_loads}, "light": light}
+        run_cli(["manifest", "merge", manifest, light_manifest, "--out", out / "test_manifest.json", "--dataset", "test"],
+                args.dry_run)
     if not args.dry_run:
         from planar3d.io import write_json
 
@@ -241,6 +286,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--lesion-masks", type=Path, default=DATA / "mslub_mni" / "lesion_masks")
     parser.add_argument("--hosts", default="", help="comma-separated host names (default: every FLAIR in --real-dir)")
     parser.add_argument("--cases-per-host", type=int, default=8)
+    parser.add_argument("--light-cases-per-host", type=int, default=0,
+                        help="extra cases per host with one light mask each (< 0.2 %% of the MNI152 brain)")
     parser.add_argument("--phantoms", type=int, default=16)
     parser.add_argument("--phantom-size", default="full", choices=("small", "full"))
     parser.add_argument("--brain-extracted", type=float, default=0.3, help="fraction of cases written skull-stripped")
@@ -248,14 +295,15 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--leave-out", default=None, help="host left out of training; its test set is written")
     parser.add_argument("--test-cases", type=int, default=3, help="light and heavy test cases each (with --leave-out)")
-    parser.add_argument("--test-pool", type=int, default=24, help="injected cases drawn to choose the test cases from")
+    parser.add_argument("--test-pool", type=int, default=24, help="injected cases drawn to choose each kind of test case from")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
     for name in ("cases_per_host", "test_cases", "test_pool"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.phantoms < 0:
-        parser.error("--phantoms must be >= 0")
+    for name in ("phantoms", "light_cases_per_host"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
 
 

@@ -19,19 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-LIGHT_MAX, HEAVY_MIN = 0.002, 0.01
-
-
-def brain_voxels(case, scan) -> int:
-    """Brain voxels of a case: its synth brain mask, else the image's non-zero voxels."""
-    import nibabel as nib
-
-    from planar3d.data.synth import brain_mask_path
-
-    path = brain_mask_path(case.image)
-    if path.is_file():
-        return int(np.count_nonzero(np.asarray(nib.load(str(path)).dataobj)))
-    return int(np.count_nonzero(scan.raw)) if scan.raw is not None else int(scan.volume.size)
+from planar3d.data.synth import HEAVY_LOAD_MIN as HEAVY_MIN, LIGHT_LOAD_MAX as LIGHT_MAX, case_lesion_load
 
 
 def score_case(model, checkpoint, case, min_lesion_size: float) -> dict:
@@ -41,13 +29,13 @@ def score_case(model, checkpoint, case, min_lesion_size: float) -> dict:
     from planar3d.preprocess import load_preprocessed
     from pipelines.predict import lesion_mask
 
-    scan = load_preprocessed(case.image, checkpoint.normalization, label=case.label, keep_raw=True)
+    scan = load_preprocessed(case.image, checkpoint.normalization, label=case.label)
     probability = predict_probabilities(model, scan.volume, roi_size=checkpoint.roi_size, overlap=checkpoint.overlap,
                                         precision="fp32", in_channels=checkpoint.network.in_channels)
     spacing = scan.reorientation.spacing
     mask, _ = lesion_mask(probability, checkpoint.threshold, spacing, min_lesion_size)
     lesions = lesion_metrics(mask, scan.label, spacing)
-    load = float(np.count_nonzero(scan.label)) / max(brain_voxels(case, scan), 1)
+    load = case_lesion_load(case.image, case.label)
     voxel_ppv = float(np.count_nonzero(mask & scan.label)) / max(int(np.count_nonzero(mask)), 1)
     return {"case": case.id, "load": load, "dice": float(dice(mask, scan.label)), "voxel_ppv": voxel_ppv,
             **{k: float(lesions[k]) for k in ("lesion_f1", "lesion_ppv", "lesion_sensitivity", "n_ref", "n_pred")}}

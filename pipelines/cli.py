@@ -222,6 +222,8 @@ def synth(
     brain_extracted: float = typer.Option(0.0, "--brain-extracted", min=0.0, max=1.0,
                                           help="Fraction of cases written skull-stripped (0 outside the brain); with --host needs --template."),
     template: Optional[Path] = typer.Option(None, "--template", help="With --host: 'mni152' (nilearn's ICBM152 2009a T1, recommended for MNI masks) or a brain-extracted image in the masks' space, registered to the host to place the masks."),
+    max_masks_per_case: int = typer.Option(4, "--max-masks-per-case", min=1,
+                                           help="With --host: each case gets 1 to this many masks (1 with a folder of light masks: light-load cases)."),
 ) -> None:
     """Write synthetic FLAIR cases with lesion labels and a manifest; print the manifest path."""
     from planar3d.data.synth import write_synthetic_dataset
@@ -231,7 +233,7 @@ def synth(
         geometries=tuple(g.strip() for g in geometry.split(",") if g.strip()),
         orientations=tuple(o.strip() for o in orientation.split(",") if o.strip()),
         host=host, host_label=host_label, lesion_masks_dir=lesion_masks, brain_extracted=brain_extracted,
-        template=template,
+        template=template, max_masks_per_case=max_masks_per_case,
     )
     typer.echo(str(manifest))
 

@@ -70,7 +70,25 @@ def test_relabel_records_the_host_in_each_group(tmp_path):
 
 def test_select_by_load():
     loads = {"a": 0.001, "b": 0.03, "c": 0.0019, "d": 0.005, "e": 0.01}
-    assert bts.select_by_load(loads, 1) == (["a"], ["b"])
-    assert bts.select_by_load(loads, 5) == (["a", "c"], ["b", "e"])
-    with pytest.raises(SystemExit, match="0 heavy"):
-        bts.select_by_load({"a": 0.001}, 2)
+    assert bts.select_by_load(loads, 1, "light") == ["a"] and bts.select_by_load(loads, 1, "heavy") == ["b"]
+    assert bts.select_by_load(loads, 5, "light") == ["a", "c"] and bts.select_by_load(loads, 5, "heavy") == ["b", "e"]
+    with pytest.raises(SystemExit, match="no heavy"):
+        bts.select_by_load({"a": 0.001}, 2, "heavy")
+    with pytest.raises(SystemExit, match="no light"):
+        bts.select_by_load({"a": 0.002}, 2, "light")  # 0.2 % is not light
+
+
+def test_light_masks_are_those_under_a_fifth_of_a_percent_of_the_mni_brain(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    brain = bts.mni_brain_mm3()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 8 mm³ voxels
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name, voxels in (("light.nii.gz", int(0.0019 * brain / 8)), ("edge.nii.gz", int(0.0021 * brain / 8) + 1)):
+        data = np.zeros(200_000, np.uint8)
+        data[:voxels] = 1
+        nib.save(nib.Nifti1Image(data.reshape(100, 100, 20), affine), str(masks / name))
+    folder, names = bts.light_masks_dir(masks, ["edge.nii.gz", "light.nii.gz"], tmp_path / "out")
+    assert names == ["light.nii.gz"] and sorted(p.name for p in folder.iterdir()) == ["light.nii.gz"]

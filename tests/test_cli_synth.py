@@ -95,6 +95,34 @@ def test_synth_with_host_injects_mask_subsets(tmp_path):
         assert np.all(lab[p.lesions > 0] == 1) and lab.sum() > p.lesions.sum()
         img = np.asarray(nib.load(str(out / entry["image"])).dataobj)
         np.testing.assert_array_equal(img[lab == 0], p.flair[lab == 0])
+    single = tmp_path / "single"
+    result = _run("--out", single, "--cases", 4, "--seed", 1, "--host", host, "--lesion-masks", masks, "--max-masks-per-case", 1)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((single / "manifest.json").read_text())
+    assert "max_masks_per_case=1" in manifest["description"]
+    for entry in manifest["cases"]:
+        lab = np.asarray(nib.load(str(single / entry["label"])).dataobj)
+        assert lab.sum() == 4 ** 3  # one 4x4x4 mask, no host label
+
+
+def test_case_lesion_load_is_over_the_brain_mask_sidecar_else_the_non_zero_image(tmp_path):
+    from planar3d.data.synth import brain_mask_path, case_lesion_load
+
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    image, label = tmp_path / "images" / "c_flair.nii.gz", tmp_path / "labels" / "c_lesions.nii.gz"
+    for folder in (image.parent, label.parent, brain_mask_path(image).parent):
+        folder.mkdir()
+    flair = np.zeros((10, 10, 10), np.float32)
+    flair[:, :, :5] = 1.0  # 500 non-zero voxels
+    lesions = np.zeros((10, 10, 10), np.uint8)
+    lesions[0, 0, :2] = 1
+    nib.save(nib.Nifti1Image(flair, affine), image)
+    nib.save(nib.Nifti1Image(lesions, affine), label)
+    assert case_lesion_load(image, label) == 2 / 500
+    brain = np.zeros((10, 10, 10), np.uint8)
+    brain[:4] = 1  # 400 voxels
+    nib.save(nib.Nifti1Image(brain, affine), brain_mask_path(image))
+    assert case_lesion_load(image, label) == 2 / 400
 
 
 def test_synth_errors_exit_1_with_message(tmp_path):

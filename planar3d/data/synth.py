@@ -59,6 +59,10 @@ def read_template(template: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
 
 
 BRAIN_MASK_FOLDER = "brain_masks"
+#: Lesion loads (lesion volume over the brain) that make a case "light" (below) or "heavy" (from):
+#: issue 9's evaluation classes; light-load scans are where false positives dominate.
+LIGHT_LOAD_MAX = 0.002
+HEAVY_LOAD_MIN = 0.01
 
 
 def brain_mask_path(image: str | Path) -> Path:
@@ -74,6 +78,20 @@ def brain_mask_path(image: str | Path) -> Path:
     return image.parent.parent / BRAIN_MASK_FOLDER / image.name
 
 
+def case_lesion_load(image: str | Path, label: str | Path) -> float:
+    """Lesion voxels over brain voxels of a case (voxels share one grid, so volumes cancel).
+
+    The brain is the case's :func:`brain_mask_path` sidecar when ``planar3d synth`` wrote one, else
+    the image's non-zero voxels (a brain-extracted scan such as MSLUB's). The one definition of a
+    case's load for choosing and scoring light and heavy cases (benchmarks/build_training_set.py,
+    benchmarks/score_cases.py).
+    """
+    sidecar = brain_mask_path(image)
+    brain = nib.load(str(sidecar if sidecar.is_file() else image))
+    lesions = np.count_nonzero(np.asanyarray(nib.load(str(label)).dataobj) > 0)
+    return float(lesions) / max(int(np.count_nonzero(np.asanyarray(brain.dataobj))), 1)
+
+
 def write_synthetic_dataset(
     out_dir: str | Path,
     cases: int,
@@ -86,14 +104,15 @@ def write_synthetic_dataset(
     lesion_masks_dir: str | Path | None = None,
     brain_extracted: float = 0.0,
     template: str | Path | None = None,
+    max_masks_per_case: int = 4,
 ) -> Path:
     """Generate ``cases`` cases into ``out_dir`` and return the path of its ``manifest.json``.
 
     Case ``i`` uses geometry ``geometries[i % G]`` and orientation
     ``orientations[(i // G) % O]`` and the random generator ``default_rng([seed, i])``. With
-    ``host``, every case is the host FLAIR with a different random subset (1-4) of the masks in
-    ``lesion_masks_dir`` injected (plus the host's own label); geometry and orientation are then
-    the host's.
+    ``host``, every case is the host FLAIR with a different random subset (1 to
+    ``max_masks_per_case``) of the masks in ``lesion_masks_dir`` injected (plus the host's own
+    label); geometry and orientation are then the host's.
 
     Args:
         out_dir: output folder (created); ``images/``, ``labels/`` and ``manifest.json`` go in it,
@@ -118,6 +137,8 @@ def write_synthetic_dataset(
             to the host (affine, :mod:`planar3d.data.register`) and the masks are placed through
             that registration, so they land in the host's white matter even when the host is in
             its own scanner space. Without it the masks are placed by world coordinates.
+        max_masks_per_case: with ``host``: at most this many masks per case (1: light-load cases
+            from a folder of light masks).
 
     Raises:
         InputError: bad arguments (named after ``out_dir``) or unreadable host/mask files.
@@ -127,6 +148,8 @@ def write_synthetic_dataset(
     out_dir = Path(out_dir)
     if not isinstance(cases, int) or cases < 1:
         raise InputError(out_dir, f"cases must be a positive integer, got {cases!r}")
+    if not isinstance(max_masks_per_case, int) or max_masks_per_case < 1:
+        raise InputError(out_dir, f"max_masks_per_case must be a positive integer, got {max_masks_per_case!r}")
     if size not in SIZES:
         raise InputError(out_dir, f"size must be one of {', '.join(SIZES)}, got {size!r}")
     geometries, orientations = tuple(geometries), tuple(o.upper() for o in orientations)
@@ -193,6 +216,7 @@ def write_synthetic_dataset(
             f"host_label={Path(host_label).name if host_label else None} masks={Path(lesion_masks_dir).name} ({len(masks)})"
             + (f" template={Path(template).name}" if template is not None else "")
             + (f" brain_extracted={brain_extracted:g}" if brain_extracted else "")
+            + (f" max_masks_per_case={max_masks_per_case}" if max_masks_per_case != 4 else "")
         )
     else:
         description = (
@@ -219,7 +243,7 @@ def write_synthetic_dataset(
             brain_mask = (phantom.brain >= 0.5).astype(np.uint8)
             group = f"{geometry}-{orientation}" + ("-brain" if stripped else "")
         else:
-            count = int(rng.integers(1, min(4, len(masks)) + 1))
+            count = int(rng.integers(1, min(max_masks_per_case, len(masks)) + 1))
             chosen = sorted(rng.choice(len(masks), size=count, replace=False).tolist())
             flair, label = inject_lesions(host_data, host_img.affine, [masks[c] for c in chosen], rng, host_label=own)
             if stripped:
