@@ -94,3 +94,19 @@ def test_synth_with_mni152_template_places_real_masks_in_a_real_host(tmp_path):
     for case in cases:
         label = np.asarray(nib.load(manifest.parent / case["label"]).dataobj)
         assert label.sum() > 0  # lesions landed in the host
+
+
+def test_synth_refuses_a_registration_that_puts_the_brain_outside_the_host(tmp_path, monkeypatch):
+    """The failure of the far-off 3.3 mm host (template placed below the scan), made on purpose."""
+    import planar3d.data.atlas as atlas
+    from planar3d.data.synth import write_synthetic_dataset
+    from planar3d.errors import InputError
+
+    off = np.eye(4)
+    off[2, 3] = 120.0  # host world -> MNI world 12 cm up: the host's grid sees the bottom of the brain at most
+    monkeypatch.setattr(atlas, "mni152_placement", lambda *args, **kwargs: (off, off))
+    host_path = tmp_path / "host.nii.gz"
+    nib.save(downsampled_real_head(), host_path)
+    with pytest.raises(InputError, match=r"host.nii.gz: after registration to mni152 only \d+% of the template's brain"):
+        write_synthetic_dataset(tmp_path / "out", 1, seed=0, host=host_path,
+                                lesion_masks_dir=shared_data("mslub_mni/lesion_masks"), template=MNI152)

@@ -46,6 +46,15 @@ def test_an_implausibly_scaled_fit_is_refused():
         check_plausible_scales(np.diag([1.0, 1.0, 3.5, 1.0]))
 
 
+def test_brain_coverage_is_the_share_of_the_template_brain_inside_the_host():
+    from planar3d.data.register import brain_coverage
+
+    scale = np.diag([1.25, 1.25, 1.25, 1.0])  # the host's head is 0.8x the template's per axis
+    # a 1000 ml template brain is 512 ml of host world; 256 ml of it inside the grid of 2 mm³ voxels
+    assert brain_coverage(128_000, 2.0, 1_000_000.0, scale) == pytest.approx(0.5)
+    assert brain_coverage(256_000, 2.0, 1_000_000.0, scale) == pytest.approx(1.0)
+
+
 def test_registration_rejects_an_empty_template():
     with pytest.raises(ValueError, match="no foreground"):
         register_to_host(np.zeros((8, 8, 8)), np.eye(4), np.ones((8, 8, 8)), np.eye(4))

@@ -181,7 +181,7 @@ def write_synthetic_dataset(
 
         from planar3d.data.atlas import MNI152, mni152_placement
         from planar3d.data.inject import inject_lesions, lesion_masks_from_folder, resample_to_host
-        from planar3d.data.register import register_to_host
+        from planar3d.data.register import MIN_BRAIN_COVERAGE, brain_coverage, register_to_host
 
         host_data, host_img = read_volume(host)
         own = None
@@ -205,6 +205,13 @@ def write_synthetic_dataset(
             # case's brain mask for hard-negative sampling (brain_mask_path)
             to_template = host_to_masks if host_to_template is None else host_to_template
             brain = resample_to_host((template_data > 0).astype(np.uint8), template_img.affine, host_img, to_template)
+            template_voxel_mm3 = abs(float(np.linalg.det(template_img.affine[:3, :3])))
+            coverage = brain_coverage(int(np.count_nonzero(brain)), abs(float(np.linalg.det(host_img.affine[:3, :3]))),
+                                      int(np.count_nonzero(template_data > 0)) * template_voxel_mm3, to_template)
+            if coverage < MIN_BRAIN_COVERAGE:
+                raise InputError(host, f"after registration to {Path(str(template)).name} only {coverage:.0%} of the template's "
+                                       f"brain lies inside this scan: a failed registration (or a scan that does not cover "
+                                       f"the brain); lesions would land in the wrong anatomy")
             brain = ndimage.binary_fill_holes(brain > 0)
         masks = lesion_masks_from_folder(lesion_masks_dir, host_img, host_to_masks)
         # the host's name, so cases of different heads with one orientation get different keys
