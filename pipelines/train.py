@@ -129,30 +129,48 @@ def train(
 
 
 def check_not_collapsed(state: RunState, config: TrainConfig) -> None:
-    """Stop a run whose network has collapsed to background (``optim.collapse_epochs``).
+    """Stop a run whose network has collapsed (``optim.collapse_epochs``).
 
-    Collapsed: no lesion voxel predicted (logit > 0) in the training patches, which hold lesions,
-    for ``collapse_epochs`` epochs in a row after the warm-up, under a loss without a voxel-wise
-    term (:data:`planar3d.losses.REGION_ONLY_LOSSES`). Its gradient has then vanished and the Dice
-    loss stays pinned at 1 (a width-0.125 run with lr 2e-3 and loss ``dice`` did so at epoch 15 and
-    trained on for 79 epochs; docs/training.md), so going on only spends time. Under ``dice_ce``
-    a run whose validation Dice was 0 at epochs 6 and 12 came back by epoch 18, so those runs go
-    on. ``best.pt`` and ``last.pt`` are already written when this raises.
+    Collapsed, for ``collapse_epochs`` epochs in a row after the warm-up, under a loss without a
+    voxel-wise term (:data:`planar3d.losses.REGION_ONLY_LOSSES`):
+
+    - to background: no lesion voxel predicted (logit > 0) in the training patches, which hold
+      lesions (``train_predicted_to_lesion`` 0);
+    - to foreground: at least :data:`COLLAPSED_FOREGROUND_FRACTION` of all their voxels predicted
+      lesion, where lesions are a few per cent (``train_predicted_fraction``).
+
+    The sigmoid has then saturated, the Dice loss has no gradient left and stays pinned (at 1, or
+    near 0.97): width-0.125 runs with lr 1e-3 or 2e-3 and loss ``dice`` did both, one at epoch 15
+    then trained on for 79 epochs (docs/training.md), so going on only spends time. Under
+    ``dice_ce`` a run whose validation Dice was 0 at epochs 6 and 12 came back by epoch 18, so
+    those runs go on. ``best.pt`` and ``last.pt`` are already written when this raises.
     """
     from planar3d.losses import REGION_ONLY_LOSSES
 
     patience = config.optim.collapse_epochs
     if patience == 0 or config.loss.name not in REGION_ONLY_LOSSES or state.epoch < config.optim.warmup_epochs + patience:
         return
-    recent = [row.get("train_predicted_to_lesion") for row in state.history[-patience:]]
-    if len(recent) == patience and all(ratio == 0.0 for ratio in recent):
-        best = (f"best.pt keeps epoch {state.best_epoch} (validation score {state.best_metric:.4f})" if state.best_epoch
-                else "no epoch was validated better than the start")
-        raise TrainingError(
-            f"epoch {state.epoch}: the network predicted no lesion voxel in the training patches (which hold lesions) "
-            f"for {patience} epochs in a row: it has collapsed to background; {best}, last.pt epoch {state.epoch}; "
-            f"lower optim.lr or use loss.name=dice_ce, whose cross-entropy term keeps a gradient "
-            f"(optim.collapse_epochs=0 trains on regardless)")
+    recent = state.history[-patience:]
+    if len(recent) < patience:
+        return
+    if all(row.get("train_predicted_to_lesion") == 0.0 for row in recent):
+        collapse = "predicted no lesion voxel in the training patches (which hold lesions)"
+    elif all(row.get("train_predicted_fraction", 0.0) >= COLLAPSED_FOREGROUND_FRACTION for row in recent):
+        collapse = (f"predicted {min(row['train_predicted_fraction'] for row in recent):.0%} or more of all the voxels "
+                    f"of the training patches as lesion")
+    else:
+        return
+    best = (f"best.pt keeps epoch {state.best_epoch} (validation score {state.best_metric:.4f})" if state.best_epoch
+            else "no epoch was validated better than the start")
+    raise TrainingError(
+        f"epoch {state.epoch}: the network {collapse} for {patience} epochs in a row: it has collapsed; {best}, "
+        f"last.pt epoch {state.epoch}; lower optim.lr or use loss.name=dice_ce, whose cross-entropy term keeps a gradient "
+        f"(optim.collapse_epochs=0 trains on regardless)")
+
+
+#: Share of all training-patch voxels predicted lesion that counts as a collapse to foreground
+#: (lesions are a few per cent of the patches' voxels even with lesion-centred sampling).
+COLLAPSED_FOREGROUND_FRACTION = 0.5
 
 
 @dataclass
@@ -300,7 +318,7 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
         state.best_threshold, state.best_epoch = threshold, state.epoch
         state.best_min_lesion_size = min_lesion_size
     row = {"epoch": state.epoch, "train_loss": result["train_loss"], "train_predicted_to_lesion": result["train_predicted_to_lesion"],
-           **scores, "val_threshold": threshold, "val_min_lesion_size": min_lesion_size, "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
+           "train_predicted_fraction": result["train_predicted_fraction"], **scores, "val_threshold": threshold, "val_min_lesion_size": min_lesion_size, "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
     state.history.append(row)
     metrics = {**scores, "val_criterion": config.validation.criterion, "val_by_threshold": table,
                "train_loss": result["train_loss"]}

@@ -1,8 +1,9 @@
 """One training epoch and one validation pass.
 
 - :func:`train_one_epoch`: forward (autocast with ``amp``), loss (a non-finite loss stops before the
-  update), backward, optional gradient clipping, step; returns mean loss, seconds, voxels/second
-  and the ratio of predicted to present lesion voxels in the training patches;
+  update), backward, optional gradient clipping, step; returns mean loss, seconds, voxels/second,
+  the ratio of predicted to present lesion voxels in the training patches and the share of their
+  voxels predicted lesion;
 - :func:`validate`: whole validation volumes by sliding window, scored at each threshold, one
   chosen by ``validation.criterion``.
 """
@@ -23,8 +24,9 @@ from pipelines.train_process import Dist, _unwrap
 
 def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConfig, device, dist: Dist, epoch: int,
                     total_steps: Optional[int] = None) -> Dict[str, float]:
-    """One pass over the training patches; returns mean loss, seconds, voxels per second and
-    ``train_predicted_to_lesion`` (lesion voxels predicted / present, NaN without lesion voxels).
+    """One pass over the training patches; returns mean loss, seconds, voxels per second,
+    ``train_predicted_to_lesion`` (lesion voxels predicted / present, NaN without lesion voxels)
+    and ``train_predicted_fraction`` (lesion voxels predicted / all voxels of the patches).
 
     ``total_steps`` (an estimate: volumes x samples per volume / batch size) gives the progress
     bar its total and ETA."""
@@ -77,13 +79,15 @@ def train_one_epoch(model, loader_batches, loss_fn, optimizer, config: TrainConf
     seconds = time.perf_counter() - start
     if steps == 0:
         raise InputError("training data", "no training patch was produced (no training cases on this rank?)")
+    counted = torch.tensor(float(voxels), dtype=torch.float64, device=device)
     if dist.world_size > 1:
-        counts = torch.stack([predicted, present])
+        counts = torch.stack([predicted, present, counted])
         torch.distributed.all_reduce(counts)
-        predicted, present = counts[0], counts[1]
-    predicted, present = float(predicted), float(present)
+        predicted, present, counted = counts[0], counts[1], counts[2]
+    predicted, present, counted = float(predicted), float(present), float(counted)
     return {"train_loss": total_loss / steps, "seconds": seconds, "voxels_per_second": voxels * dist.world_size / max(seconds, 1e-9),
-            "train_predicted_to_lesion": predicted / present if present else float("nan")}
+            "train_predicted_to_lesion": predicted / present if present else float("nan"),
+            "train_predicted_fraction": predicted / counted}
 
 
 def validate(model, volumes, config: TrainConfig, device):

@@ -72,8 +72,8 @@ def save_checkpoints(out_dir: Path, checkpoint: ModelCheckpoint, optimizer, sche
     checkpoint.save(out_dir / "last.pt")
 
 
-METRIC_COLUMNS = ("epoch", "train_loss", "train_predicted_to_lesion", "val_score", "val_dice", "val_lesion_f1", "val_lesion_ppv",
-                  "val_threshold", "val_min_lesion_size", "lr", "seconds", "voxels_per_second")
+METRIC_COLUMNS = ("epoch", "train_loss", "train_predicted_to_lesion", "train_predicted_fraction", "val_score", "val_dice",
+                  "val_lesion_f1", "val_lesion_ppv", "val_threshold", "val_min_lesion_size", "lr", "seconds", "voxels_per_second")
 
 
 def write_metrics_csv(out_dir: Path, history: List[dict]) -> None:
