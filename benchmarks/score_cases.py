@@ -10,6 +10,7 @@ non-zero voxels of a brain-extracted image. Cases are "light" below 0.2 % of the
 
 Usage:
     python benchmarks/score_cases.py --model RUN/best.pt --manifest M.json [--cases ID,ID] [--min-lesion-size MM3]
+    python benchmarks/score_cases.py --model A/best.pt --model B/best.pt --manifest M.json   # an ensemble
 """
 
 from __future__ import annotations
@@ -22,18 +23,24 @@ import numpy as np
 from planar3d.data.synth import HEAVY_LOAD_MIN as HEAVY_MIN, LIGHT_LOAD_MAX as LIGHT_MAX, case_lesion_load
 
 
-def score_case(model, checkpoint, case, min_lesion_size: float) -> dict:
+def score_case(members, case, threshold: float, min_lesion_size: float) -> dict:
+    """One case scored with ``members`` (``[(model, checkpoint), ...]``; more than one: an ensemble,
+    probabilities averaged as ``planar3d predict --model A --model B`` does)."""
+    from planar3d.ensemble import average_probabilities
     from planar3d.inference import predict_probabilities
     from planar3d.metrics.lesion import lesion_metrics
     from planar3d.metrics.voxel import dice
     from planar3d.preprocess import load_preprocessed
     from pipelines.predict import lesion_mask
 
-    scan = load_preprocessed(case.image, checkpoint.normalization, label=case.label)
-    probability = predict_probabilities(model, scan.volume, roi_size=checkpoint.roi_size, overlap=checkpoint.overlap,
-                                        precision="fp32", in_channels=checkpoint.network.in_channels)
+    probabilities = []
+    for model, checkpoint in members:  # each member preprocesses the scan its own way
+        scan = load_preprocessed(case.image, checkpoint.normalization, label=case.label)
+        probabilities.append(predict_probabilities(model, scan.volume, roi_size=checkpoint.roi_size, overlap=checkpoint.overlap,
+                                                   precision="fp32", in_channels=checkpoint.network.in_channels))
+    probability = average_probabilities(probabilities) if len(probabilities) > 1 else probabilities[0]
     spacing = scan.reorientation.spacing
-    mask, _ = lesion_mask(probability, checkpoint.threshold, spacing, min_lesion_size)
+    mask, _ = lesion_mask(probability, threshold, spacing, min_lesion_size)
     lesions = lesion_metrics(mask, scan.label, spacing)
     load = case_lesion_load(case.image, case.label)
     voxel_ppv = float(np.count_nonzero(mask & scan.label)) / max(int(np.count_nonzero(mask)), 1)
@@ -43,7 +50,8 @@ def score_case(model, checkpoint, case, min_lesion_size: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True, action="append",
+                        help="a checkpoint; repeated: an ensemble (mean probability, the members' mean threshold and size)")
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--cases", default="", help="comma-separated case ids (default: every labeled case)")
     parser.add_argument("--min-lesion-size", type=float, default=None, help="mm³ (default: the checkpoint's)")
@@ -53,18 +61,22 @@ def main() -> None:
     from planar3d.checkpoint import load_model
     from planar3d.data.manifest import load_manifest
 
-    model, checkpoint = load_model(args.model)
+    from planar3d.ensemble import check_member_conventions, ensemble_min_lesion_size, ensemble_threshold
+
+    members = [load_model(path) for path in args.model]
+    check_member_conventions([checkpoint.to_dict() for _, checkpoint in members], [str(p) for p in args.model])
+    threshold = ensemble_threshold([checkpoint.threshold for _, checkpoint in members])
     if args.min_lesion_size is None:
-        args.min_lesion_size = checkpoint.min_lesion_size
+        args.min_lesion_size = ensemble_min_lesion_size([checkpoint.min_lesion_size for _, checkpoint in members])
     wanted = set(filter(None, args.cases.split(",")))
     cases = [c for c in load_manifest(args.manifest).cases if c.label is not None and (not wanted or c.id in wanted)]
-    print(f"model {args.model} (threshold {checkpoint.threshold:g}, components <= {args.min_lesion_size:g} mm³ removed), "
+    print(f"model {' + '.join(map(str, args.model))} (threshold {threshold:g}, components <= {args.min_lesion_size:g} mm³ removed), "
           f"{len(cases)} case(s) of {args.manifest}")
     print("| case | load % | Dice | lesion F1 | lesion PPV | lesion sens. | voxel PPV | lesions ref/pred |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for case in cases:
-        row = score_case(model, checkpoint, case, args.min_lesion_size)
+        row = score_case(members, case, threshold, args.min_lesion_size)
         rows.append(row)
         print(f"| {row['case']} | {100 * row['load']:.2f} | {row['dice']:.3f} | {row['lesion_f1']:.3f} | "
               f"{row['lesion_ppv']:.3f} | {row['lesion_sensitivity']:.3f} | {row['voxel_ppv']:.3f} | "
