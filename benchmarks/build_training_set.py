@@ -17,6 +17,10 @@ The masks are placed through a registration of the MNI152 template (nilearn's IC
 support ``--template mni152`` the script stops with that message; ``--template PATH`` passes a
 brain-extracted image in the masks' MNI space instead (never patient26).
 
+Light-load cases (``--light-cases-per-host``, default 3): each host also gets cases with one light
+mask each (below 0.2 % of the MNI152 brain), so that validation on a held-out host also meets
+scans with few lesions, where false positives dominate (issue 9).
+
 Leave-one-host-out (``--leave-out HOST``): the training set is built without HOST, and a test set
 of HOST is made of ``--test-cases`` heavy-load cases (lesions >= 1 % of the brain), drawn from a
 pool of ``--test-pool`` injected cases (1-4 masks each), and as many light-load ones (< 0.2 %),
@@ -28,7 +32,7 @@ light case (the first build's pool of 24 held none). A case's load is
 
 Usage:
     python benchmarks/build_training_set.py --out DIR [--cases-per-host 8] [--phantoms 16] [--seed 0]
-        [--hosts NAME,NAME] [--light-cases-per-host 0] [--leave-out HOST --test-cases 3 --test-pool 24]
+        [--hosts NAME,NAME] [--light-cases-per-host 3] [--leave-out HOST --test-cases 3 --test-pool 24]
         [--template mni152|PATH] [--brain-extracted 0.3] [--phantom-size full] [--dry-run]
 
 Outputs: ``DIR/parts/<part>/`` (one ``planar3d synth`` folder per host and for the phantoms),
@@ -286,8 +290,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--lesion-masks", type=Path, default=DATA / "mslub_mni" / "lesion_masks")
     parser.add_argument("--hosts", default="", help="comma-separated host names (default: every FLAIR in --real-dir)")
     parser.add_argument("--cases-per-host", type=int, default=8)
-    parser.add_argument("--light-cases-per-host", type=int, default=0,
-                        help="extra cases per host with one light mask each (< 0.2 %% of the MNI152 brain)")
+    parser.add_argument("--light-cases-per-host", type=int, default=3,
+                        help="extra cases per host with one light mask each (< 0.2 %% of the MNI152 brain; 0: none, "
+                             "as in the builds before 2026-11-26's fourth session)")
     parser.add_argument("--phantoms", type=int, default=16)
     parser.add_argument("--phantom-size", default="full", choices=("small", "full"))
     parser.add_argument("--brain-extracted", type=float, default=0.3, help="fraction of cases written skull-stripped")
