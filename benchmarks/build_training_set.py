@@ -226,7 +226,8 @@ def build(args) -> dict:
     record: dict = {"hosts": {}, "masks": mask_names, "template": args.template, "leave_out": args.leave_out,
                     "seed": args.seed, "cli": "pipelines.cli"}
     parts = []
-    light_masks, light_names = light_masks_dir(masks, mask_names, out)
+    needs_light = args.light_cases_per_host > 0 or args.leave_out is not None
+    light_masks, light_names = light_masks_dir(masks, mask_names, out) if needs_light else (None, [])
     for index, (name, path) in enumerate(hosts.items()):
         if name == args.leave_out:
             continue
