@@ -136,8 +136,9 @@ def check_not_collapsed(state: RunState, config: TrainConfig) -> None:
     under a loss without a voxel-wise term (:data:`planar3d.losses.REGION_ONLY_LOSSES`). The
     sigmoid has then saturated, the Dice loss has no gradient left and stays pinned at 1 (a
     width-0.125 run with lr 2e-3 and loss ``dice`` did so at epoch 15 and trained on for 79
-    epochs; docs/training.md), so going on only spends time. Under ``dice_ce`` a run whose
-    validation Dice was 0 at epochs 6 and 12 came back by epoch 18, so those runs go on.
+    epochs; docs/training.md), so going on only spends time. Under ``dice_ce`` the
+    cross-entropy term keeps a gradient: four runs each predicted nothing for a while (one from
+    epoch 3 to 26) and then learnt, so those runs go on.
 
     A collapse to foreground is not stopped: two such runs plateaued at a loss of 0.97 (one logged
     36-42 % of all patch voxels predicted lesion, ``train_predicted_fraction``), while healthy runs

@@ -84,7 +84,8 @@ LOSSES: Dict[str, Callable[..., nn.Module]] = {
 
 #: Losses without a voxel-wise term: once the network predicts nothing, the sigmoid saturates and
 #: their gradient vanishes, so such a collapse does not end (``pipelines.train.check_not_collapsed``).
-#: A cross-entropy or focal term keeps a gradient of -1 per missed lesion voxel and can recover.
+#: A cross-entropy or focal term keeps a gradient per missed lesion voxel and can recover (four
+#: ``dice_ce`` runs predicted nothing for up to 24 epochs and then learnt: docs/training.md).
 REGION_ONLY_LOSSES = frozenset({"dice", "tversky", "generalized_dice"})
 
 
