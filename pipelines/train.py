@@ -307,7 +307,9 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
         state.best_threshold, state.best_epoch = threshold, state.epoch
         state.best_min_lesion_size = min_lesion_size
     row = {"epoch": state.epoch, "train_loss": result["train_loss"], "train_predicted_to_lesion": result["train_predicted_to_lesion"],
-           "train_predicted_fraction": result["train_predicted_fraction"], **scores, "val_threshold": threshold, "val_min_lesion_size": min_lesion_size, "lr": lr, "seconds": result["seconds"], "voxels_per_second": result["voxels_per_second"]}
+           "train_predicted_fraction": result["train_predicted_fraction"], **scores, "val_threshold": threshold,
+           "val_min_lesion_size": min_lesion_size, "lr": lr, "seconds": result["seconds"],
+           "voxels_per_second": result["voxels_per_second"]}
     state.history.append(row)
     metrics = {**scores, "val_criterion": config.validation.criterion, "val_by_threshold": table,
                "train_loss": result["train_loss"]}
