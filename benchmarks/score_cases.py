@@ -1,6 +1,9 @@
 """Score a trained model on labeled cases as ``planar3d predict`` would segment them.
 
-Each case is predicted with the checkpoint's stored threshold, ROI and overlap, and post-processed
+Each case is predicted with the checkpoint's stored threshold and the window ``planar3d predict``
+derives from the checkpoint (:meth:`pipelines.predict_setup.InferenceSettings.from_checkpoint`:
+validation's whole-plane slabs become one whole-volume pass; until 2026-11-26's fourth session
+this script used the slabs themselves, which moved one ensemble's patient26 Dice by 0.007), and post-processed
 with the one rule of ``planar3d predict`` (components of <= ``--min-lesion-size`` mm³ removed,
 default the checkpoint's, :func:`pipelines.predict.lesion_mask`); then voxel Dice and the lesion-wise scores of
 :mod:`planar3d.metrics` (MSSEG 2016 detection rule). The lesion load is the lesion volume over
@@ -32,11 +35,14 @@ def score_case(members, case, threshold: float, min_lesion_size: float) -> dict:
     from planar3d.metrics.voxel import dice
     from planar3d.preprocess import load_preprocessed
     from pipelines.predict import lesion_mask
+    from pipelines.predict_setup import InferenceSettings
 
     probabilities = []
     for model, checkpoint in members:  # each member preprocesses the scan its own way
+        # the window planar3d predict uses: whole-plane slabs (validation's) become one whole-volume pass
+        settings = InferenceSettings.from_checkpoint(checkpoint)
         scan = load_preprocessed(case.image, checkpoint.normalization, label=case.label)
-        probabilities.append(predict_probabilities(model, scan.volume, roi_size=checkpoint.roi_size, overlap=checkpoint.overlap,
+        probabilities.append(predict_probabilities(model, scan.volume, roi_size=settings.roi_size, overlap=settings.overlap,
                                                    precision="fp32", in_channels=checkpoint.network.in_channels))
     probability = average_probabilities(probabilities) if len(probabilities) > 1 else probabilities[0]
     spacing = scan.reorientation.spacing
