@@ -1,15 +1,18 @@
 """Score a trained model on labeled cases as ``planar3d predict`` would segment them.
 
-Each case is predicted with the checkpoint's stored threshold and the window ``planar3d predict``
-derives from the checkpoint (:meth:`pipelines.predict_setup.InferenceSettings.from_checkpoint`:
-validation's whole-plane slabs become one whole-volume pass; until 2026-11-26's fourth session
-this script used the slabs themselves, which moved one ensemble's patient26 Dice by 0.007), and post-processed
-with the one rule of ``planar3d predict`` (components of <= ``--min-lesion-size`` mm³ removed,
-default the checkpoint's, :func:`pipelines.predict.lesion_mask`); then voxel Dice and the lesion-wise scores of
-:mod:`planar3d.metrics` (MSSEG 2016 detection rule). The lesion load is the lesion volume over
-the case's brain: its ``brain_masks/`` sidecar when ``planar3d synth`` wrote one, else the
-non-zero voxels of a brain-extracted image. Cases are "light" below 0.2 % of the brain and
-"heavy" from 1 % (issue 9).
+Each case goes through ``planar3d predict``'s own steps: :func:`pipelines.predict.load_models`
+(one checkpoint, or an ensemble with the members' mean threshold and size), then
+:func:`pipelines.predict_steps.prepare_scan` and :func:`pipelines.predict_steps.run_model` (the
+window ``predict`` derives from the checkpoint: validation's whole-plane slabs become one
+whole-volume pass; until 2026-11-26's fourth session this script used the slabs themselves, and
+with instance norm that moved patient26 Dice by 0.001-0.08 across the runs re-scored), and the
+one post-processing rule,
+:func:`pipelines.predict.lesion_mask` (the checkpoint's threshold; components of <=
+``--min-lesion-size`` mm³ removed, default the checkpoint's). Then voxel Dice and the
+lesion-wise scores of :mod:`planar3d.metrics` (MSSEG 2016 detection rule). The lesion load is
+the lesion volume over the case's brain: its ``brain_masks/`` sidecar when ``planar3d synth``
+wrote one, else the non-zero voxels of a brain-extracted image. Cases are "light" below 0.2 %
+of the brain and "heavy" from 1 % (issue 9).
 
 Usage:
     python benchmarks/score_cases.py --model RUN/best.pt --manifest M.json [--cases ID,ID] [--min-lesion-size MM3]
@@ -26,31 +29,27 @@ import numpy as np
 from planar3d.data.synth import HEAVY_LOAD_MIN as HEAVY_MIN, LIGHT_LOAD_MAX as LIGHT_MAX, case_lesion_load
 
 
-def score_case(members, case, threshold: float, min_lesion_size: float) -> dict:
-    """One case scored with ``members`` (``[(model, checkpoint), ...]``; more than one: an ensemble,
-    probabilities averaged as ``planar3d predict --model A --model B`` does)."""
-    from planar3d.ensemble import average_probabilities
-    from planar3d.inference import predict_probabilities
+def score_case(model, settings, case) -> dict:
+    """One case scored with ``model`` and ``settings`` from :func:`pipelines.predict.load_models`."""
+    from pathlib import PurePosixPath
+
+    from planar3d.io import read_volume
     from planar3d.metrics.lesion import lesion_metrics
     from planar3d.metrics.voxel import dice
-    from planar3d.preprocess import load_preprocessed
     from pipelines.predict import lesion_mask
-    from pipelines.predict_setup import InferenceSettings
+    from pipelines.predict_setup import ScanInput
+    from pipelines.predict_steps import Ensemble, prepare_scan, run_model
 
-    probabilities = []
-    for model, checkpoint in members:  # each member preprocesses the scan its own way
-        # the window planar3d predict uses: whole-plane slabs (validation's) become one whole-volume pass
-        settings = InferenceSettings.from_checkpoint(checkpoint)
-        scan = load_preprocessed(case.image, checkpoint.normalization, label=case.label)
-        probabilities.append(predict_probabilities(model, scan.volume, roi_size=settings.roi_size, overlap=settings.overlap,
-                                                   precision="fp32", in_channels=checkpoint.network.in_channels))
-    probability = average_probabilities(probabilities) if len(probabilities) > 1 else probabilities[0]
-    spacing = scan.reorientation.spacing
-    mask, _ = lesion_mask(probability, threshold, spacing, min_lesion_size)
-    lesions = lesion_metrics(mask, scan.label, spacing)
+    keep_raw = isinstance(model, Ensemble) and model.needs_raw(settings)
+    prepared = prepare_scan(ScanInput(Path(case.image), PurePosixPath(Path(case.image).name)), settings, keep_raw=keep_raw)
+    label = prepared.reorientation.forward(read_volume(case.label)[0]) > 0
+    spacing = prepared.reorientation.spacing
+    probability = run_model(model, prepared, settings)
+    mask, _ = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size)
+    lesions = lesion_metrics(mask, label, spacing)
     load = case_lesion_load(case.image, case.label)
-    voxel_ppv = float(np.count_nonzero(mask & scan.label)) / max(int(np.count_nonzero(mask)), 1)
-    return {"case": case.id, "load": load, "dice": float(dice(mask, scan.label)), "voxel_ppv": voxel_ppv,
+    voxel_ppv = float(np.count_nonzero(mask & label)) / max(int(np.count_nonzero(mask)), 1)
+    return {"case": case.id, "load": load, "dice": float(dice(mask, label)), "voxel_ppv": voxel_ppv,
             **{k: float(lesions[k]) for k in ("lesion_f1", "lesion_ppv", "lesion_sensitivity", "n_ref", "n_pred")}}
 
 
@@ -64,25 +63,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
 
-    from planar3d.checkpoint import load_model
     from planar3d.data.manifest import load_manifest
+    from pipelines.predict import load_models
 
-    from planar3d.ensemble import check_member_conventions, ensemble_min_lesion_size, ensemble_threshold
-
-    members = [load_model(path) for path in args.model]
-    check_member_conventions([checkpoint.to_dict() for _, checkpoint in members], [str(p) for p in args.model])
-    threshold = ensemble_threshold([checkpoint.threshold for _, checkpoint in members])
-    if args.min_lesion_size is None:
-        args.min_lesion_size = ensemble_min_lesion_size([checkpoint.min_lesion_size for _, checkpoint in members])
+    model, settings, _ = load_models(args.model, "cpu", min_lesion_size=args.min_lesion_size)
     wanted = set(filter(None, args.cases.split(",")))
     cases = [c for c in load_manifest(args.manifest).cases if c.label is not None and (not wanted or c.id in wanted)]
-    print(f"model {' + '.join(map(str, args.model))} (threshold {threshold:g}, components <= {args.min_lesion_size:g} mm³ removed), "
+    print(f"model {' + '.join(map(str, args.model))} (threshold {settings.threshold:g}, components <= {settings.min_lesion_size:g} mm³ removed), "
           f"{len(cases)} case(s) of {args.manifest}")
     print("| case | load % | Dice | lesion F1 | lesion PPV | lesion sens. | voxel PPV | lesions ref/pred |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for case in cases:
-        row = score_case(members, case, threshold, args.min_lesion_size)
+        row = score_case(model, settings, case)
         rows.append(row)
         print(f"| {row['case']} | {100 * row['load']:.2f} | {row['dice']:.3f} | {row['lesion_f1']:.3f} | "
               f"{row['lesion_ppv']:.3f} | {row['lesion_sensitivity']:.3f} | {row['voxel_ppv']:.3f} | "
