@@ -112,12 +112,16 @@ def checked_masks_dir(masks_dir: Path, out: Path) -> Tuple[Path, List[str]]:
         raise SystemExit(f"{masks_dir}: no lesion mask other than patient26")
     if len(kept) == len(files):
         return Path(masks_dir), [p.name for p in kept]
-    linked = out / "lesion_masks_without_patient26"
-    linked.mkdir(parents=True, exist_ok=True)
-    for p in kept:
-        if not (linked / p.name).exists():
-            (linked / p.name).symlink_to(p.resolve())
-    return linked, [p.name for p in kept]
+    return link_folder(out / "lesion_masks_without_patient26", kept), [p.name for p in kept]
+
+
+def link_folder(folder: Path, files: Sequence[Path]) -> Path:
+    """``folder`` holding a link to each of ``files`` (made once; existing links are kept)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        if not (folder / path.name).exists():
+            (folder / path.name).symlink_to(Path(path).resolve())
+    return folder
 
 
 def check_template(template: str, dry_run: bool) -> None:
@@ -177,12 +181,7 @@ def light_masks_dir(masks_dir: Path, names: Sequence[str], out: Path) -> Tuple[P
     light = [name for name in names if lesion_load(Path(masks_dir) / name, brain) < LIGHT_LOAD_MAX]
     if not light:
         raise SystemExit(f"{masks_dir}: no lesion mask lighter than {LIGHT_LOAD_MAX:.1%} of the MNI152 brain")
-    linked = out / "lesion_masks_light"
-    linked.mkdir(parents=True, exist_ok=True)
-    for name in light:
-        if not (linked / name).exists():
-            (linked / name).symlink_to((Path(masks_dir) / name).resolve())
-    return linked, light
+    return link_folder(out / "lesion_masks_light", [Path(masks_dir) / name for name in light]), light
 
 
 def select_by_load(loads: Dict[str, float], count: int, kind: str) -> List[str]:
