@@ -91,11 +91,9 @@ class InferenceSettings:
         """
         plane_axis = int(checkpoint.network.plane_axis)
         if roi_size is None:
-            stored = checkpoint.roi_size
-            # Slabs of whole planes (training validation's setting) become the whole-volume pass,
-            # cut into slabs only when memory requires (planar3d.inference): the least work.
-            whole_planes = stored is None or all(int(r) < 0 for axis, r in enumerate(stored) if axis != plane_axis)
-            roi_size = WHOLE_VOLUME if whole_planes else stored
+            from planar3d.inference import inference_window
+
+            roi_size = inference_window(checkpoint.roi_size, plane_axis) or WHOLE_VOLUME
         roi_size = tuple(int(r) for r in roi_size)
         if len(roi_size) != 3 or any(r == 0 or r < -1 for r in roi_size):
             raise ConfigError(f"roi_size must be 3 positive sizes or -1 (whole axis), got {roi_size}")

@@ -98,15 +98,17 @@ def validate(model, volumes, config: TrainConfig, device):
     also picks the best epoch), ``threshold`` and the per-threshold table (Dice, lesion-wise F1,
     PPV, sensitivity, predicted lesions). A threshold keeps ``probability > t``, as prediction does.
     """
-    from planar3d.inference import predict_probabilities
+    from planar3d.inference import inference_window, predict_probabilities
     from planar3d.thresholds import choose_threshold
 
     model = _unwrap(model)
     model.eval()
+    # the window planar3d predict will run this checkpoint with (InferenceSettings.from_checkpoint)
+    window = inference_window(config.validation.roi_size, model.config.plane_axis)
     probabilities, labels, spacings = [], [], []
     for _, image, label, spacing in volumes:
         probabilities.append(predict_probabilities(
-            model, image, roi_size=config.validation.roi_size, overlap=config.validation.overlap,
+            model, image, roi_size=window, overlap=config.validation.overlap,
             device=device, precision="auto" if config.amp else "fp32", in_channels=config.network.in_channels,
         ))
         labels.append(label)

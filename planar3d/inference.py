@@ -264,6 +264,20 @@ def _is_channels_last(model: nn.Module) -> bool:
     return False
 
 
+def inference_window(roi_size: Optional[Sequence[int]], plane_axis: int) -> Optional[Tuple[int, int, int]]:
+    """The window a stored ``roi_size`` is run with: ``None`` (the whole volume) or ``roi_size``.
+
+    Slabs of whole planes (``-1`` on every axis but ``plane_axis``) become the whole-volume
+    pass, cut into slabs only when memory requires (:func:`predict_probabilities`): the least
+    work. Validation during training and ``planar3d predict`` both go through this, so the
+    threshold chosen on validation is chosen on the probabilities ``predict`` produces: with
+    instance norm, a 32-plane slab's probabilities differ from the whole volume's (issue 9).
+    """
+    if roi_size is None or all(int(r) < 0 for axis, r in enumerate(roi_size) if axis != int(plane_axis)):
+        return None
+    return tuple(int(r) for r in roi_size)  # type: ignore[return-value]
+
+
 def _window(roi_size: Optional[Sequence[int]], shape: Sequence[int]) -> list:
     if roi_size is None:
         return list(shape)

@@ -155,3 +155,41 @@ def test_precision_resolution_and_cpu_flags(tmp_path):
     assert cpu_has_bf16_units(str(with_units)) is True
     assert cpu_has_bf16_units(str(without)) is False
     assert cpu_has_bf16_units(str(tmp_path / "missing")) is None
+
+
+def test_whole_plane_slabs_run_as_the_whole_volume_and_windows_stay():
+    from planar3d.inference import inference_window
+
+    assert inference_window(None, 2) is None
+    assert inference_window([-1, -1, 32], 2) is None  # whole planes: the whole-volume pass
+    assert inference_window([32, -1, -1], 0) is None
+    assert inference_window([-1, -1, 32], 0) == (-1, -1, 32)  # not whole planes of this network
+    assert inference_window([96, 96, 32], 2) == (96, 96, 32)
+
+
+def test_validation_scores_the_probabilities_predict_produces():
+    """Validation during training runs a whole-plane slab setting the way ``planar3d predict``
+    runs it (one whole-volume pass), so its threshold is chosen on predict's probabilities; with
+    instance norm, 4-plane slabs would give other ones."""
+    from pipelines.config import load_config
+    from pipelines.train_epoch import validate
+    from planar3d.thresholds import choose_threshold
+
+    net = _net()
+    image = np.random.default_rng(2).normal(size=(16, 16, 24)).astype(np.float32)
+    whole = predict_probabilities(net, image)
+    slabs = predict_probabilities(net, image, roi_size=[-1, -1, 4], overlap=0.25)
+    assert np.abs(slabs - whole).max() > 1e-3  # the two settings differ on this net
+    # a reference and thresholds inside the random net's narrow range of probabilities
+    label = (whole > np.quantile(whole, 0.9)).astype(np.uint8)
+    thresholds = [round(float(np.quantile(whole, q)), 6) for q in (0.8, 0.9, 0.95)]
+    config = load_config("default", ["validation.roi_size=[-1,-1,4]", "validation.overlap=0.25",
+                                     f"validation.thresholds={thresholds}", "amp=false", "network.width=0.0625"])
+    choice = validate(net, [("case", image, label, (1.0, 1.0, 1.0))], config, "cpu")
+
+    def scored(probability):
+        return choose_threshold([probability], [label], [(1.0, 1.0, 1.0)], thresholds, config.validation.criterion,
+                                min_lesion_sizes=config.validation.min_lesion_sizes)
+
+    assert repr(choice) == repr(scored(whole))  # repr: the table may hold NaN PPVs
+    assert repr(choice) != repr(scored(slabs))
