@@ -185,6 +185,9 @@ class ValidationSection(_Section):
     # validation cases of injected sets come from hosts no training case comes from
     # (pipelines.data.split_validation_by_host); the held-out hosts' other cases are set aside
     hold_out_hosts: bool = True
+    # a held-out host's validation cases spread over its lesion loads, light ones included
+    # (pipelines.data.spread_over_load); false: drawn by the seed
+    spread_over_load: bool = True
 
     @field_validator("thresholds")
     @classmethod

@@ -15,7 +15,7 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from planar3d.checkpoint import ModelCheckpoint
 from planar3d.errors import InputError
@@ -147,11 +147,13 @@ class CaseSplit:
     validation: list
     set_aside: list = field(default_factory=list)  # other cases of held-out validation hosts
     warning: Optional[str] = None  # planar3d.data.hosts.shared_host_warning
+    validation_loads: Dict[str, float] = field(default_factory=dict)  # lesion over brain voxels, when measured
 
     def record(self) -> dict:
         """The split as recorded in ``run.json``."""
         return {"train": len(self.train), "validation": [c.id for c in self.validation],
-                "set_aside": [c.id for c in self.set_aside], "hold_out_hosts_warning": self.warning}
+                "set_aside": [c.id for c in self.set_aside], "hold_out_hosts_warning": self.warning,
+                "validation_lesion_loads": self.validation_loads}
 
 
 def prepare_cases(manifest_path: str | Path, fold: int, root, config: TrainConfig) -> CaseSplit:
@@ -165,8 +167,18 @@ def prepare_cases(manifest_path: str | Path, fold: int, root, config: TrainConfi
     if not cases:
         raise InputError(manifest_path, f"fold {fold} has no labeled training case")
     data_module.check_cases(manifest, cases)
+    loads: Dict[str, float] = {}
     if config.validation.hold_out_hosts:
-        train_cases, val_cases, aside = data_module.split_validation_by_host(cases, config.val_cases, config.seed)
+        def load_of(case) -> float:
+            from planar3d.data.synth import case_lesion_load
+
+            if case.id not in loads:
+                loads[case.id] = case_lesion_load(case.image, case.label)
+            return loads[case.id]
+
+        load_rule = load_of if config.validation.spread_over_load else None
+        train_cases, val_cases, aside = data_module.split_validation_by_host(cases, config.val_cases, config.seed,
+                                                                             load_of=load_rule)
     else:
         (train_cases, val_cases), aside = data_module.split_validation(cases, config.val_cases, config.seed), []
     warning = shared_host_warning(train_cases, val_cases)
@@ -175,4 +187,8 @@ def prepare_cases(manifest_path: str | Path, fold: int, root, config: TrainConfi
     if aside:
         log.info("validation holds out whole hosts: %d case(s) of those hosts set aside (%s)", len(aside),
                  ", ".join(c.id for c in aside))
-    return CaseSplit(manifest, train_cases, val_cases, aside, warning)
+    if loads:
+        log.info("validation cases by lesion load: %s",
+                 ", ".join(f"{c.id} {100 * loads[c.id]:.2f} %" for c in val_cases if c.id in loads))
+    return CaseSplit(manifest, train_cases, val_cases, aside, warning,
+                     {c.id: loads[c.id] for c in val_cases if c.id in loads})

@@ -89,6 +89,27 @@ def test_split_by_host_validates_on_hosts_no_training_case_shares():
     assert len(validation) == 5 and {host_key(c) for c in validation} == {"a-LPS", "b-RAS"} and len(aside) == 2
 
 
+def test_validation_cases_of_a_held_out_host_span_its_lesion_loads():
+    from pipelines.data import spread_over_load
+
+    # host a: 9 heavy and 3 light cases; hosts b and c: 3 cases each
+    loads = {f"a{i}": (0.0005 * (i + 1) if i < 3 else 0.01 * i) for i in range(12)}
+    cases = [_case(f"a{i}", "host-a-LPS") for i in range(12)]
+    cases += [_case(f"{h}{i}", f"host-{h}-RAS") for h in "bc" for i in range(3)]
+    spread = spread_over_load(cases[:12], 4, lambda c: loads[c.id])
+    assert [c.id for c in spread] == ["a1", "a4", "a7", "a10"]  # ranks 1.5, 4.5, 7.5, 10.5 of 12
+    assert [c.id for c in spread_over_load(cases[:12], 1, lambda c: loads[c.id])] == ["a6"]
+    assert len(spread_over_load(cases[:2], 5, lambda c: loads[c.id])) == 2
+    held_a = 0
+    for seed in range(8):
+        train, validation, aside = split_validation_by_host(cases, 4, seed, load_of=lambda c: loads.get(c.id, 0.0))
+        if {c.group for c in validation} == {"host-a-LPS"}:
+            held_a += 1
+            assert [c.id for c in validation] == ["a1", "a4", "a7", "a10"]  # a light case always validates
+        assert {c.id for c in train} | {c.id for c in validation} | {c.id for c in aside} == {c.id for c in cases}
+    assert held_a >= 2
+
+
 def test_split_by_host_without_hosts_is_the_plain_split():
     cases = [_case(f"p{i}", "3d-RAS") for i in range(5)]
     train, validation, aside = split_validation_by_host(cases, 2, seed=3)
@@ -207,6 +228,9 @@ def test_training_records_the_recipe_and_validates_by_lesion_f1(phantom_manifest
     assert info["sampling"] == {"sampling": "lesion_hard_negative", "brain_masks": 1, "without_brain_mask": []}
     split = info["split"]
     assert split["hold_out_hosts_warning"] is None and len(split["validation"]) == 1
+    # the held-out host's cases were ranked by lesion load, the validation case's load recorded
+    load, = split["validation_lesion_loads"].values()
+    assert list(split["validation_lesion_loads"]) == split["validation"] and 0 < load < 0.2
     roles = {d["case"]: d["role"] for d in info["data"]}
     val_group = "host-a-RAS" if split["validation"][0] in ("case_000", "case_001") else "host-b-RAS"
     assert all(manifest.cases[int(c[-3:])].group != val_group for c, r in roles.items() if r == "train")
