@@ -29,7 +29,7 @@ def _case(name, group):
 
 def test_default_config_is_the_recipe():
     config = load_config("default")
-    assert config.data.sampling == "lesion_hard_negative" and config.data.ratios == [1.0, 1.0, 1.0]
+    assert config.data.sampling == "lesion_hard_negative" and config.data.ratios == [1.0, 2.0, 2.0]
     assert config.data.hard_negative.prior == "brain_mask" and config.data.hard_negative.brightness_factor == 1.25
     assert config.augmentation.scanner is not None and config.augmentation.scanner.thick_slice_prob == 0.25
     assert config.validation.criterion == "lesion_f1" and config.validation.hold_out_hosts is True
