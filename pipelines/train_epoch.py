@@ -4,8 +4,9 @@
   update), backward, optional gradient clipping, step; returns mean loss, seconds, voxels/second,
   the ratio of predicted to present lesion voxels in the training patches and the share of their
   voxels predicted lesion;
-- :func:`validate`: whole validation volumes by sliding window, scored at each threshold, one
-  chosen by ``validation.criterion``.
+- :func:`validate`: whole validation volumes, run with the window ``planar3d predict`` will use
+  (:func:`planar3d.inference.inference_window`), scored at each threshold, one chosen by
+  ``validation.criterion``.
 """
 
 from __future__ import annotations
