@@ -16,9 +16,15 @@
    samples >= 85 %), then each loader's rate alone (``bench_loader.py``) and the host-device
    synchronisations it causes. Targets: >= 5e7 voxels/s, GPU busy >= 85 %.
 3. **predict**: ``planar3d predict --device cuda`` in a fresh process on the real scans of
-   ``../shared/data/real`` repeated to 20 scans (random weights, full width): first-scan time
+   ``../shared/data/real`` (``--real``) repeated to 20 scans (random weights, full width): first-scan time
    from the process start (imports, CUDA start-up and warm-up included) and steady scans/s
    from the masks' write times. Targets: first scan <= 3 s, >= 5 scans/s.
+4. **compile**: the planar whole head under ``torch.compile``, last, so that a long compilation
+   cannot hold up the other rows.
+
+Steps run in the order model, predict, train, compile. A step that fails prints its traceback
+and the next one still runs; a step is not started once the run has used ``--budget`` seconds
+(the exit status is 1 if any step failed or was skipped that way).
 
 ``--tiny`` runs the same three steps on the CPU with tiny sizes (seconds; the test suite runs it).
 Every figure is printed as a Markdown table with the date and the device.
@@ -43,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -50,6 +57,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL = PROJECT_ROOT.parent / "shared" / "data" / "real"
 sys.path.insert(0, str(PROJECT_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+#: Seconds one subprocess (a training run, the folder prediction) may take before it is reported as failed.
+STEP_TIMEOUT_S = 240
 
 
 def _env() -> dict:
@@ -74,8 +85,17 @@ def check_model(tiny: bool) -> None:
     bench_model.main(["--variants", "bf16-cl", "--cases", "slab-fwd,slab-fwd+bwd"])
     print("\ncuDNN benchmark off (planar3d predict's setting):\n")
     bench_model.main(["--models", "planar", "--variants", "bf16-cl", "--cases", "head-fwd", "--cudnn-benchmark", "off"])
-    # last, so that a long compilation cannot hold up the other rows
-    print("\ntorch.compile (planar only; the first call's compilation is in the warm-up, not in the time):\n")
+
+
+def check_compile(tiny: bool) -> None:
+    """The planar whole head under ``torch.compile``: its own step, run last, so that a long
+    compilation cannot hold up the other rows."""
+    import bench_model
+
+    print("## 4. torch.compile (planar only; the first call's compilation is in the warm-up, not in the time)\n",
+          flush=True)
+    if tiny:
+        return  # minutes of compilation on the CPU for nothing this smoke run checks
     bench_model.main(["--models", "planar", "--variants", "bf16-cl+compile", "--cases", "head-fwd"])
 
 
@@ -153,7 +173,12 @@ def check_train(tiny: bool, work: Path, device: str) -> None:
                        "--device", device, "--encoder-weights", "none", *overrides, *loader)
         start = time.perf_counter()
         with UtilisationSampler() as sampler:
-            completed = subprocess.run(command, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True)
+            try:
+                completed = subprocess.run(command, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True,
+                                           timeout=STEP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print(f"| {name} | training failed: over {STEP_TIMEOUT_S} s | | | {sampler.summary()} |", flush=True)
+                continue
         wall = time.perf_counter() - start
         if completed.returncode != 0:
             print(f"| {name} | training failed (exit {completed.returncode}): {completed.stderr[-1500:]!r} | | | |")
@@ -177,7 +202,7 @@ def check_train(tiny: bool, work: Path, device: str) -> None:
 # --- 3. folder prediction ------------------------------------------------------------------------
 
 
-def check_predict(tiny: bool, work: Path, device: str) -> None:
+def check_predict(tiny: bool, work: Path, device: str, real: Path) -> None:
     from bench_predict import _checkpoint
 
     print("\n## 3. planar3d predict on a folder (fresh process)\n", flush=True)
@@ -190,7 +215,9 @@ def check_predict(tiny: bool, work: Path, device: str) -> None:
         scans = sorted((manifest.parent / "images").glob("*.nii*"))
         width = 0.0625
     else:
-        scans = sorted(REAL.glob("*.nii.gz"))
+        scans = sorted(real.glob("*.nii.gz"))
+        if not scans:
+            raise FileNotFoundError(f"{real}: no .nii.gz scans to predict (--real names the folder)")
         width = 1.0
     copies = 1 if tiny else max(1, -(-20 // max(len(scans), 1)))
     for copy in range(copies):
@@ -200,7 +227,7 @@ def check_predict(tiny: bool, work: Path, device: str) -> None:
     out = work / "predict_out"
     start_wall = time.time()
     completed = subprocess.run(_cli("predict", "-i", str(inputs), "-o", str(out), "--model", str(model), "--device", device),
-                               cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True)
+                               cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
     total = time.time() - start_wall
     masks = sorted(out.rglob("*_mask.nii.gz"), key=lambda p: p.stat().st_mtime)
     if completed.returncode != 0 or not masks:
@@ -211,12 +238,37 @@ def check_predict(tiny: bool, work: Path, device: str) -> None:
     print("| scans | width | first mask written after (process start) | steady scans/s (masks 1..n) | whole run |")
     print("|---|---|---|---|---|")
     print(f"| {len(masks)} ({len(scans)} distinct) | {width} | {times[0]:.1f} s | {steady:.2f} | {total:.1f} s |")
+    print(f"\nGeometry on {device}: {_same_geometry(masks, inputs)} of {len(masks)} masks have their scan's exact "
+          "shape, affine, qform/sform codes and orientation.")
+
+
+def _same_geometry(masks: Sequence[Path], inputs: Path) -> int:
+    """How many masks carry exactly their input scan's grid (``<scan>_mask.nii.gz`` beside ``<scan>.nii.gz``)."""
+    import nibabel as nib
+    import numpy as np
+
+    same = 0
+    for mask_path in masks:
+        scan = nib.load(inputs / mask_path.name.replace("_mask.nii.gz", ".nii.gz"))
+        mask = nib.load(mask_path)
+        same += (mask.shape == scan.shape and np.array_equal(mask.affine, scan.affine)
+                 and np.array_equal(mask.header.get_qform(), scan.header.get_qform())
+                 and np.array_equal(mask.header.get_sform(), scan.header.get_sform())
+                 and int(mask.header["qform_code"]) == int(scan.header["qform_code"])
+                 and int(mask.header["sform_code"]) == int(scan.header["sform_code"])
+                 and nib.aff2axcodes(mask.affine) == nib.aff2axcodes(scan.affine))
+    return same
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny sizes")
-    parser.add_argument("--skip", default="", help="comma list of model, train, predict")
+    parser.add_argument("--skip", default="", help="comma list of model, train, predict, compile")
+    parser.add_argument("--real", type=Path, default=REAL,
+                        help=f"folder of real .nii.gz scans for the predict step (default {REAL}; on a machine "
+                             "that receives only the repository, a copy inside it)")
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="seconds; a step is not started once the run has used this much (default 420)")
     args = parser.parse_args(argv)
     import torch
 
@@ -232,15 +284,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
-        for step, run in (("model", lambda: check_model(args.tiny)), ("train", lambda: check_train(args.tiny, work, device)),
-                          ("predict", lambda: check_predict(args.tiny, work, device))):
+        failed = []
+        # predict before train: its rows are the cheaper ones, and a lease can end mid-run
+        for step, run in (("model", lambda: check_model(args.tiny)),
+                          ("predict", lambda: check_predict(args.tiny, work, device, args.real)),
+                          ("train", lambda: check_train(args.tiny, work, device)),
+                          ("compile", lambda: check_compile(args.tiny))):
             if step in skip:
                 continue
+            if time.perf_counter() - start > args.budget:
+                print(f"\n({step}: not started, the run has used its --budget of {args.budget:.0f} s)\n", flush=True)
+                failed.append(step)
+                continue
             step_start = time.perf_counter()
-            run()
+            try:
+                run()
+            except Exception:  # one step's failure must not cost the other steps' rows
+                traceback.print_exc(file=sys.stdout)
+                print(f"\n({step}: FAILED)", flush=True)
+                failed.append(step)
             print(f"\n({step}: {time.perf_counter() - step_start:.0f} s)\n", flush=True)
-    print(f"\ngpu_check finished in {time.perf_counter() - start:.0f} s")
-    return 0
+    print(f"\ngpu_check finished in {time.perf_counter() - start:.0f} s" + (f"; failed or skipped: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

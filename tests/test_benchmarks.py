@@ -15,7 +15,7 @@ def test_gpu_check_tiny_runs_all_steps_on_cpu():
                                cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert completed.returncode == 0, completed.stderr[-3000:]
     out = completed.stdout
-    for heading in ("## 1. Model", "## 2. Training throughput", "## 3. planar3d predict on a folder"):
+    for heading in ("## 1. Model", "## 2. Training throughput", "## 3. planar3d predict on a folder", "## 4. torch.compile"):
         assert heading in out
     assert "| planar | 32x64x64 | fwd | cl |" in out          # the model table has the planar channels_last row
     assert "config tiny optim.epochs=1" in out and "failed" not in out
@@ -23,3 +23,13 @@ def test_gpu_check_tiny_runs_all_steps_on_cpu():
     for loader in ("| monai, 2 workers (issue 10's) |", "| monai, workers auto, persistent |", "| device |"):
         assert out.count(loader) == 2, loader  # trained, and timed alone
     assert "| 3 (3 distinct) | 0.0625 |" in out               # all three masks written
+    assert "Geometry on cpu: 3 of 3 masks have" in out
+
+
+def test_gpu_check_reports_steps_past_its_budget_and_exits_nonzero():
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--budget", "-1"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    for step in ("model", "predict", "train", "compile"):
+        assert f"({step}: not started, the run has used its --budget of -1 s)" in completed.stdout
+    assert "failed or skipped: model, predict, train, compile" in completed.stdout
