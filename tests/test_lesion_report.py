@@ -102,3 +102,16 @@ def test_report_from_files_rejects_other_grid(tmp_path):
 def test_summarize_empty():
     summary = summarize([])
     assert summary["scans"] == 0 and summary["lesions"] == 0 and math.isnan(summary["lesion_volume_ml_mean"])
+
+
+def test_max_probability_equals_scipy_per_label_maximum_on_many_lesions():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    probability = rng.random((40, 36, 30)).astype(np.float32)
+    mask = probability > 0.8  # hundreds of small components
+    _, lesions = scan_lesion_report(mask, np.eye(4), "many", probability=probability, min_lesion_size=0.0)
+    labels, n = ndimage.label(mask)  # 6-connected, in raster order like label_lesions
+    expected = ndimage.maximum(probability.astype(np.float64), labels, np.arange(1, n + 1))
+    assert n > 300 and len(lesions) == n
+    assert [row.max_probability for row in lesions] == [float(v) for v in expected]
