@@ -24,7 +24,7 @@ from planar3d.errors import InputError, Planar3DError, SummaryWriteError
 from planar3d.inputs import Skipped
 from planar3d.io import display_path, json_safe, make_folder, remove_stale_temporaries, write_json
 from planar3d.naming import BIDS_DERIVATIVE_ROOT, write_dataset_description
-from planar3d.pipelining import ReadAhead, WriteBehind
+from planar3d.pipelining import ReadAhead, WriteBehind, pipeline_workers
 from planar3d.summaries import claims_folder, merge_part_summaries, part_file
 from pipelines.predict_setup import InferenceSettings, ScanInput
 from pipelines.predict_steps import STEPS, Ensemble, OutputPaths, PreparedScan, ScanResult, finish_scan, prepare_scan, run_model
@@ -272,8 +272,9 @@ def predict_with_model(
         bar.update(1)
 
     try:
-        with ReadAhead(lambda item: prepare_scan(item[1], settings, keep_raw), claimed_todo()) as reads, \
-                WriteBehind(collect) as writes:
+        workers = pipeline_workers(str(settings.device).split(":")[0])
+        with ReadAhead(lambda item: prepare_scan(item[1], settings, keep_raw), claimed_todo(), workers, workers) as reads, \
+                WriteBehind(collect, workers, workers) as writes:
             reads.start()  # claim and decode the first scans while the model warms up
             if todo:
                 for member in (model.models if isinstance(model, Ensemble) else [model]):

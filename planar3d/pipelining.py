@@ -9,9 +9,10 @@ Measured on the real scans: ``docs/prediction.md``.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Deque, Generic, Iterable, Iterator, Tuple, TypeVar
+from typing import Any, Callable, Deque, Generic, Iterable, Iterator, Optional, Tuple, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -22,6 +23,27 @@ READ_AHEAD = 2
 #: Threads encoding outputs and how many finished items may wait to be written.
 WRITE_WORKERS = 2
 WRITE_BEHIND = 2
+#: The most threads :func:`pipeline_workers` gives each side when an accelerator computes.
+MAX_ACCELERATOR_WORKERS = 4
+
+
+def pipeline_workers(device_type: str, cpu_count: Optional[int] = None) -> int:
+    """Threads (and items in flight) for each of read-ahead and write-behind.
+
+    On the CPU the model already uses every core, so 2 each (:data:`READ_WORKERS`). When a GPU
+    computes, a scan's model step takes a fraction of its read, preprocessing, post-processing
+    and write (issue 10, H100: 1.8 scans/s with 2 each), so the host's idle cores take them:
+    a quarter of the cores each side, 2 to :data:`MAX_ACCELERATOR_WORKERS` (memory stays bounded:
+    at most that many scans in flight each side).
+
+    Example:
+        >>> pipeline_workers("cpu", 16), pipeline_workers("cuda", 16), pipeline_workers("cuda", 6), pipeline_workers("cuda", 64)
+        (2, 4, 2, 4)
+    """
+    if device_type == "cpu":
+        return READ_WORKERS
+    cores = cpu_count if cpu_count is not None else len(os.sched_getaffinity(0))
+    return max(READ_WORKERS, min(MAX_ACCELERATOR_WORKERS, cores // 4))
 
 
 class ReadAhead(Generic[Item, Result]):

@@ -1,10 +1,12 @@
 """Read-ahead and write-behind: order, bounds, and per-item errors."""
 
+import doctest
 import threading
 
 import pytest
 
-from planar3d.pipelining import ReadAhead, WriteBehind
+from planar3d import pipelining
+from planar3d.pipelining import ReadAhead, WriteBehind, pipeline_workers
 
 
 def test_read_ahead_keeps_order_bounds_the_lead_and_reports_errors_per_item():
@@ -48,3 +50,10 @@ def test_write_behind_reports_in_order_and_bounds_pending():
     assert reported == [(0, False), (1, True), (2, True), (3, True), (4, True)]
     with pytest.raises(ValueError):
         WriteBehind(print, workers=0)
+
+
+def test_pipeline_workers_use_idle_host_cores_only_when_an_accelerator_computes():
+    assert doctest.testmod(pipelining).failed == 0
+    assert pipeline_workers("cpu", 64) == 2                       # the model uses every core
+    assert [pipeline_workers("cuda", n) for n in (1, 2, 8, 12, 16, 128)] == [2, 2, 2, 3, 4, 4]
+    assert pipeline_workers("cuda") >= 2                          # this machine's cores
