@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
-from planar3d.networks.layers import EvenSameConv3d, OneChannelConv3d, conv3d, conv_of_concatenation
+from planar3d.networks.layers import (
+    EvenSameConv3d, OneChannelConv3d, _pointwise_as_matmul, conv3d, conv_of_concatenation, pointwise_conv_as_matmul,
+)
 
 
 @pytest.mark.parametrize("kernel,dilation", [((3, 3, 2), (2, 2, 1)), ((3, 3, 2), (1, 1, 1)), ((2, 3, 3), (1, 2, 2)),
@@ -104,3 +106,47 @@ def test_conv_of_concatenation_equals_conv_of_the_concatenated_tensor(kernel, di
         conv_of_concatenation(conv, parts[:2])
     with pytest.raises(ValueError, match="11 channels, the conv takes 7"):
         conv_of_concatenation(conv, parts + [parts[1]])
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pointwise_conv_as_matmul_equals_conv3d(channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(6, 2, 1).double()
+    x = torch.randn(2, 6, 5, 7, 4, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        expected = conv(x)
+        out = pointwise_conv_as_matmul(x, conv.weight, conv.bias)
+        no_bias = pointwise_conv_as_matmul(x, conv.weight)
+    assert out.shape == expected.shape == (2, 2, 5, 7, 4)
+    assert (out - expected).abs().max().item() <= 1e-12
+    assert (no_bias + conv.bias.view(1, 2, 1, 1, 1) - expected).abs().max().item() <= 1e-12
+    if channels_last:  # read in place, written channels_last_3d
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    # with autograd (the bias is not added in place to a tensor that needs its grad)
+    weight = conv.weight.detach().clone().requires_grad_(True)
+    pointwise_conv_as_matmul(x, weight, conv.bias).sum().backward()
+    assert torch.allclose(weight.grad.view(2, 6), x.sum(dim=(0, 2, 3, 4)).expand(2, 6))
+
+
+def test_pointwise_matmul_is_chosen_only_for_1x1x1_convs_of_cuda_channels_last_tensors():
+    x = torch.randn(1, 4, 3, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+    assert not _pointwise_as_matmul(nn.Conv3d(4, 1, 1), x)          # CPU: oneDNN's conv measured faster
+    assert not _pointwise_as_matmul(nn.Conv3d(4, 1, 3), x)
+
+
+def test_network_inference_with_the_matmul_head_gives_the_same_logits(monkeypatch):
+    from planar3d.networks import layers
+
+    torch.manual_seed(0)
+    net = PlanarResUNet(PlanarResUNetConfig(width=0.0625, plane_axis=2)).eval().to(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 1, 32, 32, 16).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        expected = net(x)
+        chosen = []
+        monkeypatch.setattr(layers, "_pointwise_as_matmul", lambda conv, part: chosen.append(tuple(conv.kernel_size)) or
+                            tuple(conv.kernel_size) == (1, 1, 1))  # as on CUDA
+        out = net(x)
+    assert (1, 1, 1) in chosen  # the head went through the matrix product
+    assert out.shape == expected.shape and (out - expected).abs().max().item() <= 1e-5
