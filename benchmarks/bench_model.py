@@ -49,7 +49,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# run as a script only benchmarks/ is on the path; planar3d and pipelines come from the source tree
+# (as on a machine that gets the repository and no install)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 MODELS = ("planar", "dynunet", "unet")
+#: Also accepted by ``--models``: ``planar-default``, the network of the packaged ``default``
+#: config (instance norm in the decoder, deepest kernel depth 2), which ``planar`` (the published
+#: network, no norm) is not; plane axis 0 as for ``planar``.
+EXTRA_MODELS = ("planar-default",)
 FULL_INPUTS = {"slab": (16, 256, 256), "head": (176, 256, 256)}
 QUICK_INPUTS = {"slab": (16, 64, 64), "head": (32, 64, 64)}
 # (input name, pass) in the order they run
@@ -89,6 +97,11 @@ def build_model(name: str) -> nn.Module:
         from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
 
         return PlanarResUNet(PlanarResUNetConfig(in_channels=1, out_channels=1, plane_axis=0, width=1.0))
+    if name == "planar-default":
+        from pipelines.config import load_config
+        from planar3d.networks import PlanarResUNet
+
+        return PlanarResUNet(load_config("default").network.resolve(0, (True,) * 4))
     if name == "dynunet":
         from monai.networks.nets import DynUNet
 
@@ -109,7 +122,7 @@ def build_model(name: str) -> nn.Module:
             spatial_dims=3, in_channels=1, out_channels=1,
             channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2,
         )
-    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS + EXTRA_MODELS)}")
 
 
 def effective_shape(name: str, spatial: Sequence[int]) -> List[int]:
@@ -349,7 +362,7 @@ def run_isolated(spec: Dict, spatial: Sequence[int], timeout: float) -> Dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small inputs for a fast smoke run")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma list of planar,dynunet,unet")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma list of planar,dynunet,unet (default) and planar-default")
     parser.add_argument("--json", dest="json_out", help="write all results to this JSON file")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per case")
     parser.add_argument("--slow", type=float, default=45.0,
@@ -380,8 +393,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
-        if m not in MODELS:
-            parser.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+        if m not in MODELS + EXTRA_MODELS:
+            parser.error(f"unknown model {m!r}; choose from {', '.join(MODELS + EXTRA_MODELS)}")
     inputs = QUICK_INPUTS if args.quick else FULL_INPUTS
     variants = args.variants.split(",") if args.variants else (["fp32", "bf16-cl"] if cuda else ["fp32", "cl"])
     wanted_cases = set(args.cases.split(",")) if args.cases else None

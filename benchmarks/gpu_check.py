@@ -51,7 +51,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL = PROJECT_ROOT.parent / "shared" / "data" / "real"
@@ -83,6 +83,8 @@ def check_model(tiny: bool) -> None:
         return
     bench_model.main(["--variants", "fp32,bf16-cl", "--cases", "head-fwd"])
     bench_model.main(["--variants", "bf16-cl", "--cases", "slab-fwd,slab-fwd+bwd"])
+    print("\nThe default config's network (instance norm in the decoder; what train and predict run):\n")
+    bench_model.main(["--models", "planar-default", "--variants", "bf16-cl", "--cases", "head-fwd,slab-fwd+bwd"])
     print("\ncuDNN benchmark off (planar3d predict's setting):\n")
     bench_model.main(["--models", "planar", "--variants", "bf16-cl", "--cases", "head-fwd", "--cudnn-benchmark", "off"])
 
@@ -102,11 +104,34 @@ def check_compile(tiny: bool) -> None:
 # --- 2. training ---------------------------------------------------------------------------------
 
 
+def parse_sample(line: str) -> Optional[Tuple[float, float]]:
+    """``(wall-clock time, utilisation %)`` of one ``nvidia-smi --query-gpu=timestamp,utilization.gpu``
+    line, else None. The time is nvidia-smi's own (local time, as ``time.time()`` counts it):
+    nvidia-smi writes to a pipe in blocks, so the time a line is read can be seconds late, and
+    issue 10's first H100 and H200 runs here put every training sample outside the epochs that way.
+
+    Example:
+        >>> import datetime
+        >>> t, u = parse_sample("2026/11/27 02:41:58.250, 87")
+        >>> u, datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")
+        (87.0, '02:41:58.250000')
+        >>> parse_sample("[N/A]") is None
+        True
+    """
+    try:
+        stamp, value = line.strip().split(",")[:2]
+        when = datetime.datetime.strptime(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        return when, float(value)
+    except ValueError:
+        return None
+
+
 class UtilisationSampler:
     """``nvidia-smi`` GPU utilisation samples (percent) every ``interval_ms`` while running."""
 
     def __init__(self, interval_ms: int = 500):
         self.samples: List[float] = []
+        self.times: List[float] = []  # wall clock (time.time) of each sample
         self.process: Optional[subprocess.Popen] = None
         self.interval_ms = interval_ms
         self.thread: Optional[threading.Thread] = None
@@ -114,7 +139,7 @@ class UtilisationSampler:
     def __enter__(self) -> "UtilisationSampler":
         if shutil.which("nvidia-smi"):
             self.process = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={self.interval_ms}"],
+                ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits", f"-lms={self.interval_ms}"],
                 stdout=subprocess.PIPE, text=True)
             self.thread = threading.Thread(target=self._read, daemon=True)
             self.thread.start()
@@ -123,10 +148,17 @@ class UtilisationSampler:
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
         for line in self.process.stdout:
-            try:
-                self.samples.append(float(line.strip().split(",")[0]))
-            except ValueError:
-                pass
+            sample = parse_sample(line)
+            if sample is not None:
+                self.times.append(sample[0])
+                self.samples.append(sample[1])
+
+    def window(self, start: float, end: float) -> "UtilisationSampler":
+        """The samples taken between wall-clock times ``start`` and ``end`` (a copy)."""
+        part = UtilisationSampler(self.interval_ms)
+        part.samples = [s for s, t in zip(self.samples, self.times) if start <= t <= end]
+        part.times = [t for t in self.times if start <= t <= end]
+        return part
 
     def __exit__(self, *exc) -> None:
         if self.process is not None:
@@ -147,27 +179,34 @@ TRAIN_LOADERS = (("monai, 2 workers (issue 10's)", ["data.loader=monai", "data.n
                  ("monai, workers auto, persistent", ["data.loader=monai", "data.num_workers=auto",
                                                       "data.persistent_workers=true"]),
                  ("device", ["data.loader=device"]))
+#: ``--train-loaders`` keys of :data:`TRAIN_LOADERS` (their names hold commas).
+LOADER_KEYS = {"monai-2": TRAIN_LOADERS[0][0], "monai-auto": TRAIN_LOADERS[1][0], "device": TRAIN_LOADERS[2][0]}
 #: The packaged default recipe's sampling and scanner augmentation, for configs that lack them (``--tiny``).
 RECIPE_OVERRIDES = ("data.sampling=lesion_hard_negative", "data.ratios=[1, 1, 1]", "augmentation.scanner={}")
 
 
-def check_train(tiny: bool, work: Path, device: str) -> None:
+def check_train(tiny: bool, work: Path, device: str, loaders: Sequence[str] = ()) -> None:
+    """``loaders``: names of :data:`TRAIN_LOADERS` to run (default all)."""
     from planar3d.data.synth import write_synthetic_dataset
 
     print("\n## 2. Training throughput (planar3d train), old and new loader in the same run\n", flush=True)
     manifest = write_synthetic_dataset(work / "train_data", 4 if tiny else 8, seed=0, size="small" if tiny else "full",
                                        geometries=("3d",))
     config = "tiny" if tiny else "default"
-    # full: 16 patches a volume, ~40 steps an epoch on the training phantoms of fold 0, as the
-    # 42-step epochs issue 10 measured; the first epoch includes cuDNN's autotuning
+    # full: 48 patches a volume, ~120 steps an epoch on the training phantoms of fold 0. With 16
+    # (the 42-step epochs issue 10 measured) an epoch lasted 1.5 s on an H100, too short for
+    # 0.5 s utilisation samples. The first epoch includes cuDNN's autotuning.
+    samples_per_volume = 48
     # tiny: the tiny network and patches with the default recipe's sampling and scanner augmentation
     # (ScannerAugmentation's defaults are default.yaml's), so every loader row runs the recipe
     overrides = (["optim.epochs=1", "data.samples_per_volume=1", "validation.every=1000", *RECIPE_OVERRIDES] if tiny
-                 else ["optim.epochs=3", "validation.every=1000", "data.samples_per_volume=16"])
+                 else ["optim.epochs=3", "validation.every=1000", f"data.samples_per_volume={samples_per_volume}"])
     print(f"config {config} {' '.join(overrides)}\n")
-    print("| loader | seconds per epoch | training voxels/s (last epoch) | wall incl. start-up | GPU utilisation |")
-    print("|---|---|---|---|---|")
-    for name, loader in TRAIN_LOADERS:
+    print("| loader | seconds per epoch | training voxels/s (last epoch) | wall incl. start-up "
+          "| GPU utilisation in epochs 2.. | GPU utilisation, whole process |")
+    print("|---|---|---|---|---|---|")
+    chosen = [(name, loader) for name, loader in TRAIN_LOADERS if not loaders or name in loaders]
+    for name, loader in chosen:
         run = work / f"train_run_{len(name)}_{loader[0].split('=')[1]}"
         command = _cli("train", "--manifest", str(manifest), "--fold", "0", "--out", str(run), "--config", config,
                        "--device", device, "--encoder-weights", "none", *overrides, *loader)
@@ -177,16 +216,21 @@ def check_train(tiny: bool, work: Path, device: str) -> None:
                 completed = subprocess.run(command, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True,
                                            timeout=STEP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                print(f"| {name} | training failed: over {STEP_TIMEOUT_S} s | | | {sampler.summary()} |", flush=True)
+                print(f"| {name} | training failed: over {STEP_TIMEOUT_S} s | | | | {sampler.summary()} |", flush=True)
                 continue
         wall = time.perf_counter() - start
         if completed.returncode != 0:
-            print(f"| {name} | training failed (exit {completed.returncode}): {completed.stderr[-1500:]!r} | | | |")
+            print(f"| {name} | training failed (exit {completed.returncode}): {completed.stderr[-1500:]!r} | | | | |")
             continue
         with open(run / "metrics.csv") as fh:
             rows = list(csv.DictReader(fh))
         epochs = ", ".join(f"{float(r['seconds']):.1f}" for r in rows)
-        print(f"| {name} | {epochs} | {float(rows[-1]['voxels_per_second']):.3g} | {wall:.0f} s | {sampler.summary()} |", flush=True)
+        # the epochs after the first (cuDNN autotuning, warm-up) end when metrics.csv is last
+        # written; the process start, data caching and exit are left out of the utilisation
+        end = (run / "metrics.csv").stat().st_mtime
+        training = sampler.window(end - sum(float(r["seconds"]) for r in rows[1:]), end)
+        print(f"| {name} | {epochs} | {float(rows[-1]['voxels_per_second']):.3g} | {wall:.0f} s | {training.summary()} "
+              f"| {sampler.summary()} |", flush=True)
     # the loaders alone (no network): the most each can feed; on CUDA timed up to a synchronisation
     from bench_loader import loader_rate
     from pipelines.config import load_config
@@ -194,7 +238,7 @@ def check_train(tiny: bool, work: Path, device: str) -> None:
     print("\nLoaders alone (benchmarks/bench_loader.py, same data and config, no network):\n")
     print("| loader | training voxels/s delivered | host syncs in the warm-up epoch (CUDA) |")
     print("|---|---|---|")
-    for name, loader in TRAIN_LOADERS:
+    for name, loader in chosen:
         result = loader_rate(manifest, load_config(config, overrides + loader), device, epochs=1 if tiny else 2)
         print(f"| {name} | {result['voxels_per_second']:.3g} | {result['host_syncs']} |", flush=True)
 
@@ -240,6 +284,11 @@ def check_predict(tiny: bool, work: Path, device: str, real: Path) -> None:
     print(f"| {len(masks)} ({len(scans)} distinct) | {width} | {times[0]:.1f} s | {steady:.2f} | {total:.1f} s |")
     print(f"\nGeometry on {device}: {_same_geometry(masks, inputs)} of {len(masks)} masks have their scan's exact "
           "shape, affine, qform/sform codes and orientation.")
+    from planar3d.pipelining import pipeline_workers
+
+    per_step = [line.strip() for line in (completed.stdout + completed.stderr).splitlines() if line.startswith("time per scan")]
+    print(f"\nplanar3d predict's own summary ({pipeline_workers(device)} read and {pipeline_workers(device)} write threads): "
+          f"{per_step[-1] if per_step else 'no per-step line'}")
 
 
 def _same_geometry(masks: Sequence[Path], inputs: Path) -> int:
@@ -264,6 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny sizes")
     parser.add_argument("--skip", default="", help="comma list of model, train, predict, compile")
+    parser.add_argument("--train-loaders", default="",
+                        help="comma list of training loaders to run (default all): " + ", ".join(LOADER_KEYS))
     parser.add_argument("--real", type=Path, default=REAL,
                         help=f"folder of real .nii.gz scans for the predict step (default {REAL}; on a machine "
                              "that receives only the repository, a copy inside it)")
@@ -273,6 +324,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    keys = [k.strip() for k in args.train_loaders.split(",") if k.strip()]
+    if any(k not in LOADER_KEYS for k in keys):
+        parser.error(f"--train-loaders takes {', '.join(LOADER_KEYS)}; got {args.train_loaders!r}")
+    loaders = [LOADER_KEYS[k] for k in keys]
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
         print("no CUDA device: run with --tiny for the CPU smoke run", file=sys.stderr)
@@ -288,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # predict before train: its rows are the cheaper ones, and a lease can end mid-run
         for step, run in (("model", lambda: check_model(args.tiny)),
                           ("predict", lambda: check_predict(args.tiny, work, device, args.real)),
-                          ("train", lambda: check_train(args.tiny, work, device)),
+                          ("train", lambda: check_train(args.tiny, work, device, loaders)),
                           ("compile", lambda: check_compile(args.tiny))):
             if step in skip:
                 continue

@@ -24,6 +24,7 @@ def test_gpu_check_tiny_runs_all_steps_on_cpu():
         assert out.count(loader) == 2, loader  # trained, and timed alone
     assert "| 3 (3 distinct) | 0.0625 |" in out               # all three masks written
     assert "Geometry on cpu: 3 of 3 masks have" in out
+    assert "(2 read and 2 write threads): time per scan: load" in out
 
 
 def test_gpu_check_reports_steps_past_its_budget_and_exits_nonzero():
@@ -33,3 +34,25 @@ def test_gpu_check_reports_steps_past_its_budget_and_exits_nonzero():
     for step in ("model", "predict", "train", "compile"):
         assert f"({step}: not started, the run has used its --budget of -1 s)" in completed.stdout
     assert "failed or skipped: model, predict, train, compile" in completed.stdout
+
+
+def test_utilisation_window_keeps_the_samples_between_two_times():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import UtilisationSampler
+
+    sampler = UtilisationSampler()
+    sampler.samples, sampler.times = [0.0, 90.0, 100.0, 10.0], [1.0, 2.0, 3.0, 4.0]
+    training = sampler.window(2.0, 3.5)
+    assert training.samples == [90.0, 100.0] and training.times == [2.0, 3.0]
+    assert "2 samples: mean 95 %" in training.summary() and ">= 85 % in 100 % of samples" in training.summary()
+    assert sampler.window(5.0, 6.0).summary().startswith("no nvidia-smi samples")
+
+
+def test_utilisation_samples_carry_nvidia_smis_own_time():
+    import doctest
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    assert doctest.testmod(gpu_check).failed == 0
+    assert gpu_check.parse_sample("2026/11/27 02:41:58.250, [N/A]") is None
