@@ -56,3 +56,15 @@ def test_utilisation_samples_carry_nvidia_smis_own_time():
 
     assert doctest.testmod(gpu_check).failed == 0
     assert gpu_check.parse_sample("2026/11/27 02:41:58.250, [N/A]") is None
+
+
+@pytest.mark.slow
+def test_gpu_diagnostics_smoke_run_on_cpu():
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_diagnostics.py")],
+                               cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    for heading in ("## A. predict timeline", "## B. full-resolution micro-benchmarks", "## C. one training step"):
+        assert heading in out
+    assert out.count("  pass 0 ") == out.count("  pass 1 ") == 5        # the five real scans, twice
+    assert "matrix product" in out and "cudnn_convolution_relu not available" in out  # CPU: no cuDNN

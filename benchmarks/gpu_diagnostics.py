@@ -1,0 +1,185 @@
+"""Where issue 10's GPU time goes: what ``gpu_check.py`` does not show, in one short run.
+
+A. **predict timeline** in one process: ``import torch``, planar3d's predict modules, CUDA start,
+   loading a random full-width checkpoint, the warm-up, then each real scan twice (read and
+   preprocess / model / post-process and write), so a first scan's cost can be split up.
+B. **full-resolution micro-benchmarks** (176x256x256, bf16, channels_last_3d, inference): the
+   96->1 head as cuDNN conv and as a matrix product over the channels; a 64->64 (1,3,3) conv +
+   bias + ReLU eager and as one fused ``torch.cudnn_convolution_relu`` call (with its largest
+   difference from eager).
+C. **one training step** of the default config's network (2 x 128x128x32 patches, bf16-cl,
+   forward, backward, clipping, AdamW; no loader) timed, then its kernels by GPU time.
+
+On a machine without CUDA it runs the same on the CPU with tiny sizes (a smoke run).
+
+Usage (from the project root)::
+
+    python benchmarks/gpu_diagnostics.py [--real FOLDER_OF_NIFTI]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path, PurePath
+
+T0 = time.perf_counter()
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+class Clock:
+    """Prints the seconds since the previous mark and since the process start."""
+
+    def __init__(self):
+        self.last = T0
+
+    def mark(self, what: str) -> None:
+        now = time.perf_counter()
+        print(f"  {what}: {now - self.last:.3f} s (t={now - T0:.2f})", flush=True)
+        self.last = now
+
+
+def predict_timeline(clock: Clock, real: Path, work: Path) -> str:
+    """Part A; returns the device it ran on (``cuda`` where torch sees one, else ``cpu``)."""
+    print("## A. predict timeline in one process", flush=True)
+    import torch
+
+    clock.mark("import torch")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from planar3d.inference import warm_up
+    from pipelines.predict import load_models
+    from pipelines.predict_setup import ScanInput
+    from pipelines.predict_steps import OutputPaths, finish_scan, prepare_scan, run_model
+
+    clock.mark("import planar3d's predict modules")
+    if device == "cuda":
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+    clock.mark("CUDA start")
+    from bench_predict import _checkpoint
+
+    checkpoint = _checkpoint(work / "model", 1.0 if device == "cuda" else 0.0625)
+    clock.mark("write a random checkpoint (not part of predict)")
+    model, settings, record = load_models([str(checkpoint)], device)
+    clock.mark("load_models")
+    warm_up(model, settings.device, settings.in_channels, settings.precision)
+    clock.mark("warm_up")
+    scans = sorted(real.glob("*.nii.gz"))
+    if not scans:
+        raise FileNotFoundError(f"{real}: no .nii.gz scans (--real names the folder)")
+    for repeat in range(2):
+        for path in scans:
+            scan = ScanInput(path, PurePath(f"r{repeat}_{path.name}"))
+            start = time.perf_counter()
+            prepared = prepare_scan(scan, settings)
+            shape = tuple(prepared.volume.shape)
+            read = time.perf_counter()
+            probability = run_model(model, prepared, settings)
+            computed = time.perf_counter()
+            finish_scan(prepared, probability, OutputPaths.of(work / "out", scan.relative), settings, record)
+            print(f"  pass {repeat} {path.name} {shape}: read+preprocess {read - start:.3f} s, model {computed - read:.3f} s, "
+                  f"post-process+write {time.perf_counter() - computed:.3f} s", flush=True)
+    return device
+
+
+def _milliseconds(function, device: str, repeats: int = 10) -> float:
+    import torch
+
+    for _ in range(3):
+        function()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1000
+
+
+def micro_benchmarks(device: str) -> None:
+    import torch
+
+    from planar3d.networks.layers import pointwise_conv_as_matmul
+
+    print("\n## B. full-resolution micro-benchmarks (inference, channels_last_3d; bf16 on CUDA)", flush=True)
+    shape = (176, 256, 256) if device == "cuda" else (16, 64, 64)
+    layout = torch.channels_last_3d
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.inference_mode():
+        head = torch.nn.Conv3d(96, 1, 1).to(device, dtype).to(memory_format=layout)
+        x = torch.randn(1, 96, *shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+        conv_ms = _milliseconds(lambda: head(x), device)
+        matmul_ms = _milliseconds(lambda: pointwise_conv_as_matmul(x, head.weight, head.bias), device)
+        print(f"  head 96->1 over {shape}: cuDNN/oneDNN conv {conv_ms:.2f} ms, matrix product {matmul_ms:.2f} ms", flush=True)
+        del x
+        conv = torch.nn.Conv3d(64, 64, (1, 3, 3), padding=(0, 1, 1)).to(device, dtype).to(memory_format=layout)
+        x = torch.randn(1, 64, *shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+        line = f"  conv 64->64 (1,3,3) + bias + ReLU: eager {_milliseconds(lambda: torch.relu_(conv(x)), device):.2f} ms"
+        try:
+            def fused():
+                return torch.cudnn_convolution_relu(x, conv.weight, conv.bias, (1, 1, 1), (0, 1, 1), (1, 1, 1), 1)
+
+            difference = (fused().float() - torch.relu(conv(x)).float()).abs().max().item()
+            line += f", cudnn_convolution_relu {_milliseconds(fused, device):.2f} ms (largest difference {difference:.3g})"
+        except (RuntimeError, NotImplementedError) as error:
+            line += f", cudnn_convolution_relu not available: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        print(line, flush=True)
+
+
+def training_step(device: str) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipelines.config import load_config
+    from planar3d.networks import PlanarResUNet
+
+    print("\n## C. one training step of the default network, 2 patches (bf16, channels_last_3d on CUDA)", flush=True)
+    layout = torch.channels_last_3d
+    network = PlanarResUNet(load_config("default").network.resolve(2, (True,) * 4)).to(device).to(memory_format=layout).train()
+    optimizer = torch.optim.AdamW(network.parameters(), 3e-4)
+    patch = (128, 128, 32) if device == "cuda" else (32, 32, 16)
+    x = torch.randn(2, 1, *patch, device=device).contiguous(memory_format=layout)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = network(x).float().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    ms = _milliseconds(step, device)
+    voxels = 2 * patch[0] * patch[1] * patch[2]
+    print(f"  {patch} x 2: forward + backward + clipping + AdamW {ms:.2f} ms = {voxels / ms * 1000:.3g} voxels/s", flush=True)
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as profiler:
+        step()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=70))
+
+
+def main(argv=None) -> int:
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--real", type=Path, default=PROJECT_ROOT.parent / "shared" / "data" / "real",
+                        help="folder of real .nii.gz scans for the timeline")
+    args = parser.parse_args(argv)
+    clock = Clock()
+    with tempfile.TemporaryDirectory(prefix="gpu_diagnostics_") as tmp:
+        device = predict_timeline(clock, args.real, Path(tmp))  # imports torch first: its time is on the timeline
+    micro_benchmarks(device)
+    training_step(device)
+    clock.mark("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
