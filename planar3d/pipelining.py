@@ -42,7 +42,9 @@ def pipeline_workers(device_type: str, cpu_count: Optional[int] = None) -> int:
     """
     if device_type == "cpu":
         return READ_WORKERS
-    cores = cpu_count if cpu_count is not None else len(os.sched_getaffinity(0))
+    if cpu_count is None:  # the cores this process may use (a container's or Slurm's share), where the OS says
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_count
     return max(READ_WORKERS, min(MAX_ACCELERATOR_WORKERS, cores // 4))
 
 
