@@ -92,3 +92,19 @@ def test_empty_cases():
     assert math.isnan(m["lesion_sensitivity"]) and m["lesion_ppv"] == 0.0 and m["lesion_f1"] == 0.0
     m = lesion_metrics(empty, lesion, ISO)
     assert m["lesion_sensitivity"] == 0.0 and math.isnan(m["lesion_ppv"]) and m["lesion_f1"] == 0.0
+
+
+def test_maximum_per_component_equals_scipy_and_its_doctest():
+    import doctest
+
+    from scipy import ndimage
+
+    import planar3d.metrics.lesion as lesion
+
+    assert doctest.testmod(lesion).failed == 0
+    rng = np.random.default_rng(1)
+    values = rng.random((20, 18, 12))
+    labels, n = lesion.components(values > 0.85)
+    coordinates = np.nonzero(labels)
+    maxima = lesion.maximum_per_component(values[coordinates], labels[coordinates])
+    assert n > 50 and maxima.tolist() == ndimage.maximum(values, labels, np.arange(1, n + 1)).tolist()

@@ -80,6 +80,24 @@ def label_lesions(mask: np.ndarray, spacing: Sequence[float], min_lesion_size: f
     return drop_small_components(*components(mask), spacing, min_lesion_size)
 
 
+def maximum_per_component(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The maximum of ``values`` in each component: ``values`` and ``ids`` are the voxels of the
+    components only (e.g. ``probability[np.nonzero(labels)]`` and ``labels[np.nonzero(labels)]``),
+    every id of ``1..n`` present; returns n float64 maxima in id order.
+
+    Sorts the component voxels alone, not the whole volume as ``scipy.ndimage.maximum`` does:
+    on a 1 mm head with ~400 components that took 0.5 s of the 0.7 s of predict's post-processing.
+
+    Example:
+        >>> maximum_per_component(np.array([0.2, 0.9, 0.4, 0.7]), np.array([2, 1, 2, 1])).tolist()
+        [0.9, 0.4]
+    """
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    return np.maximum.reduceat(np.asarray(values)[order].astype(np.float64), starts)
+
+
 def overlap_matrix(labels_a: np.ndarray, n_a: int, labels_b: np.ndarray, n_b: int) -> np.ndarray:
     """``M[i, j]`` = number of voxels in lesion ``i`` of ``a`` and lesion ``j`` of ``b`` (row/col 0: background)."""
     codes = labels_a.ravel().astype(np.int64) * (n_b + 1) + labels_b.ravel()
