@@ -107,8 +107,8 @@ def check_compile(tiny: bool) -> None:
 def parse_sample(line: str) -> Optional[Tuple[float, float]]:
     """``(wall-clock time, utilisation %)`` of one ``nvidia-smi --query-gpu=timestamp,utilization.gpu``
     line, else None. The time is nvidia-smi's own (local time, as ``time.time()`` counts it):
-    nvidia-smi writes to a pipe in blocks, so the time a line is read can be seconds late, and
-    issue 10's first H100 and H200 runs here put every training sample outside the epochs that way.
+    nvidia-smi writes to a pipe in blocks, so the time a line is read can be seconds late (the likely
+    reason why this session's H100 and H200 runs showed 0 % in the middle of training epochs).
 
     Example:
         >>> import datetime
