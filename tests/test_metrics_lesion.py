@@ -108,3 +108,16 @@ def test_maximum_per_component_equals_scipy_and_its_doctest():
     coordinates = np.nonzero(labels)
     maxima = lesion.maximum_per_component(values[coordinates], labels[coordinates])
     assert n > 50 and maxima.tolist() == ndimage.maximum(values, labels, np.arange(1, n + 1)).tolist()
+
+
+def test_drop_small_components_keeps_the_labels_when_nothing_is_dropped():
+    from planar3d.metrics.lesion import components, drop_small_components
+
+    mask = np.zeros((6, 6, 6), bool)
+    mask[0, 0, :2] = True   # 2 voxels
+    mask[4, 4, 4] = True    # 1 voxel
+    labels, n = components(mask)
+    kept, m = drop_small_components(labels, n, (1, 1, 1), 0.0)
+    assert m == 2 and kept is labels                      # no renumbering pass
+    kept, m = drop_small_components(labels, n, (1, 1, 1), 1.0)
+    assert m == 1 and int(kept.max()) == 1 and int((kept > 0).sum()) == 2   # the single voxel dropped, renumbered

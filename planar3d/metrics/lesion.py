@@ -66,6 +66,8 @@ def drop_small_components(labels: np.ndarray, n: int, spacing: Sequence[float], 
     sizes = np.bincount(labels.ravel(), minlength=n + 1) * voxel
     keep = sizes > min_lesion_size
     keep[0] = False
+    if keep[1:].all():  # nothing to drop (e.g. size 0, the lesion report's): no pass to renumber
+        return labels, n
     new_ids = np.zeros(n + 1, dtype=labels.dtype)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
     return new_ids[labels], int(keep.sum())
