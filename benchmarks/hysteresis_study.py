@@ -8,9 +8,9 @@ not. For each trained run this study:
 1. predicts (whole volume, the run's own settings, as ``planar3d predict``) its validation cases
    (``run.json`` ``split.validation``, read from its training manifest) and the test cases of
    ``--manifest``, cached as float16 under ``--cache``;
-2. chooses ``(t, m)`` on the validation cases by mean lesion-wise F1 as training does (ties: higher
-   ``t``, smaller ``m``) -- the **base** rule -- and ``(t, m, h)`` with ``h`` from ``--cores`` or
-   none (ties: higher ``t``, smaller ``m``, higher ``h``) -- the **hysteresis** rule;
+2. chooses ``(t, m)`` on the validation cases by mean lesion-wise F1 as training does
+   (:func:`planar3d.thresholds.choose_threshold`) -- the **base** rule -- and ``(t, m, h)`` with
+   ``h`` from ``--cores`` or none -- the **hysteresis** rule, what the default config now does;
 3. scores the test cases with each choice: per manifest, mean Dice and lesion F1, lesion PPV of
    its light cases (< 0.2 % load) and lesion F1 of its heavy ones (>= 1 %).
 
@@ -75,16 +75,11 @@ def cache_probabilities(run: Path, manifests: Sequence[Path], cache: Path) -> Di
     return cases
 
 
-def masks(case: dict, threshold: float, min_size: float, cores: Sequence[Optional[float]]) -> Dict[Optional[float], np.ndarray]:
-    """The mask for each core threshold (None: no core rule) at one ``(threshold, min_size)``."""
-    from planar3d.metrics.lesion import label_lesions, maximum_per_component
+def mask(case: dict, threshold: float, min_size: float, core: Optional[float]) -> np.ndarray:
+    """What ``planar3d predict`` writes for the case with that post-processing."""
+    from pipelines.predict_steps import lesion_mask
 
-    labels, n = label_lesions(case["prob"] > threshold, case["spacing"], float(min_size))
-    if n == 0:
-        return {core: labels > 0 for core in cores}
-    coordinates = np.nonzero(labels)
-    maxima = maximum_per_component(case["prob"][coordinates], labels[coordinates])
-    return {core: np.r_[False, maxima > (-np.inf if core is None else core)][labels] for core in cores}
+    return lesion_mask(case["prob"], threshold, case["spacing"], min_size, core)[0]
 
 
 def score(mask: np.ndarray, case: dict) -> dict:
@@ -97,21 +92,13 @@ def score(mask: np.ndarray, case: dict) -> dict:
 
 
 def choose(validation: Sequence[dict], thresholds, sizes, cores) -> tuple:
-    """``(t, m, h, mean lesion F1)`` best on ``validation``; ties: higher t, smaller m, higher h."""
-    best = None
-    for t in thresholds:
-        for m in sizes:
-            allowed = [h for h in cores if h is None or h >= t]
-            f1 = {h: [] for h in allowed}
-            for case in validation:
-                for h, mask in masks(case, t, m, allowed).items():
-                    f1[h].append(score(mask, case)["lesion_f1"])
-            for h, values in f1.items():
-                mean = float(np.mean(values))
-                key = (round(mean, 12), t, -m, -1.0 if h is None else h)
-                if best is None or key > best[0]:
-                    best = (key, (t, m, h, mean))
-    return best[1]
+    """``(t, m, h, mean lesion F1)`` as training chooses them (:func:`planar3d.thresholds.choose_threshold`)."""
+    from planar3d.thresholds import choose_threshold
+
+    choice = choose_threshold([c["prob"] for c in validation], [c["label"] for c in validation],
+                              [c["spacing"] for c in validation], thresholds, "lesion_f1",
+                              min_lesion_sizes=sizes, core_thresholds=cores)
+    return choice.threshold, choice.min_lesion_size, choice.core_threshold, choice.score
 
 
 def main() -> None:
@@ -127,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     thresholds = [float(v) for v in args.thresholds.split(",")]
     sizes = [float(v) for v in args.sizes.split(",")]
-    cores = [None] + [float(v) for v in args.cores.split(",") if v]
+    cores = [float(v) for v in args.cores.split(",") if v]
     with tempfile.TemporaryDirectory(prefix="hysteresis_") as tmp:
         cache = args.cache or Path(tmp)
         print("| run | rule | t | min mm³ | core | validation F1 | " + " | ".join(
@@ -135,11 +122,11 @@ def main() -> None:
         print("|---|---|---|---|---|---|" + "---|" * len(args.manifest))
         for run in args.run:
             cases = cache_probabilities(run, args.manifest, cache)
-            for rule, allowed in (("base", [None]), ("hysteresis", cores)):
+            for rule, allowed in (("base", []), ("hysteresis", cores)):
                 t, m, h, validation_f1 = choose(cases["validation"], thresholds, sizes, allowed)
                 cells = []
                 for manifest in args.manifest:
-                    rows = [score(masks(c, t, m, [h])[h], c) for c in cases[str(manifest)]]
+                    rows = [score(mask(c, t, m, h), c) for c in cases[str(manifest)]]
                     light = [r["lesion_ppv"] for r in rows if r["load"] < LIGHT_LOAD_MAX]
                     heavy = [r["lesion_f1"] for r in rows if r["load"] >= HEAVY_LOAD_MIN]
                     cells.append(f"{np.mean([r['dice'] for r in rows]):.3f} / {np.mean([r['lesion_f1'] for r in rows]):.3f} / "

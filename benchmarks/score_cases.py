@@ -45,7 +45,7 @@ def score_case(model, settings, case) -> dict:
     label = prepared.reorientation.forward(read_volume(case.label)[0]) > 0
     spacing = prepared.reorientation.spacing
     probability = run_model(model, prepared, settings)
-    mask, _ = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size)
+    mask, _ = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size, settings.core_threshold)
     lesions = lesion_metrics(mask, label, spacing)
     load = case_lesion_load(case.image, case.label)
     voxel_ppv = float(np.count_nonzero(mask & label)) / max(int(np.count_nonzero(mask)), 1)

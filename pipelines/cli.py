@@ -137,6 +137,7 @@ def predict(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on cuda, fp32 on the cpu), fp32 or bf16 (on a CPU with bf16 units, e.g. AVX512-BF16 or AMX, about 1.9x faster than fp32; probabilities move by ~1e-3). Recorded with each mask."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Probability threshold (default: the checkpoint's; an ensemble: the mean of its members')."),
     min_lesion_size: Optional[float] = typer.Option(None, "--min-lesion-size", help="Remove 6-connected components of at most this many mm³ (0: keep all; default: the checkpoint's, chosen on validation with its threshold, 3 for older checkpoints; an ensemble: the mean of its members')."),
+    core_threshold: Optional[float] = typer.Option(None, "--core-threshold", help="Remove components whose highest probability is at most this (hysteresis; 0: none; default: the checkpoint's, chosen on validation with its threshold, none for older checkpoints; an ensemble: the mean of its members' when every member has one)."),
     tta: bool = typer.Option(False, "--tta", help="Average with flips of the two in-plane axes (3x the time)."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write <name>_prob.nii.gz (float32)."),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap (default: the checkpoint's)."),
@@ -181,6 +182,7 @@ def predict(
             min_lesion_size=min_lesion_size, tta=tta, save_probabilities=save_probabilities, overlap=overlap,
             roi_size=roi, overwrite=overwrite, num_parts=num_parts, part_id=part_id, qc=qc,
             max_image_bytes=int(max_image_gb * 1024 ** 3), layout=layout, pattern=pattern, precision=precision,
+            core_threshold=core_threshold,
         )
     except SummaryWriteError as error:  # the batch ran: show its results, then why they are not on disk
         typer.echo(error.summary.text())  # type: ignore[attr-defined]

@@ -180,6 +180,9 @@ class ValidationSection(_Section):
     # minimum lesion sizes (mm³) chosen with the threshold; the pair goes into the checkpoint
     # and is what predict applies unless told otherwise (planar3d.thresholds)
     min_lesion_sizes: List[float] = [3.0]
+    # core thresholds chosen with them (hysteresis: components whose highest probability is at
+    # most it are dropped; none is always a candidate); empty: no core rule (planar3d.thresholds)
+    core_thresholds: List[float] = []
     # what chooses the threshold and the best epoch (planar3d.thresholds.choose_threshold)
     criterion: Literal[CRITERIA] = "lesion_f1"  # type: ignore[valid-type]
     # validation cases of injected sets come from hosts no training case comes from
@@ -194,6 +197,13 @@ class ValidationSection(_Section):
     def _in_unit_interval(cls, value):
         if not value or any(not 0 < t < 1 for t in value):
             raise ValueError("must be a non-empty list of numbers strictly between 0 and 1")
+        return value
+
+    @field_validator("core_thresholds")
+    @classmethod
+    def _core_in_unit_interval(cls, value):
+        if any(not 0 <= h < 1 for h in value):
+            raise ValueError("must be numbers in [0, 1)")
         return value
 
     @field_validator("min_lesion_sizes")

@@ -14,7 +14,9 @@ Each scan goes through the steps training used, recorded in the ``planar3d-model
 4. **postprocess** (:func:`lesion_mask`): threshold (the checkpoint's, or ``threshold``), then removal of 6-connected
    components of volume ≤ ``min_lesion_size`` mm³ (the checkpoint's, chosen on validation with
    its threshold, or ``min_lesion_size``; the components are those of
-   :func:`planar3d.metrics.lesion.label_lesions`, so evaluation counts exactly the lesions kept);
+   :func:`planar3d.metrics.lesion.label_lesions`, so evaluation counts exactly the lesions kept),
+   and, with a core threshold (the checkpoint's, or ``core_threshold``), of those whose highest
+   probability is at most it;
 5. **write**: back to the scan's own voxel order and written with :func:`planar3d.io.write_like`:
    the mask has the input's shape, affine, qform/sform and codes, voxel for voxel (uint8, 0/1).
 
@@ -111,6 +113,7 @@ def predict_folder(
     pattern: Optional[str] = None,
     compile_model: bool = False,
     precision: str = "auto",
+    core_threshold: Optional[float] = None,
 ) -> PredictionSummary:
     """Predict lesion masks for every scan of ``inputs`` (see the module docstring).
 
@@ -128,6 +131,10 @@ def predict_folder(
         min_lesion_size: components of at most this many mm³ are removed (0: keep all; default:
             the checkpoint's, chosen on validation with its threshold; an ensemble: the mean of
             its members', :func:`planar3d.ensemble.ensemble_min_lesion_size`).
+        core_threshold: components whose highest probability is at most this are removed
+            (hysteresis; 0: none; default: the checkpoint's, chosen on validation with its
+            threshold, none for older checkpoints; an ensemble: the mean of its members' when
+            every member has one, :func:`planar3d.ensemble.ensemble_core_threshold`).
         tta: average with flips of the two in-plane axes.
         save_probabilities: also write ``_prob.nii.gz`` (float32).
         overlap, roi_size: override the checkpoint's sliding-window settings (-1: whole axis).
@@ -170,7 +177,8 @@ def predict_folder(
     model, settings, record = load_models(
         [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path), device,
         threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta, min_lesion_size=min_lesion_size,
-        sw_batch_size=sw_batch_size, layout=layout, compile_model=compile_model, precision=precision)
+        sw_batch_size=sw_batch_size, layout=layout, compile_model=compile_model, precision=precision,
+        core_threshold=core_threshold)
     settings = replace(settings, max_image_bytes=int(max_image_bytes))
     record["settings"]["host_memory"] = host_memory  # kept for the reader, not compared
     return predict_with_model(
@@ -194,7 +202,7 @@ def load_models(
         WeightsError: a missing or unreadable checkpoint, not a planar3d model, or members on another voxel convention.
     """
     from planar3d.checkpoint import load_model
-    from planar3d.ensemble import check_member_conventions, ensemble_min_lesion_size, ensemble_threshold
+    from planar3d.ensemble import check_member_conventions, ensemble_core_threshold, ensemble_min_lesion_size, ensemble_threshold
     from planar3d.inference import prepare_for_inference
 
     if not model_paths:
@@ -224,7 +232,9 @@ def load_models(
         chosen = threshold if threshold is not None else ensemble_threshold([d["threshold"] for d in described])
         size = overrides.get("min_lesion_size")
         size = size if size is not None else ensemble_min_lesion_size([m.min_lesion_size for m in member_settings])
-        settings = replace(settings, threshold=float(chosen), min_lesion_size=float(size))
+        core = overrides.get("core_threshold")
+        core = core if core is not None else ensemble_core_threshold([m.core_threshold for m in member_settings])
+        settings = replace(settings, threshold=float(chosen), min_lesion_size=float(size), core_threshold=core)
         model: Any = Ensemble(models, member_settings)
     else:
         model = models[0]

@@ -49,6 +49,8 @@ class InferenceSettings:
         overlap: window overlap fraction.
         flip_axes: axes flipped for TTA (empty: no TTA).
         min_lesion_size: components of at most this volume (mm³) are removed.
+        core_threshold: components whose highest probability is at most this are removed
+            (hysteresis; ``None``: none is).
         sw_batch_size: windows per forward pass.
         device: torch device string.
         precision: ``"fp32"`` or ``"bf16"`` (resolved by :func:`planar3d.inference.resolve_precision`).
@@ -63,6 +65,7 @@ class InferenceSettings:
     overlap: float = DEFAULT_OVERLAP
     flip_axes: Tuple[int, ...] = ()
     min_lesion_size: float = MIN_LESION_SIZE_MM3
+    core_threshold: Optional[float] = None
     sw_batch_size: int = 1
     device: str = "cpu"
     precision: str = "fp32"
@@ -80,6 +83,7 @@ class InferenceSettings:
         sw_batch_size: int = 1,
         device: str = "cpu",
         precision: str = "auto",
+        core_threshold: Optional[float] = None,
     ) -> "InferenceSettings":
         """Settings of a :class:`planar3d.checkpoint.ModelCheckpoint`; arguments not None override it.
 
@@ -106,6 +110,9 @@ class InferenceSettings:
         min_lesion_size = checkpoint.min_lesion_size if min_lesion_size is None else min_lesion_size
         if not float(min_lesion_size) >= 0:
             raise ConfigError(f"min_lesion_size must be >= 0 mm³, got {min_lesion_size}")
+        core_threshold = checkpoint.core_threshold if core_threshold is None else core_threshold
+        if core_threshold is not None and not 0.0 <= float(core_threshold) < 1.0:
+            raise ConfigError(f"core_threshold must be in [0, 1), got {core_threshold}")
         from planar3d.inference import resolve_precision
 
         try:
@@ -121,6 +128,7 @@ class InferenceSettings:
             overlap=float(overlap),
             flip_axes=tuple(axis for axis in range(3) if axis != plane_axis) if tta else (),
             min_lesion_size=float(min_lesion_size),
+            core_threshold=None if core_threshold is None else float(core_threshold),
             sw_batch_size=int(sw_batch_size),
             device=str(device),
             precision=precision,

@@ -23,7 +23,7 @@ import numpy as np
 
 from planar3d.checkpoint import ModelCheckpoint
 from planar3d.io import voxel_spacing, write_json, write_like
-from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3, label_lesions
+from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3, drop_unconfident_components, label_lesions
 from planar3d.naming import MASK_SUFFIX, PROBABILITY_SUFFIX, layout_output_path, strip_nifti_extension
 from planar3d.preprocess import Reorientation, load_preprocessed
 from pipelines.predict_setup import InferenceSettings, ScanInput
@@ -34,15 +34,20 @@ STEPS = ("load", "preprocess", "model", "postprocess", "write")
 
 
 def lesion_mask(probability: np.ndarray, threshold: float, spacing: Sequence[float],
-                min_lesion_size: float = MIN_LESION_SIZE_MM3) -> Tuple[np.ndarray, int]:
+                min_lesion_size: float = MIN_LESION_SIZE_MM3,
+                core_threshold: Optional[float] = None) -> Tuple[np.ndarray, int]:
     """Step 4, the one post-processing rule: voxels above ``threshold``, without the 6-connected
-    components of volume ≤ ``min_lesion_size`` mm³ (0: keep all); returns ``(mask, lesions kept)``.
+    components of volume ≤ ``min_lesion_size`` mm³ (0: keep all) and, with ``core_threshold``,
+    without those whose highest probability is at most it (hysteresis); returns
+    ``(mask, lesions kept)``.
 
     The components are those of :func:`planar3d.metrics.lesion.label_lesions` (the MSSEG rule),
     so evaluation counts exactly the lesions kept. Only voxel volume matters, so ``spacing`` may
     be in any axis order.
     """
-    labels, lesions = label_lesions(np.asarray(probability) > threshold, spacing, max(float(min_lesion_size), 0.0))
+    probability = np.asarray(probability)
+    labels, lesions = label_lesions(probability > threshold, spacing, max(float(min_lesion_size), 0.0))
+    labels, lesions = drop_unconfident_components(labels, lesions, probability, core_threshold)
     return labels > 0, lesions
 
 
@@ -194,7 +199,7 @@ def finish_scan(
     start = time.perf_counter()
     record = record if record is not None else prediction_record([], asdict(settings))
     spacing = voxel_spacing(prepared.image)
-    mask_ras, lesions = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size)
+    mask_ras, lesions = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size, settings.core_threshold)
     mask = prepared.reorientation.inverse(mask_ras)
     probability_scan = prepared.reorientation.inverse(probability)
     # the mask holds only kept lesions, so no size rule again: the report counts exactly them

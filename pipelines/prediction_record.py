@@ -37,7 +37,7 @@ RECORD_FORMAT = "planar3d-prediction/1"
 MASK_INTENT_NAME = "planar3d-mask"
 #: Settings that change the output, compared by :func:`reuse_problem`. The device and batch size are
 #: not: a device changes the mask only through its precision (bf16 or fp32), which is compared.
-COMPARED_SETTINGS = ("threshold", "min_lesion_size", "tta", "roi_size", "overlap", "precision", "layout")
+COMPARED_SETTINGS = ("threshold", "min_lesion_size", "core_threshold", "tta", "roi_size", "overlap", "precision", "layout")
 
 
 def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str, Any], layout: str = "suffix",
@@ -46,8 +46,8 @@ def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str
 
     Args:
         models: one ``{"path", "sha256", "threshold"}`` per model (several: an ensemble).
-        settings: the inference settings (``threshold``, ``min_lesion_size``, ``flip_axes``,
-            ``roi_size``, ``overlap``, ``precision``; others are kept but not compared).
+        settings: the inference settings (``threshold``, ``min_lesion_size``, ``core_threshold``,
+            ``flip_axes``, ``roi_size``, ``overlap``, ``precision``; others are kept but not compared).
         layout: the output layout (:data:`planar3d.naming.LAYOUTS`).
         version: planar3d's version (default: this package's).
     """
@@ -60,6 +60,7 @@ def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str
         "settings": {
             "threshold": float(settings["threshold"]),
             "min_lesion_size": float(settings["min_lesion_size"]),
+            "core_threshold": None if settings.get("core_threshold") is None else float(settings["core_threshold"]),
             "tta": bool(list(settings.get("flip_axes") or [])),
             "roi_size": [int(r) for r in settings["roi_size"]],
             "overlap": float(settings["overlap"]),

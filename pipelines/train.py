@@ -73,7 +73,8 @@ def _resume_state(out_dir: Path, model, optimizer, scheduler, config: TrainConfi
     log.info("resuming after epoch %d (best validation score %.4f)", resume["epoch"], resume["best_metric"])
     return RunState(resume["epoch"], resume["best_metric"], resume["best_threshold"], resume["best_epoch"], list(resume["history"]),
                     # last.pt files written before the size was chosen on validation: the MSSEG rule
-                    float(resume.get("best_min_lesion_size", MIN_LESION_SIZE_MM3)))
+                    float(resume.get("best_min_lesion_size", MIN_LESION_SIZE_MM3)),
+                    resume.get("best_core_threshold"))
 
 
 def train(
@@ -292,12 +293,13 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
     state.epoch = epoch + 1
     nan = float("nan")
     scores = {"val_score": nan, "val_dice": nan, "val_lesion_f1": nan, "val_lesion_ppv": nan}
-    threshold, min_lesion_size, table = state.best_threshold, state.best_min_lesion_size, []
+    threshold, min_lesion_size, core, table = state.best_threshold, state.best_min_lesion_size, state.best_core_threshold, []
     is_last = state.epoch == config.optim.epochs
     if dist.main and run.val_volumes and (state.epoch % config.validation.every == 0 or is_last):
         choice = validate(run.model, run.val_volumes, config, run.device)
-        threshold, min_lesion_size, table = choice.threshold, choice.min_lesion_size, choice.table
-        chosen = next(r for r in table if (r["threshold"], r["min_lesion_size"]) == (choice.threshold, choice.min_lesion_size))
+        threshold, min_lesion_size, core, table = choice.threshold, choice.min_lesion_size, choice.core_threshold, choice.table
+        chosen = next(r for r in table if (r["threshold"], r["min_lesion_size"], r["core_threshold"])
+                      == (choice.threshold, choice.min_lesion_size, choice.core_threshold))
         scores = {"val_score": choice.score, "val_dice": chosen["dice"], "val_lesion_f1": chosen["lesion_f1"],
                   "val_lesion_ppv": chosen["lesion_ppv"]}
     score = scores["val_score"]
@@ -305,10 +307,10 @@ def run_epoch(run: TrainingRun, epoch: int) -> Tuple[dict, dict, bool]:
     if improved:
         state.best_metric = score if run.val_volumes else state.best_metric
         state.best_threshold, state.best_epoch = threshold, state.epoch
-        state.best_min_lesion_size = min_lesion_size
+        state.best_min_lesion_size, state.best_core_threshold = min_lesion_size, core
     row = {"epoch": state.epoch, "train_loss": result["train_loss"], "train_predicted_to_lesion": result["train_predicted_to_lesion"],
            "train_predicted_fraction": result["train_predicted_fraction"], **scores, "val_threshold": threshold,
-           "val_min_lesion_size": min_lesion_size, "lr": lr, "seconds": result["seconds"],
+           "val_min_lesion_size": min_lesion_size, "val_core_threshold": core, "lr": lr, "seconds": result["seconds"],
            "voxels_per_second": result["voxels_per_second"]}
     state.history.append(row)
     metrics = {**scores, "val_criterion": config.validation.criterion, "val_by_threshold": table,
@@ -320,15 +322,17 @@ def record_epoch(run: TrainingRun, row: dict, metrics: dict, improved: bool) -> 
     """Rank 0: log the epoch, save ``best.pt``/``last.pt``, ``metrics.csv`` and TensorBoard scalars."""
     state = run.state
     validation = ("no validation this epoch" if not metrics["val_by_threshold"] else
-                  "val %s %.4f (Dice %.4f, lesion F1 %.4f, PPV %.4f; t=%.2f, min lesion %g mm³)" % (
+                  "val %s %.4f (Dice %.4f, lesion F1 %.4f, PPV %.4f; t=%.2f, min lesion %g mm³, core %s)" % (
                       run.config.validation.criterion, row["val_score"], row["val_dice"], row["val_lesion_f1"],
-                      row["val_lesion_ppv"], row["val_threshold"], row["val_min_lesion_size"]))
+                      row["val_lesion_ppv"], row["val_threshold"], row["val_min_lesion_size"],
+                      "none" if row["val_core_threshold"] is None else "%.2f" % row["val_core_threshold"]))
     log.info("epoch %d/%d loss %.4f (lesion voxels predicted/present %.2f) %s lr %.2e %.1f s %.3g vox/s", state.epoch,
              run.config.optim.epochs, row["train_loss"], row["train_predicted_to_lesion"], validation, row["lr"], row["seconds"],
              row["voxels_per_second"])
     checkpoint = model_checkpoint(run.model, run.config, run.net_config,
                                   row["val_threshold"] if improved else state.best_threshold, state.epoch, metrics, run.info,
-                                  row["val_min_lesion_size"] if improved else state.best_min_lesion_size)
+                                  row["val_min_lesion_size"] if improved else state.best_min_lesion_size,
+                                  row["val_core_threshold"] if improved else state.best_core_threshold)
     save_checkpoints(run.out_dir, checkpoint, run.optimizer, run.scheduler, state, improved)
     write_metrics_csv(run.out_dir, state.history)
     if run.writer is not None:

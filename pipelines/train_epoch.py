@@ -115,4 +115,5 @@ def validate(model, volumes, config: TrainConfig, device):
         labels.append(label)
         spacings.append(spacing)
     return choose_threshold(probabilities, labels, spacings, config.validation.thresholds, config.validation.criterion,
-                            min_lesion_sizes=config.validation.min_lesion_sizes)
+                            min_lesion_sizes=config.validation.min_lesion_sizes,
+                            core_thresholds=config.validation.core_thresholds)

@@ -39,17 +39,19 @@ class RunState:
     best_epoch: int = 0
     history: List[dict] = field(default_factory=list)
     best_min_lesion_size: float = MIN_LESION_SIZE_MM3
+    best_core_threshold: Optional[float] = None
 
 
 def model_checkpoint(model, config: TrainConfig, net_config, threshold: float, epoch: int, metrics: dict, info: dict,
-                     min_lesion_size: float = MIN_LESION_SIZE_MM3) -> ModelCheckpoint:
+                     min_lesion_size: float = MIN_LESION_SIZE_MM3, core_threshold: Optional[float] = None) -> ModelCheckpoint:
     """The ``planar3d-model/1`` checkpoint of the model as it is now (with the post-processing
-    chosen on validation: ``threshold`` and ``min_lesion_size``)."""
+    chosen on validation: ``threshold``, ``min_lesion_size`` and ``core_threshold``)."""
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
     roi = config.validation.roi_size
     return ModelCheckpoint(
         state_dict=state, network=net_config, normalization=config.normalization, threshold=float(threshold),
         min_lesion_size=float(min_lesion_size),
+        core_threshold=None if core_threshold is None else float(core_threshold),
         roi_size=None if all(int(r) < 0 for r in roi) else tuple(int(r) for r in roi),  # type: ignore[arg-type]
         overlap=float(config.validation.overlap),
         training={
@@ -67,13 +69,15 @@ def save_checkpoints(out_dir: Path, checkpoint: ModelCheckpoint, optimizer, sche
     checkpoint.resume = {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": state.epoch,
         "best_metric": state.best_metric, "best_threshold": state.best_threshold, "best_epoch": state.best_epoch,
-        "best_min_lesion_size": state.best_min_lesion_size, "history": state.history, "rng": rng_state(),
+        "best_min_lesion_size": state.best_min_lesion_size, "best_core_threshold": state.best_core_threshold,
+        "history": state.history, "rng": rng_state(),
     }
     checkpoint.save(out_dir / "last.pt")
 
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_predicted_to_lesion", "train_predicted_fraction", "val_score", "val_dice",
-                  "val_lesion_f1", "val_lesion_ppv", "val_threshold", "val_min_lesion_size", "lr", "seconds", "voxels_per_second")
+                  "val_lesion_f1", "val_lesion_ppv", "val_threshold", "val_min_lesion_size", "val_core_threshold", "lr", "seconds",
+                  "voxels_per_second")
 
 
 def write_metrics_csv(out_dir: Path, history: List[dict]) -> None:

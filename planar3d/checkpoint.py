@@ -81,6 +81,9 @@ class ModelCheckpoint:
         min_lesion_size: mm³; prediction drops the 6-connected components of at most this
             volume, chosen on validation with the threshold (3, MSSEG's rule, for checkpoints
             written before that choice).
+        core_threshold: prediction also drops the components whose highest probability is at
+            most this (hysteresis), chosen on validation with the threshold; ``None`` (checkpoints
+            without the choice): none is dropped for it.
         roi_size: sliding-window size per axis (-1: whole axis), or ``None`` when training
             validated on whole volumes; prediction then uses slabs along the plane axis.
         overlap: window overlap fraction in [0, 1).
@@ -101,6 +104,7 @@ class ModelCheckpoint:
     training: Dict[str, Any] = field(default_factory=dict)
     resume: Optional[Dict[str, Any]] = None
     min_lesion_size: float = MIN_LESION_SIZE_MM3
+    core_threshold: Optional[float] = None
 
     FORMAT = MODEL_FORMAT
 
@@ -116,6 +120,8 @@ class ModelCheckpoint:
             problems.append(f"threshold {self.threshold} is not in (0, 1)")
         if not float(self.min_lesion_size) >= 0.0:
             problems.append(f"min_lesion_size {self.min_lesion_size} is not >= 0 mm³")
+        if self.core_threshold is not None and not 0.0 <= float(self.core_threshold) < 1.0:
+            problems.append(f"core_threshold {self.core_threshold} is not in [0, 1)")
         if self.roi_size is not None and (len(self.roi_size) != 3 or any(int(r) == 0 or int(r) < -1 for r in self.roi_size)):
             problems.append(f"roi_size {list(self.roi_size)} is not 3 positive sizes or -1")
         if not 0.0 <= float(self.overlap) < 1.0:
@@ -137,7 +143,8 @@ class ModelCheckpoint:
             "orientation": self.orientation,
             "threshold": float(self.threshold),
             "inference": {"roi_size": None if self.roi_size is None else [int(r) for r in self.roi_size],
-                          "overlap": float(self.overlap), "min_lesion_size": float(self.min_lesion_size)},
+                          "overlap": float(self.overlap), "min_lesion_size": float(self.min_lesion_size),
+                          "core_threshold": None if self.core_threshold is None else float(self.core_threshold)},
             "training": self.training,
         }
         if self.resume is not None:
@@ -167,6 +174,7 @@ class ModelCheckpoint:
                 state_dict=data["state_dict"], network=network, normalization=normalization,
                 threshold=float(data["threshold"]),
                 min_lesion_size=float(inference.get("min_lesion_size", MIN_LESION_SIZE_MM3)),
+                core_threshold=None if inference.get("core_threshold") is None else float(inference["core_threshold"]),
                 roi_size=None if roi_size is None else tuple(int(r) for r in roi_size),  # type: ignore[arg-type]
                 overlap=float(inference["overlap"]), orientation=data["orientation"],
                 training=data["training"], resume=data.get("resume"),

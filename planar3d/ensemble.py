@@ -18,7 +18,8 @@ thresholds. Choosing it again on validation cases is biased for cross-validation
 fold's validation cases are training cases of other folds), so the mean is the default; with
 validation cases no member trained on, :func:`planar3d.thresholds.choose_threshold` on the averaged
 maps is the better choice. The minimum lesion size each member chose with its threshold
-(:func:`ensemble_min_lesion_size`) is averaged the same way.
+(:func:`ensemble_min_lesion_size`) is averaged the same way, and so is the core threshold
+(:func:`ensemble_core_threshold`) when every member has one.
 
 Example:
     >>> import numpy as np
@@ -110,3 +111,22 @@ def ensemble_min_lesion_size(member_sizes: Sequence[float]) -> float:
     if not values or any(not m >= 0.0 for m in values):
         raise ValueError(f"need member minimum lesion sizes >= 0 mm³, got {values}")
     return float(np.mean(values))
+
+
+def ensemble_core_threshold(member_cores: Sequence[Optional[float]]) -> Optional[float]:
+    """The ensemble's core threshold: the mean of its members' when every member chose one, else
+    None (a member validated without the rule does not vouch for it).
+
+    Example:
+        >>> ensemble_core_threshold([0.6, 0.8]), ensemble_core_threshold([0.6, None])
+        (0.7, None)
+
+    Raises:
+        ValueError: no member, or a core threshold outside [0, 1).
+    """
+    values = list(member_cores)
+    if not values or any(v is not None and not 0.0 <= float(v) < 1.0 for v in values):
+        raise ValueError(f"need member core thresholds in [0, 1) or None, got {values}")
+    if any(v is None for v in values):
+        return None
+    return round(float(np.mean([float(v) for v in values])), 12)

@@ -26,6 +26,13 @@ a threshold alone trades every small false-positive blob against the edges of tr
 while a size in mm³ removes the specks whatever the voxel size. Ties go to the **smaller**
 size: what validation cannot tell apart is not removed.
 
+A core threshold (``validation.core_thresholds``) is chosen with them when given: hysteresis,
+the components whose highest probability is at most it are dropped too (a real lesion has a
+confident core, a spurious blob often has none), or no core rule when that scores as well.
+Only core thresholds above ``t`` change a mask, so only those are tried with ``t``. Ties go to
+the **higher** core threshold (after threshold and size): the more conservative mask. Measured
+on twelve trained runs: docs/training.md, "Issue 9, sixth session".
+
 Example:
     >>> import numpy as np
     >>> p = np.zeros((8, 8, 8), np.float32); p[2:5, 2:5, 2:5] = 0.9
@@ -42,7 +49,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from planar3d.metrics.lesion import (
-    DetectionParameters, components, drop_small_components, label_lesions, labelled_lesion_metrics,
+    DetectionParameters, components, drop_small_components, drop_unconfident_components, label_lesions,
+    labelled_lesion_metrics,
 )
 from planar3d.metrics.voxel import dice
 
@@ -58,12 +66,14 @@ class ThresholdChoice:
         threshold: the chosen threshold.
         criterion: the criterion it maximises.
         score: its criterion value.
-        table: one row per (threshold, minimum lesion size), thresholds in input order, sizes in
-            input order within each: ``threshold``, ``min_lesion_size``, ``score`` (criterion),
+        table: one row per (threshold, minimum lesion size, core threshold), thresholds in input
+            order, sizes in input order within each, no core rule first: ``threshold``,
+            ``min_lesion_size``, ``core_threshold`` (None: no core rule), ``score`` (criterion),
             ``dice``, ``lesion_f1``, ``lesion_ppv``, ``lesion_sensitivity`` (means over cases;
             PPV/sensitivity ignore cases where they are undefined, nan if all are) and
             ``n_pred`` (predicted lesions summed over cases).
         min_lesion_size: the chosen minimum lesion size (mm³).
+        core_threshold: the chosen core threshold, or None (no core rule).
     """
 
     threshold: float
@@ -71,6 +81,7 @@ class ThresholdChoice:
     score: float
     table: List[Dict[str, float]]
     min_lesion_size: float = DetectionParameters.min_lesion_size
+    core_threshold: Optional[float] = None
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -85,10 +96,12 @@ def threshold_table(
     thresholds: Sequence[float],
     params: DetectionParameters = DetectionParameters(),
     min_lesion_sizes: Optional[Sequence[float]] = None,
+    core_thresholds: Sequence[float] = (),
 ) -> List[Dict[str, float]]:
     """Mean Dice and lesion-wise scores of the masks prediction would write, for each
-    threshold ``t`` and minimum lesion size ``m``: ``probability > t`` without its components of
-    at most ``m`` mm³.
+    threshold ``t``, minimum lesion size ``m`` and core threshold ``h`` (None, and each of
+    ``core_thresholds`` above ``t``): ``probability > t`` without its components of at most
+    ``m`` mm³ and, with ``h``, without those whose highest probability is at most ``h``.
 
     Args:
         probabilities: one foreground probability map per case.
@@ -97,9 +110,11 @@ def threshold_table(
         thresholds: thresholds to score.
         params: lesion detection rule (MSSEG 2016 defaults).
         min_lesion_sizes: minimum lesion sizes (mm³) to score; default ``params.min_lesion_size``.
+        core_thresholds: core thresholds to score besides none (default: none).
 
     Raises:
-        ValueError: mismatched lengths or shapes, no case / no threshold / no size, or a negative size.
+        ValueError: mismatched lengths or shapes, no case / no threshold / no size, a negative
+            size, or a core threshold outside [0, 1).
     """
     if not (len(probabilities) == len(labels) == len(spacings)) or not probabilities:
         raise ValueError(f"need as many probability maps, labels and spacings (>= 1), got "
@@ -109,6 +124,9 @@ def threshold_table(
     sizes = [float(params.min_lesion_size)] if min_lesion_sizes is None else [float(m) for m in min_lesion_sizes]
     if not sizes or any(m < 0 or np.isnan(m) for m in sizes):
         raise ValueError(f"need minimum lesion sizes >= 0 mm³, got {sizes}")
+    cores = [float(h) for h in core_thresholds]
+    if any(not 0.0 <= h < 1.0 for h in cores):
+        raise ValueError(f"need core thresholds in [0, 1), got {cores}")
     cases = []
     for probability, label, spacing in zip(probabilities, labels, spacings):
         probability, label = np.asarray(probability), np.asarray(label).astype(bool, copy=False)
@@ -117,22 +135,25 @@ def threshold_table(
         cases.append((probability, label, spacing, label_lesions(label, spacing, params.min_lesion_size)))
     rows = []
     for t in thresholds:
-        per_size: Dict[float, List[Dict[str, float]]] = {m: [] for m in sizes}
+        variants = [(m, h) for m in sizes for h in [None] + [h for h in cores if h > t]]
+        per_variant: Dict[tuple, List[Dict[str, float]]] = {v: [] for v in variants}
         for probability, label, spacing, (ref_labels, n_ref) in cases:
-            found = components(probability > t)  # labelled once, filtered for each size
-            for m in sizes:
-                written, n_written = drop_small_components(*found, spacing, m)  # planar3d predict's mask
+            found = components(probability > t)  # labelled once, filtered for each size and core
+            for m, h in variants:
+                # planar3d predict's mask (pipelines.predict_steps.lesion_mask)
+                written, n_written = drop_unconfident_components(*drop_small_components(*found, spacing, m), probability, h)
                 # the detection rule's own size filter; already applied when m is at least its size
                 scored = ((written, n_written) if m >= params.min_lesion_size
                           else drop_small_components(written, n_written, spacing, params.min_lesion_size))
                 scores = labelled_lesion_metrics(ref_labels, n_ref, *scored, params)
                 scores["dice"] = dice(written > 0, label)
-                per_size[m].append(scores)
-        for m in sizes:
-            per_case = per_size[m]
+                per_variant[(m, h)].append(scores)
+        for m, h in variants:
+            per_case = per_variant[(m, h)]
             rows.append({
                 "threshold": float(t),
                 "min_lesion_size": m,
+                "core_threshold": h,
                 "dice": float(np.mean([s["dice"] for s in per_case])),
                 "lesion_f1": float(np.mean([s["lesion_f1"] for s in per_case])),
                 "dice_and_f1": float(np.mean([(s["dice"] + s["lesion_f1"]) / 2 for s in per_case])),
@@ -151,9 +172,11 @@ def choose_threshold(
     criterion: str = "lesion_f1",
     params: DetectionParameters = DetectionParameters(),
     min_lesion_sizes: Optional[Sequence[float]] = None,
+    core_thresholds: Sequence[float] = (),
 ) -> ThresholdChoice:
-    """The (threshold, minimum lesion size) maximising ``criterion`` over the cases; ties go to
-    the higher threshold, then to the smaller size.
+    """The (threshold, minimum lesion size, core threshold) maximising ``criterion`` over the
+    cases; ties go to the higher threshold, then to the smaller size, then to the higher core
+    threshold (none is the lowest).
 
     Args: as :func:`threshold_table`, plus ``criterion`` (one of :data:`CRITERIA`).
 
@@ -162,8 +185,9 @@ def choose_threshold(
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    table = threshold_table(probabilities, labels, spacings, thresholds, params, min_lesion_sizes)
+    table = threshold_table(probabilities, labels, spacings, thresholds, params, min_lesion_sizes, core_thresholds)
     for row in table:
         row["score"] = row[criterion]
-    best = max(table, key=lambda row: (round(row["score"], _TIE_DECIMALS), row["threshold"], -row["min_lesion_size"]))
-    return ThresholdChoice(best["threshold"], criterion, best["score"], table, best["min_lesion_size"])
+    best = max(table, key=lambda row: (round(row["score"], _TIE_DECIMALS), row["threshold"], -row["min_lesion_size"],
+                                       -1.0 if row["core_threshold"] is None else row["core_threshold"]))
+    return ThresholdChoice(best["threshold"], criterion, best["score"], table, best["min_lesion_size"], best["core_threshold"])

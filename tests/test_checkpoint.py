@@ -32,7 +32,7 @@ def test_save_load_round_trip_gives_the_same_network(tmp_path, network):
     checkpoint.save(tmp_path / "run" / "best.pt")
     raw = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert raw["format"] == MODEL_FORMAT
-    assert raw["inference"] == {"roi_size": [-1, 16, -1], "overlap": 0.5, "min_lesion_size": 3.0}
+    assert raw["inference"] == {"roi_size": [-1, 16, -1], "overlap": 0.5, "min_lesion_size": 3.0, "core_threshold": None}
     assert raw["network"]["pool_across_planes"] == [False, False, True, True]
     assert "resume" not in raw
     loaded = ModelCheckpoint.load(tmp_path / "run" / "best.pt")
@@ -62,6 +62,7 @@ def test_old_checkpoint_without_later_entries_is_upgraded(tmp_path, network):
     assert loaded.normalization.method == "percentile"  # what checkpoints without a method used
     assert (loaded.roi_size, loaded.overlap, loaded.orientation, loaded.training) == (None, 0.25, "RAS", {})
     assert loaded.min_lesion_size == 3.0  # written before the size was chosen on validation: MSSEG's rule
+    assert loaded.core_threshold is None  # written before the core threshold: no core rule
     assert upgrade({"inference": {"roi_size": [8, 8, 8]}})["inference"] == {"roi_size": [8, 8, 8], "overlap": 0.25}
 
 
@@ -71,6 +72,14 @@ def test_the_minimum_lesion_size_chosen_on_validation_travels(tmp_path, network)
     assert ModelCheckpoint.load(tmp_path / "best.pt").min_lesion_size == 15.0
     with pytest.raises(WeightsError, match="min_lesion_size -1.0 is not >= 0"):
         _checkpoint(network, min_lesion_size=-1.0)
+
+
+def test_the_core_threshold_chosen_on_validation_travels(tmp_path, network):
+    _checkpoint(network, core_threshold=0.8).save(tmp_path / "best.pt")
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["inference"]["core_threshold"] == 0.8
+    assert ModelCheckpoint.load(tmp_path / "best.pt").core_threshold == 0.8
+    with pytest.raises(WeightsError, match=r"core_threshold 1.0 is not in \[0, 1\)"):
+        _checkpoint(network, core_threshold=1.0)
 
 
 @pytest.mark.parametrize("content", [b"not a model\n", b"PK\x03\x04 broken zip"])

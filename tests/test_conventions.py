@@ -86,7 +86,7 @@ def test_provenance_in_header_sidecar_and_summary(scans, runs, tmp_path):
     assert sidecar_path(out / "s1_mask.nii.gz") == out / "s1_mask.json"
     assert record["models"] == [{"path": str(runs[0] / "best.pt"), "sha256": sha, "threshold": 0.4}]
     assert record["planar3d_version"] == __version__
-    assert {k: v for k, v in record["settings"].items() if k not in ("device", "host_memory")} == {"threshold": 0.4, "min_lesion_size": 3.0, "tta": False, "roi_size": [-1, -1, -1],
+    assert {k: v for k, v in record["settings"].items() if k not in ("device", "host_memory")} == {"threshold": 0.4, "min_lesion_size": 3.0, "core_threshold": None, "tta": False, "roi_size": [-1, -1, -1],
                                   "overlap": 0.25, "precision": "fp32", "layout": "suffix"}
     assert record["scan"]["name"] == "s1.nii.gz"
     summary = json.loads((out / "predictions.json").read_text())
@@ -108,6 +108,10 @@ def test_rerun_reuses_only_same_model_and_settings(scans, runs, tmp_path):
     assert other_threshold.results[0].redone == "made with threshold 0.4, now 0.9"
     assert "2 existing outputs recomputed" in other_threshold.text()
     assert read_sidecar(out / "s1_mask.nii.gz")["settings"]["threshold"] == 0.9
+    other_core = predict_folder(scans, out, runs[0], threshold=0.9, core_threshold=0.95, progress=False)
+    assert other_core.results[0].redone == "made with core threshold None, now 0.95"
+    other_threshold = predict_folder(scans, out, runs[0], threshold=0.9, progress=False)
+    assert other_threshold.results[0].redone == "made with core threshold 0.95, now None"
     assert json.loads((out / "predictions.json").read_text())["provenance"]["settings"]["threshold"] == 0.9
     other_model = predict_folder(scans, out, runs[1], threshold=0.9, progress=False)
     assert len(other_model.done) == 2 and other_model.results[0].redone.startswith("made by model ")

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from planar3d.ensemble import average_probabilities, check_member_conventions, ensemble_min_lesion_size, ensemble_threshold
+from planar3d.ensemble import (
+    average_probabilities, check_member_conventions, ensemble_core_threshold, ensemble_min_lesion_size, ensemble_threshold,
+)
 
 
 def test_average_is_the_mean_and_float32():
@@ -44,6 +46,12 @@ def test_bad_inputs():
         ensemble_min_lesion_size([3.0, -1.0])
     with pytest.raises(ValueError, match="minimum lesion sizes"):
         ensemble_min_lesion_size([])
+    # the core threshold: the mean where every member chose one, else no core rule
+    assert ensemble_core_threshold([0.5, 0.9]) == 0.7 and ensemble_core_threshold([0.5, None]) is None
+    with pytest.raises(ValueError, match="core thresholds"):
+        ensemble_core_threshold([1.2])
+    with pytest.raises(ValueError, match="core thresholds"):
+        ensemble_core_threshold([])
 
 
 def test_member_conventions():

@@ -189,7 +189,8 @@ def test_validation_scores_the_probabilities_predict_produces():
 
     def scored(probability):
         return choose_threshold([probability], [label], [(1.0, 1.0, 1.0)], thresholds, config.validation.criterion,
-                                min_lesion_sizes=config.validation.min_lesion_sizes)
+                                min_lesion_sizes=config.validation.min_lesion_sizes,
+                                core_thresholds=config.validation.core_thresholds)
 
     assert repr(choice) == repr(scored(whole))  # repr: the table may hold NaN PPVs
     assert repr(choice) != repr(scored(slabs))

@@ -19,7 +19,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from pipelines.predict import (
-    InferenceSettings, find_inputs, predict_folder, predict_scan, remove_small_components, resolve_checkpoint, shard,
+    InferenceSettings, find_inputs, lesion_mask, predict_folder, predict_scan, remove_small_components, resolve_checkpoint, shard,
 )
 from pipelines.cli import app
 from planar3d.checkpoint import ModelCheckpoint
@@ -219,6 +219,22 @@ def test_min_lesion_size_exact(tmp_path):
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj), expected.astype(np.uint8))
 
 
+def test_core_threshold_drops_unconfident_lesions_through_predict(tmp_path):
+    probability = np.zeros((12, 12, 6), np.float32)
+    probability[1:4, 1:4, 1:3] = 0.6
+    probability[2, 2, 2] = 0.95          # a confident core
+    probability[7:10, 7:10, 1:3] = 0.6   # no core
+    mask, lesions = lesion_mask(probability, 0.5, (1.0, 1.0, 1.0), 0.0, core_threshold=0.9)
+    assert lesions == 1 and mask[2, 2, 2] and not mask[8, 8, 2]
+    assert lesion_mask(probability, 0.5, (1.0, 1.0, 1.0), 0.0)[1] == 2          # no core rule: both
+    path = _scan(tmp_path / "s.nii.gz", shape=probability.shape, affine=np.eye(4))
+    logits = np.log(probability.clip(1e-6, 1 - 1e-6) / (1 - probability.clip(1e-6, 1 - 1e-6)))
+    meta = ModelCheckpoint({}, PlanarResUNetConfig(plane_axis=2), threshold=0.5, roi_size=(-1, -1, -1),
+                           min_lesion_size=0.0, core_threshold=0.9)
+    result = predict_scan(FixedLogits(logits), meta, path, tmp_path / "m.nii.gz")
+    assert result.lesions == 1 and result.lesion_volume_mm3 == 18.0
+
+
 def test_settings_from_checkpoint():
     meta = ModelCheckpoint({}, PlanarResUNetConfig(plane_axis=1, in_channels=3), threshold=0.3, roi_size=None, overlap=0.1)
     settings = InferenceSettings.from_checkpoint(meta, tta=True)
@@ -235,6 +251,12 @@ def test_settings_from_checkpoint():
     assert InferenceSettings.from_checkpoint(replace(meta, min_lesion_size=12.0), min_lesion_size=0).min_lesion_size == 0.0
     with pytest.raises(ValueError, match="min_lesion_size"):
         InferenceSettings.from_checkpoint(meta, min_lesion_size=-2)
+    # the core threshold likewise: none for a checkpoint without one, 0 (no effect) accepted
+    assert settings.core_threshold is None
+    assert InferenceSettings.from_checkpoint(replace(meta, core_threshold=0.8)).core_threshold == 0.8
+    assert InferenceSettings.from_checkpoint(replace(meta, core_threshold=0.8), core_threshold=0).core_threshold == 0.0
+    with pytest.raises(ValueError, match="core_threshold"):
+        InferenceSettings.from_checkpoint(meta, core_threshold=1.0)
     with pytest.raises(ValueError, match="threshold"):
         InferenceSettings.from_checkpoint(meta, threshold=1.5)
     with pytest.raises(ValueError, match="roi_size"):

@@ -123,3 +123,35 @@ def test_size_ties_go_to_the_smaller_size_and_sizes_are_checked():
         threshold_table([probability], [label], [(1, 1, 1)], [0.5], min_lesion_sizes=[-1])
     with pytest.raises(ValueError, match="minimum lesion sizes"):
         threshold_table([probability], [label], [(1, 1, 1)], [0.5], min_lesion_sizes=[])
+
+
+def test_core_threshold_drops_unconfident_components_and_is_chosen_with_the_threshold():
+    """Two confident lesions (core 0.9) and a faint blob (at most 0.45) of the same size: above
+    t = 0.3 the blob is a false positive whatever the size rule; a core threshold of 0.6 drops it."""
+    probability = np.zeros((24, 24, 24), np.float32)
+    label = np.zeros(probability.shape, bool)
+    for corner in ((2, 2, 2), (14, 14, 14)):
+        block = tuple(slice(c, c + 6) for c in corner)
+        probability[block], label[block] = 0.5, True
+        probability[tuple(slice(c + 2, c + 4) for c in corner)] = 0.9
+    probability[2:8, 14:20, 2:8] = 0.4
+    probability[4, 16, 4] = 0.45
+    args = ([probability], [label], [(1.0, 1.0, 1.0)], [0.3])
+    plain = choose_threshold(*args)
+    assert plain.core_threshold is None and plain.score < 1.0            # the blob is a third lesion
+    choice = choose_threshold(*args, core_thresholds=[0.6, 0.95])
+    assert (choice.threshold, choice.core_threshold, choice.score) == (0.3, 0.6, 1.0)
+    # rows: no core rule first, then each core threshold above t; 0.95 drops the lesions too
+    assert [r["core_threshold"] for r in choice.table] == [None, 0.6, 0.95]
+    assert choice.table[2]["n_pred"] == 0
+    # a core threshold at or below t changes nothing, so it is not tried with that t
+    assert [r["core_threshold"] for r in threshold_table([probability], [label], [(1, 1, 1)], [0.6], core_thresholds=[0.5, 0.6])] == [None]
+    with pytest.raises(ValueError, match="core thresholds"):
+        threshold_table([probability], [label], [(1, 1, 1)], [0.5], core_thresholds=[1.0])
+
+
+def test_core_ties_go_to_the_higher_core_threshold():
+    probability, label = _two_lesions_and_false_positives()
+    # above 0.5 only the lesions' 0.9 cores remain: no core rule, 0.55 and 0.6 give the same masks
+    choice = choose_threshold([probability], [label], [(1, 1, 1)], [0.5], core_thresholds=[0.55, 0.6])
+    assert len({r["score"] for r in choice.table}) == 1 and choice.core_threshold == 0.6

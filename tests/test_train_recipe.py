@@ -242,6 +242,10 @@ def test_training_records_the_recipe_and_validates_by_lesion_f1(phantom_manifest
     best = ModelCheckpoint.load(run / "best.pt")
     assert float(row["val_min_lesion_size"]) in (3.0, 10.0)
     assert (best.threshold, best.min_lesion_size) == (float(row["val_threshold"]), float(row["val_min_lesion_size"]))
+    # so is the core threshold (the default recipe searches it; metrics.csv leaves it empty for none)
+    assert config.validation.core_thresholds == [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    assert best.core_threshold == (float(row["val_core_threshold"]) if row["val_core_threshold"] else None)
+    assert best.core_threshold is None or best.core_threshold > best.threshold
     assert "encoder weights: none" in (run / "train.log").read_text()
 
 

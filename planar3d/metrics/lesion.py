@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -98,6 +98,29 @@ def maximum_per_component(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
     sorted_ids = ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
     return np.maximum.reduceat(np.asarray(values)[order].astype(np.float64), starts)
+
+
+def drop_unconfident_components(labels: np.ndarray, n: int, probability: np.ndarray,
+                                core_threshold: Optional[float]) -> Tuple[np.ndarray, int]:
+    """``labels`` (components ``1..n``) without those whose highest ``probability`` is at most
+    ``core_threshold`` (hysteresis: a kept component has a confident core), renumbered
+    ``1..kept``; ``None`` keeps all. Returns ``(labels, kept)``.
+
+    Example:
+        >>> p = np.array([[0.6, 0.0, 0.9, 0.7]]); labels, n = components(p > 0.5)
+        >>> kept, m = drop_unconfident_components(labels, n, p, 0.8)
+        >>> kept.tolist(), m
+        ([[0, 0, 1, 1]], 1)
+    """
+    if core_threshold is None or n == 0:
+        return labels, n
+    coordinates = np.nonzero(labels)
+    keep = np.r_[False, maximum_per_component(np.asarray(probability)[coordinates], labels[coordinates]) > core_threshold]
+    if keep[1:].all():
+        return labels, n
+    new_ids = np.zeros(n + 1, dtype=labels.dtype)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
+    return new_ids[labels], int(keep.sum())
 
 
 def overlap_matrix(labels_a: np.ndarray, n_a: int, labels_b: np.ndarray, n_b: int) -> np.ndarray:
