@@ -93,14 +93,17 @@ def main() -> None:
                          for _, image, _, _ in validation]
         choice = choose_threshold(probabilities, [v[2] for v in validation], [v[3] for v in validation],
                                   grid, config.validation.criterion,
-                                  min_lesion_sizes=config.validation.min_lesion_sizes)
-        settings = dataclasses.replace(settings, threshold=choice.threshold, min_lesion_size=choice.min_lesion_size)
+                                  min_lesion_sizes=config.validation.min_lesion_sizes,
+                                  core_thresholds=config.validation.core_thresholds)
+        settings = dataclasses.replace(settings, threshold=choice.threshold, min_lesion_size=choice.min_lesion_size,
+                                       core_threshold=choice.core_threshold)
         scored = [score_case(model, settings, case) for case in tests]
         light = [r["lesion_ppv"] for r in scored if r["load"] < LIGHT_LOAD_MAX]
         light_ppv = float(np.nanmean(light)) if light else float("nan")
         seconds = time.perf_counter() - start
         rows.append({"window": name, "roi_size": roi, "threshold": choice.threshold,
-                     "min_lesion_size": choice.min_lesion_size, "validation_score": choice.score,
+                     "min_lesion_size": choice.min_lesion_size, "core_threshold": choice.core_threshold,
+                     "validation_score": choice.score,
                      "cases": scored, "light_lesion_ppv": light_ppv})
         print(f"| {name} {list(roi)} | {choice.threshold:g} | {choice.min_lesion_size:g} | {choice.score:.3f} | "
               + " | ".join(f"{r['dice']:.3f} / {r['lesion_f1']:.3f} / {r['n_pred']:.0f}" for r in scored)
