@@ -49,10 +49,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from planar3d.metrics.lesion import (
-    DetectionParameters, components, drop_small_components, drop_unconfident_components, label_lesions,
-    labelled_lesion_metrics,
+    DetectionParameters, components, label_lesions, maximum_per_component, overlap_lesion_metrics, overlap_matrix,
 )
-from planar3d.metrics.voxel import dice
 
 CRITERIA = ("lesion_f1", "dice", "dice_and_f1")
 _TIE_DECIMALS = 12  # scores equal to 12 decimals are a tie (mean of floats differs in the last bits)
@@ -87,6 +85,47 @@ class ThresholdChoice:
 def _nanmean(values: Sequence[float]) -> float:
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+class _Components:
+    """The 6-connected components of ``probability > threshold`` with what scoring any subset
+    of them needs: voxel counts, overlaps with the reference lesions and with the label, and
+    highest probabilities. A subset is a boolean ``keep`` over components ``1..n``; dropping
+    components only removes them, so its scores equal those of the relabelled mask (tests)."""
+
+    def __init__(self, probability, threshold, label, ref_labels, n_ref, spacing):
+        labels, n = components(probability > threshold)
+        flat = labels.ravel()
+        self.voxel = float(np.prod(np.asarray(spacing, dtype=float)))
+        self.counts = np.bincount(flat, minlength=n + 1)
+        self.sizes = self.counts * self.voxel  # mm³, as drop_small_components computes them
+        self.on_label = np.bincount(flat, weights=label.ravel(), minlength=n + 1)
+        self.label_voxels = int(np.count_nonzero(label))
+        self.matrix = overlap_matrix(ref_labels, n_ref, labels, n)
+        self.maxima = np.zeros(0)
+        if n:
+            coordinates = np.nonzero(labels)
+            self.maxima = maximum_per_component(probability[coordinates], labels[coordinates])
+
+    def keep(self, min_lesion_size: float, core_threshold: Optional[float]) -> np.ndarray:
+        """Components kept by the size rule (volume > ``min_lesion_size``) and the core rule."""
+        kept = self.sizes[1:] > min_lesion_size
+        return kept if core_threshold is None else kept & (self.maxima > core_threshold)
+
+    def overlaps(self, keep: np.ndarray) -> np.ndarray:
+        """The overlap matrix of the reference lesions and the kept components (renumbered in
+        order); the dropped ones' voxels join the background column."""
+        ids = np.flatnonzero(keep) + 1
+        dropped = np.flatnonzero(~keep) + 1
+        matrix = self.matrix[:, np.r_[0, ids]].copy()
+        matrix[:, 0] += self.matrix[:, dropped].sum(axis=1)
+        return matrix
+
+    def dice(self, keep: np.ndarray) -> float:
+        """Voxel Dice of the kept components against the label (as planar3d.metrics.voxel.dice)."""
+        predicted = int(self.counts[1:][keep].sum())
+        denominator = predicted + self.label_voxels
+        return 1.0 if denominator == 0 else 2.0 * int(self.on_label[1:][keep].sum()) / denominator
 
 
 def threshold_table(
@@ -138,15 +177,17 @@ def threshold_table(
         variants = [(m, h) for m in sizes for h in [None] + [h for h in cores if h > t]]
         per_variant: Dict[tuple, List[Dict[str, float]]] = {v: [] for v in variants}
         for probability, label, spacing, (ref_labels, n_ref) in cases:
-            found = components(probability > t)  # labelled once, filtered for each size and core
+            # labelled once per threshold; each (size, core) variant keeps a subset of these
+            # components, so its masks' scores come from their per-component counts (no pass
+            # over the volume per variant)
+            found = _Components(probability, t, label, ref_labels, n_ref, spacing)
             for m, h in variants:
-                # planar3d predict's mask (pipelines.predict_steps.lesion_mask)
-                written, n_written = drop_unconfident_components(*drop_small_components(*found, spacing, m), probability, h)
+                # planar3d predict's mask (pipelines.predict_steps.lesion_mask): size, then core rule
+                written = found.keep(m, h)
                 # the detection rule's own size filter; already applied when m is at least its size
-                scored = ((written, n_written) if m >= params.min_lesion_size
-                          else drop_small_components(written, n_written, spacing, params.min_lesion_size))
-                scores = labelled_lesion_metrics(ref_labels, n_ref, *scored, params)
-                scores["dice"] = dice(written > 0, label)
+                scored = written if m >= params.min_lesion_size else written & found.keep(params.min_lesion_size, None)
+                scores = overlap_lesion_metrics(found.overlaps(scored), params)
+                scores["dice"] = found.dice(written)
                 per_variant[(m, h)].append(scores)
         for m, h in variants:
             per_case = per_variant[(m, h)]

@@ -155,3 +155,31 @@ def test_core_ties_go_to_the_higher_core_threshold():
     # above 0.5 only the lesions' 0.9 cores remain: no core rule, 0.55 and 0.6 give the same masks
     choice = choose_threshold([probability], [label], [(1, 1, 1)], [0.5], core_thresholds=[0.55, 0.6])
     assert len({r["score"] for r in choice.table}) == 1 and choice.core_threshold == 0.6
+
+
+def test_table_rows_are_the_scores_of_the_masks_predict_writes():
+    """Each row's scores, computed from per-component counts, equal those of the mask
+    pipelines.predict_steps.lesion_mask writes, scored from scratch (random blobs, anisotropic
+    voxels, sizes below and above the detection rule's 3 mm³, core thresholds)."""
+    from scipy import ndimage
+
+    from pipelines.predict_steps import lesion_mask
+    from planar3d.metrics.lesion import lesion_metrics
+    from planar3d.metrics.voxel import dice
+
+    rng = np.random.default_rng(7)
+    probability = ndimage.gaussian_filter(rng.random((30, 28, 12)), 1.2).astype(np.float32)
+    probability = (probability - probability.min()) / (probability.max() - probability.min())
+    label = ndimage.gaussian_filter(rng.random(probability.shape), 1.5) > 0.55
+    spacing = (1.0, 0.8, 2.5)
+    thresholds, sizes, cores = [0.5, 0.6, 0.7], [0.0, 2.0, 3.0, 12.0], [0.65, 0.8]
+    table = threshold_table([probability], [label], [spacing], thresholds, min_lesion_sizes=sizes, core_thresholds=cores)
+    assert len(table) == 3 * 4 + 3 * 4 + 2 * 4  # none, and the cores above each threshold
+    assert any(r["n_pred"] > 0 for r in table) and any(r["core_threshold"] is not None for r in table)
+    for row in table:
+        mask, _ = lesion_mask(probability, row["threshold"], spacing, row["min_lesion_size"], row["core_threshold"])
+        expected = lesion_metrics(mask, label, spacing)
+        assert row["dice"] == dice(mask, label)
+        for key in ("lesion_f1", "lesion_sensitivity"):
+            assert row[key] == expected[key] or (np.isnan(row[key]) and np.isnan(expected[key]))
+        assert row["n_pred"] == expected["n_pred"]

@@ -187,7 +187,13 @@ def labelled_lesion_metrics(ref_labels: np.ndarray, n_ref: int, pred_labels: np.
                             params: DetectionParameters = DetectionParameters()) -> Dict[str, float]:
     """:func:`lesion_metrics` of masks already labelled by :func:`label_lesions` with
     ``params.min_lesion_size`` (so a threshold search labels each reference once)."""
-    matrix = overlap_matrix(ref_labels, n_ref, pred_labels, n_pred)
+    return overlap_lesion_metrics(overlap_matrix(ref_labels, n_ref, pred_labels, n_pred), params)
+
+
+def overlap_lesion_metrics(matrix: np.ndarray, params: DetectionParameters = DetectionParameters()) -> Dict[str, float]:
+    """:func:`lesion_metrics` from the :func:`overlap_matrix` of the reference lesions (rows 1..)
+    and the predicted ones (columns 1..), both already filtered by ``params.min_lesion_size``."""
+    n_ref, n_pred = matrix.shape[0] - 1, matrix.shape[1] - 1
     tp_ref = _count_detected(matrix, params)
     tp_pred = _count_detected(matrix.T, params)
     sens = tp_ref / n_ref if n_ref else float("nan")
