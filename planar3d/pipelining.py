@@ -44,8 +44,7 @@ def pipeline_workers(device_type: str, cpu_count: Optional[int] = None) -> int:
         return READ_WORKERS
     if cpu_count is None:  # the cores this process may use (a container's or Slurm's share), where the OS says
         cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = cpu_count
-    return max(READ_WORKERS, min(MAX_ACCELERATOR_WORKERS, cores // 4))
+    return max(READ_WORKERS, min(MAX_ACCELERATOR_WORKERS, cpu_count // 4))
 
 
 class ReadAhead(Generic[Item, Result]):

@@ -93,7 +93,7 @@ class _Components:
     highest probabilities. A subset is a boolean ``keep`` over components ``1..n``; dropping
     components only removes them, so its scores equal those of the relabelled mask (tests)."""
 
-    def __init__(self, probability, threshold, label, ref_labels, n_ref, spacing):
+    def __init__(self, probability, threshold, label, ref_labels, n_ref, spacing, with_maxima: bool = True):
         labels, n = components(probability > threshold)
         flat = labels.ravel()
         self.voxel = float(np.prod(np.asarray(spacing, dtype=float)))
@@ -103,7 +103,7 @@ class _Components:
         self.label_voxels = int(np.count_nonzero(label))
         self.matrix = overlap_matrix(ref_labels, n_ref, labels, n)
         self.maxima = np.zeros(0)
-        if n:
+        if n and with_maxima:  # only a core threshold reads them: no pass over the volume otherwise
             coordinates = np.nonzero(labels)
             self.maxima = maximum_per_component(probability[coordinates], labels[coordinates])
 
@@ -180,7 +180,7 @@ def threshold_table(
             # labelled once per threshold; each (size, core) variant keeps a subset of these
             # components, so its masks' scores come from their per-component counts (no pass
             # over the volume per variant)
-            found = _Components(probability, t, label, ref_labels, n_ref, spacing)
+            found = _Components(probability, t, label, ref_labels, n_ref, spacing, with_maxima=len(variants) > len(sizes))
             for m, h in variants:
                 # planar3d predict's mask (pipelines.predict_steps.lesion_mask): size, then core rule
                 written = found.keep(m, h)

@@ -64,12 +64,16 @@ def drop_small_components(labels: np.ndarray, n: int, spacing: Sequence[float], 
         return labels, 0
     voxel = float(np.prod(np.asarray(spacing, dtype=float)))
     sizes = np.bincount(labels.ravel(), minlength=n + 1) * voxel
-    keep = sizes > min_lesion_size
-    keep[0] = False
-    if keep[1:].all():  # nothing to drop (e.g. size 0, the lesion report's): no pass to renumber
+    return _keep_components(labels, n, sizes[1:] > min_lesion_size)
+
+
+def _keep_components(labels: np.ndarray, n: int, keep: np.ndarray) -> Tuple[np.ndarray, int]:
+    """``labels`` (components ``1..n``) with only those where ``keep`` (n booleans) holds,
+    renumbered ``1..kept`` in order; returns ``(labels, kept)``."""
+    if keep.all():  # nothing to drop (e.g. size 0, the lesion report's): no pass to renumber
         return labels, n
     new_ids = np.zeros(n + 1, dtype=labels.dtype)
-    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
+    new_ids[1:][keep] = np.arange(1, int(keep.sum()) + 1)
     return new_ids[labels], int(keep.sum())
 
 
@@ -115,12 +119,7 @@ def drop_unconfident_components(labels: np.ndarray, n: int, probability: np.ndar
     if core_threshold is None or n == 0:
         return labels, n
     coordinates = np.nonzero(labels)
-    keep = np.r_[False, maximum_per_component(np.asarray(probability)[coordinates], labels[coordinates]) > core_threshold]
-    if keep[1:].all():
-        return labels, n
-    new_ids = np.zeros(n + 1, dtype=labels.dtype)
-    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
-    return new_ids[labels], int(keep.sum())
+    return _keep_components(labels, n, maximum_per_component(np.asarray(probability)[coordinates], labels[coordinates]) > core_threshold)
 
 
 def overlap_matrix(labels_a: np.ndarray, n_a: int, labels_b: np.ndarray, n_b: int) -> np.ndarray:
