@@ -24,10 +24,11 @@ Usage (from the project root)::
     python benchmarks/bench_predict.py --head --bf16   # the same plus planar3d and DynUNet under bf16 autocast
     python benchmarks/bench_predict.py --head --copies 2   # the scan twice in the folder: first and steady scan
 
-Memory: ``planar3d predict`` on the CPU keeps freed memory in the process
-(:mod:`planar3d.host_memory`). ``--head`` therefore also runs planar3d with glibc's default
-(``planar+glibc``: ``PLANAR3D_RETAIN_MEMORY=0``) and DynUNet with memory retained
-(``dynunet+retained``), and compares planar3d with DynUNet both as a MONAI script runs it and
+Memory: ``planar3d predict`` on the CPU puts its tensors on transparent huge pages
+(:mod:`planar3d.host_memory`, policy ``huge-pages``). ``--head`` therefore also runs planar3d with
+the other policies (``planar+retain``: freed memory kept in the process, what earlier versions
+did; ``planar+default``: the allocator as it is) and DynUNet with planar3d's policy
+(``dynunet+huge-pages``), and compares planar3d with DynUNet both as a MONAI script runs it and
 under the same allocator setting.
 """
 
@@ -229,15 +230,17 @@ def run_phase(args: argparse.Namespace) -> None:
     work = Path(args.work)
     phase, _, precision = args.phase.partition("@")  # "planar@bf16": that phase in bf16
     precision = precision or "fp32"
-    phase, _, memory = phase.partition("+")  # "dynunet+retained", "planar+glibc": host allocator
-    if memory == "glibc":
-        os.environ["PLANAR3D_RETAIN_MEMORY"] = "0"  # planar3d predict leaves glibc as it is
-    elif memory == "retained":
-        from planar3d.host_memory import retain_freed_memory
+    phase, _, memory = phase.partition("+")  # "dynunet+huge-pages", "planar+retain": host allocator
+    from planar3d.host_memory import ENVIRONMENT_VARIABLE, POLICIES, configure_host_memory
 
-        retain_freed_memory()  # what planar3d predict does on the CPU
-    elif memory:
+    if memory and memory not in POLICIES:
         raise SystemExit(f"unknown memory setting in phase {args.phase}")
+    if memory:
+        os.environ[ENVIRONMENT_VARIABLE] = memory  # what PLANAR3D_HOST_MEMORY=... does for a user
+    if phase == "planar" or memory:
+        # before the random checkpoint is built: PyTorch reads its huge-page switch once, at its
+        # first large allocation, and planar3d predict makes none before it sets it
+        configure_host_memory("huge-pages")
     if phase == "planar":
         result = phase_planar(Path(args.inputs), work, args.width, precision)
     elif phase in PEERS:
@@ -307,17 +310,18 @@ def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1) -> 
         for copy in range(copies):
             (inputs / f"{stem}_copy{copy}.nii.gz").symlink_to(scan.resolve())
         results = {}
-        phases = ("planar", "planar+glibc", "dynunet", "dynunet+retained", "unet")
+        phases = ("planar", "planar+retain", "planar+default", "dynunet", "dynunet+huge-pages", "unet")
         for phase in phases + (("planar@bf16", "dynunet@bf16") if bf16 else ()):
             results[phase] = _subprocess(phase, inputs, work / phase, width)
             times = ", ".join(f"{r['model']:.1f}" for r in results[phase]["rows"])
             print(f"  {phase}: model {times} s ({results[phase]['rows'][0].get('plan')})", file=sys.stderr, flush=True)
     gemm_end = gemm_flops_per_s()
     gemm = max(gemm_start, gemm_end)
-    names = {"planar": f"planar res-u-net width {width} (planar3d predict)",
-             "planar+glibc": f"planar res-u-net width {width}, PLANAR3D_RETAIN_MEMORY=0 (glibc default)",
+    names = {"planar": f"planar res-u-net width {width} (planar3d predict: huge pages)",
+             "planar+retain": f"planar res-u-net width {width}, PLANAR3D_HOST_MEMORY=retain (freed memory kept)",
+             "planar+default": f"planar res-u-net width {width}, PLANAR3D_HOST_MEMORY=default (glibc default)",
              "dynunet": "MONAI DynUNet, nnU-Net-like (31 M), glibc default (as a MONAI script runs)",
-             "dynunet+retained": "MONAI DynUNet, nnU-Net-like (31 M), memory retained like planar3d",
+             "dynunet+huge-pages": "MONAI DynUNet, nnU-Net-like (31 M), huge pages like planar3d",
              "unet": "MONAI UNet (4.8 M)",
              "planar@bf16": f"planar res-u-net width {width} (planar3d predict --precision bf16)",
              "dynunet@bf16": "MONAI DynUNet, nnU-Net-like (31 M), bf16 autocast"}
@@ -326,7 +330,7 @@ def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1) -> 
           f"{gemm_start / 1e9:.0f} GFLOP/s at the start, {gemm_end / 1e9:.0f} at the end (the higher is the reference); "
           f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
     print("| model | scan | passes | GFLOP | model s | scan total s | GFLOP/s | % of GEMM rate "
-          "| model time vs DynUNet (glibc default) | vs DynUNet (memory retained) | peak RSS |")
+          "| model time vs DynUNet (glibc default) | vs DynUNet (huge pages) | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     indices = sorted({0, copies - 1})
     for phase, result in results.items():
@@ -340,7 +344,7 @@ def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1) -> 
             if phase.endswith("@bf16"):  # compared in the same precision
                 peers = ["dynunet@bf16", None]
             else:
-                peers = ["dynunet", "dynunet+retained"]
+                peers = ["dynunet", "dynunet+huge-pages"]
             versus = []
             for peer in peers:
                 if peer is None:

@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from planar3d.errors import ConfigError, InputError, WeightsError
-from planar3d.host_memory import retain_freed_memory
+from planar3d.host_memory import configure_host_memory
 from planar3d.io import MAX_IMAGE_BYTES, check_output_folder, sha256_file
 from planar3d.naming import LAYOUTS
 from pipelines.predict_batch import (
@@ -172,8 +172,9 @@ def predict_folder(
     scans = shard(found, num_parts, part_id)
     check_output_folder(out_dir, inputs)
     device = resolve_device(device)
-    # CPU: freed tensors reused instead of faulted in anew (planar3d.host_memory; results unchanged)
-    host_memory = retain_freed_memory() if device == "cpu" else "unchanged (not a CPU run)"
+    # CPU: tensors on transparent huge pages, faulted in 2 MiB at a time (planar3d.host_memory;
+    # results unchanged); before the model loads, since PyTorch reads its switch once
+    host_memory = configure_host_memory("huge-pages") if device == "cpu" else "unchanged (not a CPU run)"
     model, settings, record = load_models(
         [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path), device,
         threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta, min_lesion_size=min_lesion_size,

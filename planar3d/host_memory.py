@@ -1,25 +1,31 @@
-"""Keep freed CPU memory inside the process, so a new tensor does not fault in fresh pages.
+"""How a CPU job's large tensors get their memory: the one owner of the host allocator setting.
 
-Why: glibc serves every large allocation (above 128 KiB-32 MiB) with its own ``mmap`` and gives
-it back with ``munmap`` when freed, so each layer's output tensor is new memory that the kernel
-must zero and map page by page on first touch. On this project's 2-core CPU a whole-head forward
-pass at full width (176x240x160) spent 11 of its 30 CPU-seconds in the kernel for that
-(2.8 M page faults); MONAI DynUNet's 128³ windows spent 4 of 11. With mmap disabled and the
-heap never trimmed, freed tensors are reused: a second head pass in the same process took
-10.2-11.8 s instead of 16.8 s (0.2 M faults; the first pass must fault in its peak either way and
-took 14.5-19.4 s against 16.0-16.8 s), and a full-width training step 9.9 s instead of 16.1 s.
-The price is a higher and sticky resident size (peak 7.8-8.9 GiB instead of 5.8-6.2 GiB for
-the head, within the 10.1 GB that :data:`planar3d.inference.FORWARD_BYTES_PER_VOXEL` plans), so
-only the prediction and training jobs turn it on when they run on the CPU
-(:func:`pipelines.predict.predict_folder`, :func:`pipelines.train.train`); importing the library
-changes nothing.
+Why it matters: glibc serves every large allocation (above 128 KiB-32 MiB) with its own ``mmap``
+and gives it back with ``munmap`` when freed, so each layer's output tensor is new memory that
+the kernel must zero and map 4 KiB page by page on first touch. On this project's 2-core CPU a
+whole-head forward pass at full width (176x240x160) spent 11 of its 30 CPU-seconds in the kernel
+for that (2.8 M page faults). Three policies (:data:`POLICIES`):
 
-Memory planning must count that kept memory: :func:`free_heap_bytes` is what the process holds
-free for reuse, which ``MemAvailable`` does not include (:func:`planar3d.inference.memory_budget_bytes`
-adds it, or a folder's second scan would be cut into slabs for want of memory the process has).
+- ``huge-pages`` (``planar3d predict`` on the CPU): glibc keeps its default, and PyTorch asks
+  for transparent huge pages on every allocation of 2 MiB or more (its ``THP_MEM_ALLOC_ENABLE``,
+  set in this process before its first large allocation): 512 times fewer faults, and memory
+  still goes back to the system when a tensor dies. The 1 mm head at full width, first scan of a
+  folder: model step 10.5-10.7 s against 14.3-17.1 s with ``retain``, peak RSS 6.3 GiB against
+  8.6-10.5 GiB; later scans 11.6-12.7 s against 10.2-12.0 s (docs/prediction.md, seventh session).
+  Needs the kernel's THP in ``always`` or ``madvise`` mode; where it is ``never``, or where
+  PyTorch made a large allocation before (its setting is read once), ``retain`` holds instead and
+  the record says why.
+- ``retain`` (``planar3d train`` on the CPU): glibc's per-allocation ``mmap`` and heap trimming
+  are turned off (``mallopt``), so freed tensors are reused without new faults: a full-width
+  training step 9.9 s instead of 16.1 s. The price is a higher and sticky resident size, which
+  the memory planner counts (:func:`free_heap_bytes`: what the process holds free for reuse,
+  which ``MemAvailable`` does not include).
+- ``default``: the allocator as it is.
 
-``PLANAR3D_RETAIN_MEMORY=0`` in the environment leaves the allocator as it is. Results do not
-depend on it: the allocator changes where tensors live, never what is computed.
+Importing the library changes nothing; the jobs call :func:`configure_host_memory` once.
+``PLANAR3D_HOST_MEMORY=huge-pages|retain|default`` in the environment overrides the job's choice
+(``PLANAR3D_RETAIN_MEMORY=0``, the older switch, still means ``default``). Results do not depend
+on it: the allocator changes where tensors live, never what is computed.
 """
 
 from __future__ import annotations
@@ -33,8 +39,17 @@ import platform
 #: glibc ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-#: Environment switch; ``0``/``false``/``no``/``off`` leaves the allocator alone.
-ENVIRONMENT_VARIABLE = "PLANAR3D_RETAIN_MEMORY"
+#: The host memory policies, in the order of the module docstring.
+POLICIES = ("huge-pages", "retain", "default")
+#: Environment override of the job's policy (one of :data:`POLICIES`).
+ENVIRONMENT_VARIABLE = "PLANAR3D_HOST_MEMORY"
+#: The older switch: ``0``/``false``/``no``/``off`` means ``default``.
+LEGACY_VARIABLE = "PLANAR3D_RETAIN_MEMORY"
+#: PyTorch's switch for transparent huge pages on CPU allocations of 2 MiB or more
+#: (c10 ``alloc_cpu``: 2 MiB-aligned, ``madvise(MADV_HUGEPAGE)``), read at its first such allocation.
+TORCH_THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+_HUGE_PAGE = 2 * 2**20
+_THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _state: str | None = None
 
 
@@ -66,25 +81,95 @@ def free_heap_bytes() -> int:
     return int(mallinfo2().fordblks)
 
 
-def retain_freed_memory() -> str:
-    """Turn off glibc's per-allocation ``mmap`` and heap trimming for this process (once).
+def transparent_huge_page_mode(path: str = _THP_MODE_FILE) -> str:
+    """The kernel's THP mode (``always``, ``madvise`` or ``never``); ``unknown`` where it cannot be read."""
+    try:
+        with open(path) as mode_file:
+            text = mode_file.read()
+    except OSError:
+        return "unknown"
+    start, stop = text.find("["), text.find("]")
+    return text[start + 1:stop] if 0 <= start < stop else "unknown"
 
-    Returns what holds now, for the run's record: ``"retained"`` (set, here or before),
-    ``"off (PLANAR3D_RETAIN_MEMORY=…)"`` or ``"unchanged (not glibc)"`` /
-    ``"unchanged (mallopt refused)"``.
+
+def _thp_eligible(address: int, smaps: str = "/proc/self/smaps") -> bool:
+    """Whether the kernel may back ``address`` with transparent huge pages (its mapping's
+    ``THPeligible`` in ``/proc/self/smaps``: 1 where madvised, or everywhere in ``always`` mode)."""
+    inside = False
+    try:
+        with open(smaps) as maps:
+            for line in maps:
+                head = line.split(" ", 1)[0]
+                if "-" in head and ":" not in head:  # a mapping's first line: "start-stop perms ..."
+                    low, _, high = head.partition("-")
+                    inside = int(low, 16) <= address < int(high, 16)
+                elif inside and line.startswith("THPeligible:"):
+                    return line.split()[1] == "1"
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _torch_allocates_huge_pages() -> bool:
+    """Set PyTorch's switch, then check that a new large tensor lies in THP-eligible memory.
+
+    PyTorch reads the switch once, at its first large allocation; a process that made one before
+    keeps plain pages whatever the variable says, so the answer is read from the kernel.
+    """
+    import torch
+
+    os.environ[TORCH_THP_VARIABLE] = "1"
+    probe = torch.empty(2 * _HUGE_PAGE, dtype=torch.uint8)
+    return _thp_eligible(probe.data_ptr() + _HUGE_PAGE)
+
+
+def _requested_policy(preferred: str) -> tuple[str, str]:
+    """(policy, why) from the environment, else ``preferred``."""
+    override = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower()
+    if override:
+        if override not in POLICIES:
+            from planar3d.errors import ConfigError
+
+            raise ConfigError(f"{ENVIRONMENT_VARIABLE}={os.environ[ENVIRONMENT_VARIABLE]!r}: "
+                              f"expected one of {', '.join(POLICIES)}")
+        return override, f"{ENVIRONMENT_VARIABLE}={override}"
+    legacy = os.environ.get(LEGACY_VARIABLE, "").strip().lower()
+    if legacy in ("0", "false", "no", "off"):
+        return "default", f"{LEGACY_VARIABLE}={os.environ[LEGACY_VARIABLE]}"
+    return preferred, ""
+
+
+def _retain() -> bool:
+    libc = _glibc()
+    # mallopt returns 1 on success; a trim threshold of -1 disables trimming (mallopt(3)).
+    return libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
+
+
+def configure_host_memory(preferred: str) -> str:
+    """Apply ``preferred`` (one of :data:`POLICIES`, or the environment's override) once per process.
+
+    Returns what holds, for the run's record, e.g. ``"huge-pages"``, ``"retain"``,
+    ``"default (PLANAR3D_HOST_MEMORY=default)"``, ``"retain (huge pages unavailable: THP mode never)"``,
+    ``"default (retain unavailable: not glibc)"``. A later call returns the first one's answer:
+    the allocator setting of a process is set once.
     """
     global _state
     if _state is not None:
         return _state
-    setting = os.environ.get(ENVIRONMENT_VARIABLE, "1").strip().lower()
-    if setting in ("0", "false", "no", "off"):
-        _state = f"off ({ENVIRONMENT_VARIABLE}={os.environ[ENVIRONMENT_VARIABLE]})"
-        return _state
-    libc = _glibc()
-    if libc is None:
-        _state = "unchanged (not glibc)"
-        return _state
-    # mallopt returns 1 on success; a trim threshold of -1 disables trimming (mallopt(3)).
-    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
-    _state = "retained" if ok else "unchanged (mallopt refused)"
+    if preferred not in POLICIES:
+        raise ValueError(f"host memory policy must be one of {POLICIES}, got {preferred!r}")
+    policy, why = _requested_policy(preferred)
+    notes = [why] if why else []
+    if policy == "huge-pages":
+        mode = transparent_huge_page_mode()
+        if platform.system() != "Linux" or mode not in ("always", "madvise"):
+            notes.append(f"huge pages unavailable: THP mode {mode}")
+            policy = "retain"
+        elif not _torch_allocates_huge_pages():
+            notes.append("huge pages unavailable: PyTorch made a large allocation before")
+            policy = "retain"
+    if policy == "retain" and not _retain():
+        notes.append("retain unavailable: " + ("not glibc" if _glibc() is None else "mallopt refused"))
+        policy = "default"
+    _state = policy + (f" ({'; '.join(notes)})" if notes else "")
     return _state
