@@ -10,8 +10,9 @@ for that (2.8 M page faults). Three policies (:data:`POLICIES`):
   for transparent huge pages on every allocation of 2 MiB or more (its ``THP_MEM_ALLOC_ENABLE``,
   set in this process before its first large allocation): 512 times fewer faults, and memory
   still goes back to the system when a tensor dies. The 1 mm head at full width, first scan of a
-  folder: model step 10.5-10.7 s against 14.3-17.1 s with ``retain``, peak RSS 6.3 GiB against
-  8.6-10.5 GiB; later scans 11.6-12.7 s against 10.2-12.0 s (docs/prediction.md, seventh session).
+  folder, seven runs alternating with ``retain``: model step 10.6-12.7 s (median 11.5) against
+  14.5-20.1 s (median 15.6), peak RSS 6.2 GiB against 8.4-12.2 GiB; later scans 11.9-12.6 s
+  against 10.6-16.2 s (docs/prediction.md, "Huge pages, memory given back").
   Needs the kernel's THP in ``always`` or ``madvise`` mode; where it is ``never``, or where
   PyTorch made a large allocation before (its setting is read once), ``retain`` holds instead and
   the record says why.
