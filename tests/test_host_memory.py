@@ -94,8 +94,10 @@ def test_huge_pages_after_pytorch_read_its_switch_fall_back_to_retain_and_say_wh
     if _thp_mode() == "always":  # every mapping is eligible: huge pages hold anyway
         assert result["state"] == "huge-pages"
         return
-    assert result["state"].startswith("retain (huge pages unavailable: "), result
-    assert result["faults"] < 65536 // 10, result
+    assert result["state"] == "retain (huge pages unavailable: PyTorch made a large allocation before)", result
+    # retain holds: freed tensors stay in the process (how soon they are reused without a fault
+    # depends on the heap's fragmentation, which the early tensor changes)
+    assert result["free_heap"] >= 256 * 2**20, result
 
 
 @glibc
