@@ -18,7 +18,7 @@ for that (2.8 M page faults). Three policies (:data:`POLICIES`):
   the record says why.
 - ``retain`` (``planar3d train`` on the CPU): glibc's per-allocation ``mmap`` and heap trimming
   are turned off (``mallopt``), so freed tensors are reused without new faults: a full-width
-  training step 9.4-9.9 s against 11.5-13.9 s with ``huge-pages`` and 16.0-17.8 s with
+  training step 9.4-9.9 s against 11.5-13.4 s with ``huge-pages`` and 16.0-17.8 s with
   ``default`` (the same sizes come back every step, so reuse beats faulting in, even 2 MiB at a time). The price is a higher and sticky resident size, which
   the memory planner counts (:func:`free_heap_bytes`: what the process holds free for reuse,
   which ``MemAvailable`` does not include).
