@@ -19,8 +19,8 @@ for that (2.8 M page faults). Three policies (:data:`POLICIES`):
 - ``retain`` (``planar3d train`` on the CPU): glibc's per-allocation ``mmap`` and heap trimming
   are turned off (``mallopt``), so freed tensors are reused without new faults: a full-width
   training step 9.4-9.9 s against 11.5-13.4 s with ``huge-pages`` and 16.0-17.8 s with
-  ``default`` (the same sizes come back every step, so reuse beats faulting in, even 2 MiB at a time). The price is a higher and sticky resident size, which
-  the memory planner counts (:func:`free_heap_bytes`: what the process holds free for reuse,
+  ``default``: the same sizes come back every step, so reuse beats faulting in, even 2 MiB at a
+  time. The price is a higher and sticky resident size, which the memory planner counts (:func:`free_heap_bytes`: what the process holds free for reuse,
   which ``MemAvailable`` does not include).
 - ``default``: the allocator as it is.
 
@@ -48,7 +48,8 @@ ENVIRONMENT_VARIABLE = "PLANAR3D_HOST_MEMORY"
 #: The older switch: ``0``/``false``/``no``/``off`` means ``default``.
 LEGACY_VARIABLE = "PLANAR3D_RETAIN_MEMORY"
 #: PyTorch's switch for transparent huge pages on CPU allocations of 2 MiB or more
-#: (c10 ``alloc_cpu``: 2 MiB-aligned, ``madvise(MADV_HUGEPAGE)``), read at its first such allocation.
+#: (c10 ``alloc_cpu`` advises them ``MADV_HUGEPAGE``), read at its first such allocation. Child
+#: processes inherit it from this process's environment, which only changes their page size.
 TORCH_THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 _HUGE_PAGE = 2 * 2**20
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
