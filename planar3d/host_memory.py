@@ -20,8 +20,9 @@ for that (2.8 M page faults). Three policies (:data:`POLICIES`):
   are turned off (``mallopt``), so freed tensors are reused without new faults: a full-width
   training step 9.4-9.9 s against 11.5-13.4 s with ``huge-pages`` and 16.0-17.8 s with
   ``default``: the same sizes come back every step, so reuse beats faulting in, even 2 MiB at a
-  time. The price is a higher and sticky resident size, which the memory planner counts (:func:`free_heap_bytes`: what the process holds free for reuse,
-  which ``MemAvailable`` does not include).
+  time. The price is a higher and sticky resident size, which the memory planner counts
+  (:func:`free_heap_bytes`: what the process holds free for reuse, which ``MemAvailable`` does
+  not include).
 - ``default``: the allocator as it is.
 
 Importing the library changes nothing; the jobs call :func:`configure_host_memory` once.
