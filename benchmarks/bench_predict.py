@@ -24,11 +24,11 @@ Usage (from the project root)::
     python benchmarks/bench_predict.py --head --bf16   # the same plus planar3d and DynUNet under bf16 autocast
     python benchmarks/bench_predict.py --head --copies 2   # the scan twice in the folder: first and steady scan
 
-Memory: ``planar3d predict`` on the CPU puts its tensors on transparent huge pages
-(:mod:`planar3d.host_memory`, policy ``huge-pages``). ``--head`` therefore also runs planar3d with
-the other policies (``planar+retain``: freed memory kept in the process, what earlier versions
-did; ``planar+default``: the allocator as it is) and DynUNet with planar3d's policy
-(``dynunet+huge-pages``), and compares planar3d with DynUNet both as a MONAI script runs it and
+Memory: ``planar3d predict`` on the CPU keeps freed memory in the process
+(:mod:`planar3d.host_memory`, policy ``retain``). ``--head`` therefore also runs planar3d with
+the other policies (``planar+huge-pages``: transparent huge pages, memory given back, the opt-in
+for hosts short of memory; ``planar+default``: the allocator as it is) and DynUNet with planar3d's
+policy (``dynunet+retain``), and compares planar3d with DynUNet both as a MONAI script runs it and
 under the same allocator setting.
 """
 
@@ -239,8 +239,8 @@ def run_phase(args: argparse.Namespace) -> None:
         os.environ[ENVIRONMENT_VARIABLE] = memory  # what PLANAR3D_HOST_MEMORY=... does for a user
     if phase == "planar" or memory:
         # before the random checkpoint is built: PyTorch reads its huge-page switch once, at its
-        # first large allocation, and planar3d predict makes none before it sets it
-        configure_host_memory("huge-pages")
+        # first large allocation, and planar3d predict makes none before it sets the policy
+        configure_host_memory("retain")
     if phase == "planar":
         result = phase_planar(Path(args.inputs), work, args.width, precision)
     elif phase in PEERS:
@@ -310,18 +310,18 @@ def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1) -> 
         for copy in range(copies):
             (inputs / f"{stem}_copy{copy}.nii.gz").symlink_to(scan.resolve())
         results = {}
-        phases = ("planar", "planar+retain", "planar+default", "dynunet", "dynunet+huge-pages", "unet")
+        phases = ("planar", "planar+huge-pages", "planar+default", "dynunet", "dynunet+retain", "unet")
         for phase in phases + (("planar@bf16", "dynunet@bf16") if bf16 else ()):
             results[phase] = _subprocess(phase, inputs, work / phase, width)
             times = ", ".join(f"{r['model']:.1f}" for r in results[phase]["rows"])
             print(f"  {phase}: model {times} s ({results[phase]['rows'][0].get('plan')})", file=sys.stderr, flush=True)
     gemm_end = gemm_flops_per_s()
     gemm = max(gemm_start, gemm_end)
-    names = {"planar": f"planar res-u-net width {width} (planar3d predict: huge pages)",
-             "planar+retain": f"planar res-u-net width {width}, PLANAR3D_HOST_MEMORY=retain (freed memory kept)",
+    names = {"planar": f"planar res-u-net width {width} (planar3d predict: freed memory kept)",
+             "planar+huge-pages": f"planar res-u-net width {width}, PLANAR3D_HOST_MEMORY=huge-pages",
              "planar+default": f"planar res-u-net width {width}, PLANAR3D_HOST_MEMORY=default (glibc default)",
              "dynunet": "MONAI DynUNet, nnU-Net-like (31 M), glibc default (as a MONAI script runs)",
-             "dynunet+huge-pages": "MONAI DynUNet, nnU-Net-like (31 M), huge pages like planar3d",
+             "dynunet+retain": "MONAI DynUNet, nnU-Net-like (31 M), memory retained like planar3d",
              "unet": "MONAI UNet (4.8 M)",
              "planar@bf16": f"planar res-u-net width {width} (planar3d predict --precision bf16)",
              "dynunet@bf16": "MONAI DynUNet, nnU-Net-like (31 M), bf16 autocast"}
@@ -330,7 +330,7 @@ def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1) -> 
           f"{gemm_start / 1e9:.0f} GFLOP/s at the start, {gemm_end / 1e9:.0f} at the end (the higher is the reference); "
           f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
     print("| model | scan | passes | GFLOP | model s | scan total s | GFLOP/s | % of GEMM rate "
-          "| model time vs DynUNet (glibc default) | vs DynUNet (huge pages) | peak RSS |")
+          "| model time vs DynUNet (glibc default) | vs DynUNet (memory retained) | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     indices = sorted({0, copies - 1})
     for phase, result in results.items():
@@ -344,7 +344,7 @@ def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1) -> 
             if phase.endswith("@bf16"):  # compared in the same precision
                 peers = ["dynunet@bf16", None]
             else:
-                peers = ["dynunet", "dynunet+huge-pages"]
+                peers = ["dynunet", "dynunet+retain"]
             versus = []
             for peer in peers:
                 if peer is None:

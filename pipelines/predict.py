@@ -172,9 +172,9 @@ def predict_folder(
     scans = shard(found, num_parts, part_id)
     check_output_folder(out_dir, inputs)
     device = resolve_device(device)
-    # CPU: tensors on transparent huge pages, faulted in 2 MiB at a time (planar3d.host_memory;
-    # results unchanged); before the model loads, since PyTorch reads its switch once
-    host_memory = configure_host_memory("huge-pages") if device == "cpu" else "unchanged (not a CPU run)"
+    # CPU: freed tensors reused instead of faulted in anew (planar3d.host_memory, which also says
+    # why not huge pages; results unchanged); before the model loads, as PyTorch reads its switch once
+    host_memory = configure_host_memory("retain") if device == "cpu" else "unchanged (not a CPU run)"
     model, settings, record = load_models(
         [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path), device,
         threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta, min_lesion_size=min_lesion_size,

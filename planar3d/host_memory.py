@@ -6,23 +6,23 @@ the kernel must zero and map 4 KiB page by page on first touch. On this project'
 whole-head forward pass at full width (176x240x160) spent 11 of its 30 CPU-seconds in the kernel
 for that (2.8 M page faults). Three policies (:data:`POLICIES`):
 
-- ``huge-pages`` (``planar3d predict`` on the CPU): glibc keeps its default, and PyTorch asks
-  for transparent huge pages on every allocation of 2 MiB or more (its ``THP_MEM_ALLOC_ENABLE``,
-  set in this process before its first large allocation): 512 times fewer faults, and memory
-  still goes back to the system when a tensor dies. The 1 mm head at full width, first scan of a
-  folder, seven runs alternating with ``retain``: model step 10.6-12.7 s (median 11.5) against
-  14.5-20.1 s (median 15.6), peak RSS 6.2 GiB against 8.4-12.2 GiB; later scans 11.9-12.6 s
-  against 10.6-16.2 s (docs/prediction.md, "Huge pages, memory given back").
-  Needs the kernel's THP in ``always`` or ``madvise`` mode; where it is ``never``, or where
-  PyTorch made a large allocation before (its setting is read once), ``retain`` holds instead and
-  the record says why.
-- ``retain`` (``planar3d train`` on the CPU): glibc's per-allocation ``mmap`` and heap trimming
-  are turned off (``mallopt``), so freed tensors are reused without new faults: a full-width
-  training step 9.4-9.9 s against 11.5-13.4 s with ``huge-pages`` and 16.0-17.8 s with
-  ``default``: the same sizes come back every step, so reuse beats faulting in, even 2 MiB at a
-  time. The price is a higher and sticky resident size, which the memory planner counts
+- ``retain`` (``planar3d predict`` and ``planar3d train`` on the CPU): glibc's per-allocation
+  ``mmap`` and heap trimming are turned off (``mallopt``), so freed tensors are reused without
+  new faults. A full-width training step: 9.4-9.9 s against 11.5-13.4 s with ``huge-pages`` and
+  16.0-17.8 s with ``default``. The 1 mm head at full width: second scan of a folder 10.9-11.2 s
+  against 11.9-12.6 s with ``huge-pages``. The price is a higher and sticky resident size (peak
+  8.1-8.4 GiB for that head against 6.2-6.3 GiB), which the memory planner counts
   (:func:`free_heap_bytes`: what the process holds free for reuse, which ``MemAvailable`` does
   not include).
+- ``huge-pages`` (opt-in, for hosts short of memory): glibc keeps its default, so memory goes back
+  to the system when a tensor dies, and PyTorch asks for transparent huge pages on every
+  allocation of 2 MiB or more (its ``THP_MEM_ALLOC_ENABLE``, set in this process before its first
+  large allocation): 512 times fewer page faults. First scans were as fast as with ``retain``
+  (11.2-11.7 s against 11.8-12.2 s) when the virtual machine's memory had been touched just
+  before; on memory it had not touched for a while, either policy's first scan took up to 17-20 s
+  (docs/prediction.md, "Huge pages, memory given back"). Needs the kernel's THP in ``always`` or
+  ``madvise`` mode; where it is ``never``, or where PyTorch made a large allocation before (its
+  setting is read once), ``retain`` holds instead and the record says why.
 - ``default``: the allocator as it is.
 
 Importing the library changes nothing; the jobs call :func:`configure_host_memory` once.
@@ -42,7 +42,7 @@ import platform
 #: glibc ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-#: The host memory policies, in the order of the module docstring.
+#: The host memory policies (the module docstring says what each does).
 POLICIES = ("huge-pages", "retain", "default")
 #: Environment override of the job's policy (one of :data:`POLICIES`).
 ENVIRONMENT_VARIABLE = "PLANAR3D_HOST_MEMORY"

@@ -96,7 +96,7 @@ def test_provenance_in_header_sidecar_and_summary(scans, runs, tmp_path):
     from planar3d.host_memory import configure_host_memory
 
     # this process's setting (set once, by whichever job ran first), recorded, not compared
-    assert record["settings"]["host_memory"] == configure_host_memory("huge-pages")
+    assert record["settings"]["host_memory"] == configure_host_memory("retain")
 
 
 def test_rerun_reuses_only_same_model_and_settings(scans, runs, tmp_path):
