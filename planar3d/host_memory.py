@@ -17,8 +17,9 @@ for that (2.8 M page faults). Three policies (:data:`POLICIES`):
 - ``huge-pages`` (opt-in, for hosts short of memory): glibc keeps its default, so memory goes back
   to the system when a tensor dies, and PyTorch asks for transparent huge pages on every
   allocation of 2 MiB or more (its ``THP_MEM_ALLOC_ENABLE``, set in this process before its first
-  large allocation): a whole-head pass took 0.19 M page faults against 2.2-3.2 M. First scans were as fast as with ``retain``
-  (11.2-11.7 s against 11.8-12.2 s) when the virtual machine's memory had been touched just
+  large allocation): a process predicting the 1 mm head twice took 0.19 M page faults against
+  2.2-3.2 M with ``retain``. First scans were as fast as with ``retain`` (11.2-11.7 s against
+  11.8-12.2 s) when the virtual machine's memory had been touched just
   before; on memory it had not touched for a while, either policy's first scan took up to 17-20 s
   (docs/prediction.md, "Huge pages, memory given back"). Needs the kernel's THP in ``always`` or
   ``madvise`` mode; where it is ``never``, or where PyTorch made a large allocation before (its
