@@ -84,6 +84,9 @@ class HardNegativeSection(_Section):
     # brain_mask: the sidecar planar3d synth writes (planar3d.data.synth.brain_mask_path); a
     # case without one is sampled without weights, and the run says which cases those are
     prior: Optional[Literal["brain_mask"]] = "brain_mask"
+    # weight of a bright voxel outside the brain mask, against 1 inside: 0 never shows the
+    # network the scalp or the skull base as a hard negative (the brain-mask prior alone)
+    outside_weight: float = Field(0.0, ge=0, le=1)
 
 
 class DataSection(_Section):

@@ -202,12 +202,13 @@ def centre_indices_transform(config: TrainConfig):
     (both loaders compute their candidate centres with it, on the padded volume): the
     brightness threshold in network units (so the factor is the threshold and white matter is
     1), ``data.hard_negative.margin``, and the ``brain_mask`` key as prior when
-    ``data.hard_negative.prior`` asks for it."""
+    ``data.hard_negative.prior`` asks for it, floored at ``data.hard_negative.outside_weight``."""
     from planar3d.sampling import PatchCentreIndicesd
 
     return PatchCentreIndicesd("image", "label", brightness_factor=hard_negative_threshold(config), white_matter_value=1.0,
                                margin=config.data.hard_negative.margin,
-                               prior_key="brain_mask" if uses_brain_masks(config) else None)
+                               prior_key="brain_mask" if uses_brain_masks(config) else None,
+                               prior_floor=config.data.hard_negative.outside_weight)
 
 
 def sampling_transforms(config: TrainConfig, plane_axis: int, shapes: Sequence[Sequence[int]]) -> list:

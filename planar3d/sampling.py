@@ -78,16 +78,21 @@ class PatchCentreIndicesd(MapTransform):
         margin: lesion dilation (voxels, 6-connected steps) excluded from hard negatives.
         prior_key: optional key of a ``(1, X, Y, Z)`` or ``(X, Y, Z)`` non-negative map weighting
             the hard-negative centres (e.g. cortex probability); removed from the dictionary.
+        prior_floor: the least weight a bright voxel gets, in [0, 1]: with a brain mask as prior,
+            the weight of the bright voxels outside the brain (0: never a centre).
         prefix: the cached keys are ``{prefix}lesion_indices``, ``{prefix}hard_negative_indices``
             and, with a prior, ``{prefix}hard_negative_cumweights``.
     """
 
     def __init__(self, image_key: str = "image", label_key: str = "label",
                  brightness_factor: float = BRIGHTNESS_FACTOR, white_matter_value: float = 0.5,
-                 margin: int = 2, prior_key: Optional[str] = None, prefix: str = "centre_"):
+                 margin: int = 2, prior_key: Optional[str] = None, prior_floor: float = 0.0, prefix: str = "centre_"):
         super().__init__((image_key, label_key))
         if brightness_factor <= 0 or white_matter_value <= 0 or margin < 0:
             raise ValueError("brightness_factor and white_matter_value must be > 0, margin >= 0")
+        if not 0.0 <= prior_floor <= 1.0:
+            raise ValueError(f"prior_floor must be in [0, 1], got {prior_floor}")
+        self.prior_floor = float(prior_floor)
         self.image_key, self.label_key = image_key, label_key
         self.brightness_factor, self.white_matter_value = float(brightness_factor), float(white_matter_value)
         self.margin, self.prior_key, self.prefix = int(margin), prior_key, prefix
@@ -106,7 +111,7 @@ class PatchCentreIndicesd(MapTransform):
             prior = _numpy(out.pop(self.prior_key)).reshape(-1)
             if prior.size != image.size:
                 raise ValueError(f"prior has {prior.size} voxels, the image {image.size}")
-            weights = np.clip(prior[candidates].astype(np.float64), 0.0, None)
+            weights = np.maximum(prior[candidates].astype(np.float64), self.prior_floor)
             candidates = candidates[weights > 0]  # zero prior: never a centre
             out[self.prefix + "hard_negative_cumweights"] = np.cumsum(weights[weights > 0])
         out[self.prefix + "hard_negative_indices"] = candidates

@@ -94,6 +94,23 @@ def test_prior_weights_centres_and_zero_prior_excludes():
     assert all(p["patch_voxel"] == tuple(int(v) for v in chosen) for p in patches)
 
 
+def test_prior_floor_gives_bright_voxels_outside_the_prior_that_weight():
+    data = _volume()
+    mask = np.zeros(data["image"].shape[1:], np.float32)
+    mask[:20] = 1  # a "brain" over half the volume
+    plain = PatchCentreIndicesd("image", "label")(dict(data))["centre_hard_negative_indices"]
+    data["prior"] = mask
+    floored = PatchCentreIndicesd("image", "label", prior_key="prior", prior_floor=0.25)(dict(data))
+    np.testing.assert_array_equal(floored["centre_hard_negative_indices"], plain)  # none dropped
+    inside = mask.reshape(-1)[plain] > 0
+    assert inside.any() and (~inside).any()
+    np.testing.assert_array_equal(floored["centre_hard_negative_cumweights"], np.cumsum(np.where(inside, 1.0, 0.25)))
+    brain_only = PatchCentreIndicesd("image", "label", prior_key="prior")(dict(data))
+    np.testing.assert_array_equal(brain_only["centre_hard_negative_indices"], plain[inside])
+    with pytest.raises(ValueError, match="prior_floor"):
+        PatchCentreIndicesd(prior_key="prior", prior_floor=1.5)
+
+
 def test_torch_tensors_and_bad_arguments():
     data = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in _volume().items()}
     _, patches = _sample(data, seed=0, num_samples=3)
