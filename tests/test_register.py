@@ -37,6 +37,16 @@ def test_registration_recovers_a_shift_between_raw_host_and_stripped_template(sh
     assert dice > 0.9
 
 
+def test_seed_zero_gives_the_same_matrix_every_time():
+    """SimpleITK reads sampling seed 0 as "from the wall clock": it must not reach it."""
+    template = make_phantom_parts(np.random.default_rng(4), brain_extracted=True, bias=False)
+    host = make_phantom_parts(np.random.default_rng(5))
+    first, again = (register_to_host(template.flair, template.affine, host.flair, host.affine, seed=0) for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    other = register_to_host(template.flair, template.affine, host.flair, host.affine, seed=3)
+    assert not np.array_equal(first, other)  # the seed does reach the sampling
+
+
 def test_an_implausibly_scaled_fit_is_refused():
     from planar3d.data.register import check_plausible_scales
 

@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 #: RAS (nibabel) <-> LPS (ITK) world coordinates.
@@ -61,6 +63,24 @@ def _matrix_of(transform) -> np.ndarray:
     return out
 
 
+#: SimpleITK's seed 0 means "seed from the wall clock" (``sitk.sitkWallClock``), which made every
+#: registration with ``seed=0`` (synth's default) differ from run to run; 0 is mapped to this.
+SEED_FOR_ZERO = 0x5EED
+
+
+def sampling_seed(seed: int) -> int:
+    """The metric sampling seed given to SimpleITK: ``seed``, except 0 (:data:`SEED_FOR_ZERO`).
+
+    Example:
+        >>> sampling_seed(0), sampling_seed(7)
+        (24301, 7)
+    """
+    seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return SEED_FOR_ZERO if seed == 0 else seed
+
+
 def _optimise(transform, fixed, moving, moving_mask, seed: int) -> None:
     """Optimise ``transform`` in place: Mattes MI on the moving mask, coarse to fine."""
     import SimpleITK as sitk
@@ -68,7 +88,7 @@ def _optimise(transform, fixed, moving, moving_mask, seed: int) -> None:
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.05, seed)
+    method.SetMetricSamplingPercentage(0.05, sampling_seed(seed))
     method.SetMetricMovingMask(moving_mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
@@ -81,6 +101,18 @@ def _optimise(transform, fixed, moving, moving_mask, seed: int) -> None:
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(transform, inPlace=True)
     method.Execute(fixed, moving)
+
+
+def itk_reason(error: BaseException) -> str:
+    """The one-line reason of a SimpleITK exception (its last line, without ITK's class prefix).
+
+    Example:
+        >>> itk_reason(RuntimeError("Exception thrown in X: /a/b.hxx:263:\\nITK ERROR: Metric(0x55): no points."))
+        'no points.'
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    return re.sub(r"^ITK ERROR:\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", last)
 
 
 def register_to_host(template: np.ndarray, template_affine: np.ndarray, host: np.ndarray, host_affine: np.ndarray,
@@ -128,6 +160,8 @@ def register_to_host(template: np.ndarray, template_affine: np.ndarray, host: np
         transform.SetMatrix(similarity.GetMatrix())
         transform.SetTranslation(similarity.GetTranslation())
         _optimise(transform, fixed, moving, moving_mask, seed)
+    except RuntimeError as error:  # ITK's messages span lines and name source files: keep the reason
+        raise RuntimeError(itk_reason(error)) from None
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous_threads)
     return check_plausible_scales(_RAS_TO_LPS @ _matrix_of(transform) @ _RAS_TO_LPS)
