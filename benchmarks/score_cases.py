@@ -17,6 +17,7 @@ of the brain and "heavy" from 1 % (issue 9).
 Usage:
     python benchmarks/score_cases.py --model RUN/best.pt --manifest M.json [--cases ID,ID] [--min-lesion-size MM3]
     python benchmarks/score_cases.py --model A/best.pt --model B/best.pt --manifest M.json   # an ensemble
+    python benchmarks/score_cases.py --model RUN/best.pt --manifest M.json --brain-mask both  # with and without predict --brain-mask
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ import numpy as np
 from planar3d.data.synth import HEAVY_LOAD_MIN as HEAVY_MIN, LIGHT_LOAD_MAX as LIGHT_MAX, case_lesion_load
 
 
-def score_case(model, settings, case) -> dict:
-    """One case scored with ``model`` and ``settings`` from :func:`pipelines.predict.load_models`."""
+def score_case(model, settings, case, brain_masks=(False,)) -> list:
+    """One case scored with ``model`` and ``settings`` from :func:`pipelines.predict.load_models`:
+    one row for each of ``brain_masks`` (without, with the brain-mask rule: ``settings.brain_mask``
+    made the mask), from one probability map."""
     from pathlib import PurePosixPath
 
     from planar3d.io import read_volume
@@ -45,12 +48,17 @@ def score_case(model, settings, case) -> dict:
     label = prepared.reorientation.forward(read_volume(case.label)[0]) > 0
     spacing = prepared.reorientation.spacing
     probability = run_model(model, prepared, settings)
-    mask, _ = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size, settings.core_threshold)
-    lesions = lesion_metrics(mask, label, spacing)
     load = case_lesion_load(case.image, case.label)
-    voxel_ppv = float(np.count_nonzero(mask & label)) / max(int(np.count_nonzero(mask)), 1)
-    return {"case": case.id, "load": load, "dice": float(dice(mask, label)), "voxel_ppv": voxel_ppv,
-            **{k: float(lesions[k]) for k in ("lesion_f1", "lesion_ppv", "lesion_sensitivity", "n_ref", "n_pred")}}
+    rows = []
+    for with_brain in brain_masks:
+        mask, _ = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size, settings.core_threshold,
+                              prepared.brain if with_brain else None)
+        lesions = lesion_metrics(mask, label, spacing)
+        voxel_ppv = float(np.count_nonzero(mask & label)) / max(int(np.count_nonzero(mask)), 1)
+        rows.append({"case": case.id, "brain_mask": settings.brain_mask if with_brain else None, "load": load,
+                     "dice": float(dice(mask, label)), "voxel_ppv": voxel_ppv,
+                     **{k: float(lesions[k]) for k in ("lesion_f1", "lesion_ppv", "lesion_sensitivity", "n_ref", "n_pred")}})
+    return rows
 
 
 def main() -> None:
@@ -60,32 +68,38 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--cases", default="", help="comma-separated case ids (default: every labeled case)")
     parser.add_argument("--min-lesion-size", type=float, default=None, help="mm³ (default: the checkpoint's)")
+    parser.add_argument("--brain-mask", choices=("none", "mni152", "both"), default="none",
+                        help="score as predict --brain-mask does; both: each case without and with it (one model pass)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
 
     from planar3d.data.manifest import load_manifest
     from pipelines.predict import load_models
 
-    model, settings, _ = load_models(args.model, "cpu", min_lesion_size=args.min_lesion_size)
+    model, settings, _ = load_models(args.model, "cpu", min_lesion_size=args.min_lesion_size,
+                                     brain_mask=None if args.brain_mask == "none" else "mni152")
+    variants = {"none": (False,), "mni152": (True,), "both": (False, True)}[args.brain_mask]
     wanted = set(filter(None, args.cases.split(",")))
     cases = [c for c in load_manifest(args.manifest).cases if c.label is not None and (not wanted or c.id in wanted)]
     print(f"model {' + '.join(map(str, args.model))} (threshold {settings.threshold:g}, components <= {settings.min_lesion_size:g} mm³ removed), "
           f"{len(cases)} case(s) of {args.manifest}")
-    print("| case | load % | Dice | lesion F1 | lesion PPV | lesion sens. | voxel PPV | lesions ref/pred |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | brain mask | load % | Dice | lesion F1 | lesion PPV | lesion sens. | voxel PPV | lesions ref/pred |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for case in cases:
-        row = score_case(model, settings, case)
-        rows.append(row)
-        print(f"| {row['case']} | {100 * row['load']:.2f} | {row['dice']:.3f} | {row['lesion_f1']:.3f} | "
-              f"{row['lesion_ppv']:.3f} | {row['lesion_sensitivity']:.3f} | {row['voxel_ppv']:.3f} | "
-              f"{row['n_ref']:.0f}/{row['n_pred']:.0f} |", flush=True)
-    for name, chosen in (("all", rows), ("light (< 0.2 %)", [r for r in rows if r["load"] < LIGHT_MAX]),
-                         ("heavy (>= 1 %)", [r for r in rows if r["load"] >= HEAVY_MIN])):
-        if chosen:
-            means = {k: float(np.nanmean([r[k] for r in chosen])) for k in ("dice", "lesion_f1", "lesion_ppv")}
-            print(f"mean over {name} ({len(chosen)}): Dice {means['dice']:.3f}, lesion F1 {means['lesion_f1']:.3f}, "
-                  f"lesion PPV {means['lesion_ppv']:.3f}")
+        for row in score_case(model, settings, case, variants):
+            rows.append(row)
+            print(f"| {row['case']} | {row['brain_mask'] or 'none'} | {100 * row['load']:.2f} | {row['dice']:.3f} | "
+                  f"{row['lesion_f1']:.3f} | {row['lesion_ppv']:.3f} | {row['lesion_sensitivity']:.3f} | "
+                  f"{row['voxel_ppv']:.3f} | {row['n_ref']:.0f}/{row['n_pred']:.0f} |", flush=True)
+    for with_brain in variants:
+        scored = [r for r in rows if (r["brain_mask"] is not None) == with_brain]
+        for name, chosen in (("all", scored), ("light (< 0.2 %)", [r for r in scored if r["load"] < LIGHT_MAX]),
+                             ("heavy (>= 1 %)", [r for r in scored if r["load"] >= HEAVY_MIN])):
+            if chosen:
+                means = {k: float(np.nanmean([r[k] for r in chosen])) for k in ("dice", "lesion_f1", "lesion_ppv")}
+                print(f"mean over {name} ({len(chosen)}){', brain mask' if with_brain else ''}: Dice {means['dice']:.3f}, "
+                      f"lesion F1 {means['lesion_f1']:.3f}, lesion PPV {means['lesion_ppv']:.3f}")
     if args.json:
         from planar3d.io import json_safe, write_json
 

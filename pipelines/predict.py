@@ -16,7 +16,8 @@ Each scan goes through the steps training used, recorded in the ``planar3d-model
    its threshold, or ``min_lesion_size``; the components are those of
    :func:`planar3d.metrics.lesion.label_lesions`, so evaluation counts exactly the lesions kept),
    and, with a core threshold (the checkpoint's, or ``core_threshold``), of those whose highest
-   probability is at most it;
+   probability is at most it, and with ``brain_mask`` of those mostly outside the brain
+   (:mod:`planar3d.brain_mask`, made while the scan is prepared);
 5. **write**: back to the scan's own voxel order and written with :func:`planar3d.io.write_like`:
    the mask has the input's shape, affine, qform/sform and codes, voxel for voxel (uint8, 0/1).
 
@@ -114,6 +115,7 @@ def predict_folder(
     compile_model: bool = False,
     precision: str = "auto",
     core_threshold: Optional[float] = None,
+    brain_mask: Optional[str] = None,
 ) -> PredictionSummary:
     """Predict lesion masks for every scan of ``inputs`` (see the module docstring).
 
@@ -179,7 +181,7 @@ def predict_folder(
         [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path), device,
         threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta, min_lesion_size=min_lesion_size,
         sw_batch_size=sw_batch_size, layout=layout, compile_model=compile_model, precision=precision,
-        core_threshold=core_threshold)
+        core_threshold=core_threshold, brain_mask=brain_mask)
     settings = replace(settings, max_image_bytes=int(max_image_bytes))
     record["settings"]["host_memory"] = host_memory  # kept for the reader, not compared
     return predict_with_model(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -149,6 +149,10 @@ def write_batch_reports(summary: "PredictionSummary", reports: Dict[int, Tuple[A
                     scan=(sidecar.get("scan") or {}).get("name") or Path(result.input).name, min_lesion_size=0.0)
             except InputError:
                 continue
+            brain_mm3 = (sidecar.get("scan") or {}).get("brain_volume_mm3")
+            if brain_mm3:  # made with a brain mask: its volume is in the record, not in a file
+                scan_row = replace(scan_row, brain_volume_ml=brain_mm3 / 1000.0,
+                                   lesion_load_percent_of_brain=100.0 * scan_row.lesion_volume_ml * 1000.0 / brain_mm3)
             warnings = list((sidecar.get("scan") or {}).get("warnings") or [])
         scans.append(scan_row)
         lesions += lesion_rows

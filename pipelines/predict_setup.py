@@ -55,6 +55,8 @@ class InferenceSettings:
         device: torch device string.
         precision: ``"fp32"`` or ``"bf16"`` (resolved by :func:`planar3d.inference.resolve_precision`).
         max_image_bytes: largest image accepted (see :func:`planar3d.io.load_image`).
+        brain_mask: ``None``, or how each scan's brain mask is made (:data:`planar3d.brain_mask.BRAIN_MASK_SOURCES`):
+            predicted lesions mostly outside it are removed.
     """
 
     normalization: NormalizationConfig = NormalizationConfig()
@@ -70,6 +72,7 @@ class InferenceSettings:
     device: str = "cpu"
     precision: str = "fp32"
     max_image_bytes: int = MAX_IMAGE_BYTES
+    brain_mask: Optional[str] = None
 
     @classmethod
     def from_checkpoint(
@@ -84,6 +87,7 @@ class InferenceSettings:
         device: str = "cpu",
         precision: str = "auto",
         core_threshold: Optional[float] = None,
+        brain_mask: Optional[str] = None,
     ) -> "InferenceSettings":
         """Settings of a :class:`planar3d.checkpoint.ModelCheckpoint`; arguments not None override it.
 
@@ -113,6 +117,10 @@ class InferenceSettings:
         core_threshold = checkpoint.core_threshold if core_threshold is None else core_threshold
         if core_threshold is not None and not 0.0 <= float(core_threshold) < 1.0:
             raise ConfigError(f"core_threshold must be in [0, 1), got {core_threshold}")
+        from planar3d.brain_mask import BRAIN_MASK_SOURCES
+
+        if brain_mask is not None and brain_mask not in BRAIN_MASK_SOURCES:
+            raise ConfigError(f"brain_mask must be one of {', '.join(BRAIN_MASK_SOURCES)} (or none), got {brain_mask!r}")
         from planar3d.inference import resolve_precision
 
         try:
@@ -132,6 +140,7 @@ class InferenceSettings:
             sw_batch_size=int(sw_batch_size),
             device=str(device),
             precision=precision,
+            brain_mask=brain_mask,
         )
 
 

@@ -23,23 +23,26 @@ import numpy as np
 
 from planar3d.checkpoint import ModelCheckpoint
 from planar3d.io import voxel_spacing, write_json, write_like
-from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3, drop_unconfident_components, label_lesions
+from planar3d.metrics.lesion import (
+    MIN_LESION_SIZE_MM3, drop_components_outside, drop_unconfident_components, label_lesions,
+)
 from planar3d.naming import MASK_SUFFIX, PROBABILITY_SUFFIX, layout_output_path, strip_nifti_extension
 from planar3d.preprocess import Reorientation, load_preprocessed
 from pipelines.predict_setup import InferenceSettings, ScanInput
 from pipelines.prediction_record import MASK_INTENT_NAME, header_description, prediction_record, sidecar_path
 
 QC_SUFFIX = "_qc"
-STEPS = ("load", "preprocess", "model", "postprocess", "write")
+STEPS = ("load", "preprocess", "brain_mask", "model", "postprocess", "write")
 
 
 def lesion_mask(probability: np.ndarray, threshold: float, spacing: Sequence[float],
                 min_lesion_size: float = MIN_LESION_SIZE_MM3,
-                core_threshold: Optional[float] = None) -> Tuple[np.ndarray, int]:
+                core_threshold: Optional[float] = None, brain: Optional[np.ndarray] = None) -> Tuple[np.ndarray, int]:
     """Step 4, the one post-processing rule: voxels above ``threshold``, without the 6-connected
-    components of volume ≤ ``min_lesion_size`` mm³ (0: keep all) and, with ``core_threshold``,
-    without those whose highest probability is at most it (hysteresis); returns
-    ``(mask, lesions kept)``.
+    components of volume ≤ ``min_lesion_size`` mm³ (0: keep all), with ``core_threshold``
+    without those whose highest probability is at most it (hysteresis), and with a ``brain``
+    mask (same grid) without those of which less than
+    :data:`planar3d.brain_mask.MIN_INSIDE_FRACTION` lies in it; returns ``(mask, lesions kept)``.
 
     The components are those of :func:`planar3d.metrics.lesion.label_lesions` (the MSSEG rule),
     so evaluation counts exactly the lesions kept. Only voxel volume matters, so ``spacing`` may
@@ -48,6 +51,10 @@ def lesion_mask(probability: np.ndarray, threshold: float, spacing: Sequence[flo
     probability = np.asarray(probability)
     labels, lesions = label_lesions(probability > threshold, spacing, max(float(min_lesion_size), 0.0))
     labels, lesions = drop_unconfident_components(labels, lesions, probability, core_threshold)
+    if brain is not None:
+        from planar3d.brain_mask import MIN_INSIDE_FRACTION
+
+        labels, lesions = drop_components_outside(labels, lesions, brain, MIN_INSIDE_FRACTION)
     return labels > 0, lesions
 
 
@@ -74,18 +81,36 @@ class PreparedScan:
     timings: Dict[str, float] = field(default_factory=dict)
     report: Optional[Tuple[Any, List[Any]]] = None  # (ScanRow, [LesionRow]) of planar3d.lesion_report
     warnings: List[str] = field(default_factory=list)  # planar3d.qc_page.scan_warnings
+    brain: Optional[np.ndarray] = None  # brain mask in RAS order (settings.brain_mask), else None
 
 
 def prepare_scan(scan: ScanInput, settings: InferenceSettings, keep_raw: bool = False) -> PreparedScan:
     """Steps 1-2 (:func:`planar3d.preprocess.load_preprocessed`): read with input checks,
-    reorient to RAS, normalise.
+    reorient to RAS, normalise; with ``settings.brain_mask``, the brain mask
+    (:func:`planar3d.brain_mask.mni152_brain_mask`, registered on the raw RAS intensities).
 
     Raises:
-        InputError: the file cannot be used (unreadable, truncated, not 3D, NaN, constant).
+        InputError: the file cannot be used (unreadable, truncated, not 3D, NaN, constant), or
+            its brain mask could not be made (a failed registration).
     """
-    loaded = load_preprocessed(scan.path, settings.normalization, keep_raw=keep_raw,
+    loaded = load_preprocessed(scan.path, settings.normalization, keep_raw=keep_raw or settings.brain_mask is not None,
                               max_image_bytes=settings.max_image_bytes)
-    return PreparedScan(scan, loaded.image, loaded.reorientation, loaded.volume, loaded.raw, dict(loaded.seconds))
+    prepared = PreparedScan(scan, loaded.image, loaded.reorientation, loaded.volume, loaded.raw, dict(loaded.seconds))
+    if settings.brain_mask is not None:
+        import nibabel as nib
+
+        from planar3d.brain_mask import mni152_brain_mask
+        from planar3d.errors import InputError
+
+        start = time.perf_counter()
+        try:
+            prepared.brain = mni152_brain_mask(nib.Nifti1Image(loaded.raw, loaded.reorientation.affine), loaded.raw)
+        except ValueError as error:
+            raise InputError(scan.path, f"brain mask: {error}") from None
+        prepared.timings["brain_mask"] = time.perf_counter() - start
+        if not keep_raw:
+            prepared.raw_ras = None
+    return prepared
 
 
 @dataclass
@@ -199,12 +224,14 @@ def finish_scan(
     start = time.perf_counter()
     record = record if record is not None else prediction_record([], asdict(settings))
     spacing = voxel_spacing(prepared.image)
-    mask_ras, lesions = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size, settings.core_threshold)
+    mask_ras, lesions = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size,
+                                    settings.core_threshold, prepared.brain)
     mask = prepared.reorientation.inverse(mask_ras)
     probability_scan = prepared.reorientation.inverse(probability)
+    brain = None if prepared.brain is None else prepared.reorientation.inverse(prepared.brain)
     # the mask holds only kept lesions, so no size rule again: the report counts exactly them
     prepared.report = scan_lesion_report(mask, prepared.image.affine, prepared.scan.relative.as_posix(),
-                                         probability=probability_scan, min_lesion_size=0.0)
+                                         probability=probability_scan, brain_mask=brain, min_lesion_size=0.0)
     if prepared.raw_ras is not None:
         prepared.warnings = scan_warnings(prepared.raw_ras, mask_ras)
     postprocessed = time.perf_counter()
@@ -220,12 +247,13 @@ def finish_scan(
         raw = prepared.raw_ras if prepared.raw_ras is not None else prepared.reorientation.forward(np.asarray(prepared.image.dataobj))
         save_ras_overlay_png(raw, {"prediction": mask_ras}, prepared.reorientation.affine, outputs.qc, plane_axis=settings.plane_axis)
     stats = {"lesions": lesions, "lesion_volume_mm3": float(mask.sum()) * float(np.prod(spacing))}
+    brain_stats = {} if brain is None else {"brain_volume_mm3": float(np.count_nonzero(brain)) * float(np.prod(spacing))}
     write_json(outputs.record, {
         **record, "input": str(prepared.scan.path),
         # relative to the mask's folder, so the output folder can move
         "outputs": {"probability": None if outputs.probability is None else os.path.relpath(outputs.probability, outputs.mask.parent),
                     "qc": None if outputs.qc is None else os.path.relpath(outputs.qc, outputs.mask.parent)},
-        "scan": {"name": prepared.scan.relative.as_posix(), **stats, "warnings": prepared.warnings},
+        "scan": {"name": prepared.scan.relative.as_posix(), **stats, **brain_stats, "warnings": prepared.warnings},
     })
     prepared.timings["postprocess"] = postprocessed - start
     prepared.timings["write"] = time.perf_counter() - postprocessed

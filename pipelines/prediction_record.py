@@ -37,7 +37,8 @@ RECORD_FORMAT = "planar3d-prediction/1"
 MASK_INTENT_NAME = "planar3d-mask"
 #: Settings that change the output, compared by :func:`reuse_problem`. The device and batch size are
 #: not: a device changes the mask only through its precision (bf16 or fp32), which is compared.
-COMPARED_SETTINGS = ("threshold", "min_lesion_size", "core_threshold", "tta", "roi_size", "overlap", "precision", "layout")
+COMPARED_SETTINGS = ("threshold", "min_lesion_size", "core_threshold", "tta", "roi_size", "overlap", "precision", "layout",
+                     "brain_mask")
 
 
 def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str, Any], layout: str = "suffix",
@@ -47,7 +48,8 @@ def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str
     Args:
         models: one ``{"path", "sha256", "threshold"}`` per model (several: an ensemble).
         settings: the inference settings (``threshold``, ``min_lesion_size``, ``core_threshold``,
-            ``flip_axes``, ``roi_size``, ``overlap``, ``precision``; others are kept but not compared).
+            ``flip_axes``, ``roi_size``, ``overlap``, ``precision``, ``brain_mask``; others are kept
+            but not compared).
         layout: the output layout (:data:`planar3d.naming.LAYOUTS`).
         version: planar3d's version (default: this package's).
     """
@@ -66,6 +68,7 @@ def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str
             "overlap": float(settings["overlap"]),
             "precision": str(settings.get("precision", "fp32")),
             "layout": layout,
+            "brain_mask": settings.get("brain_mask"),
         },
     }
 

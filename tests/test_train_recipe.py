@@ -172,6 +172,18 @@ def test_hard_negative_patches_are_bright_non_lesion_voxels_inside_the_brain(pha
     assert any(not brain[p["patch_voxel"]] for p in unweighted)
 
 
+def test_outside_weight_puts_some_hard_negatives_outside_the_brain(phantom_manifest):
+    """Phantoms have far more bright voxels outside their brain than in it (scalp): at weight 0.005 both kinds are drawn."""
+    config = load_config("default", ["data.ratios=[0, 1, 0]", "data.samples_per_volume=64", "data.patch_size=[16, 16, 8]",
+                                     "data.hard_negative.outside_weight=0.005"])
+    loaded, patches = _centres(config, load_manifest(phantom_manifest).cases[0])
+    brain = loaded["brain_mask"][0] > 0
+    outside = sum(not brain[p["patch_voxel"]] for p in patches)
+    assert 0 < outside < 64 and all(p["patch_kind"] == "hard_negative" for p in patches)
+    with pytest.raises(ConfigError, match="outside_weight"):
+        load_config("default", ["data.hard_negative.outside_weight=1.5"])
+
+
 def test_missing_brain_masks_are_recorded_not_silent(phantom_manifest, tmp_path, caplog):
     from pipelines.train import sampling_record
 

@@ -122,6 +122,29 @@ def drop_unconfident_components(labels: np.ndarray, n: int, probability: np.ndar
     return _keep_components(labels, n, maximum_per_component(np.asarray(probability)[coordinates], labels[coordinates]) > core_threshold)
 
 
+def drop_components_outside(labels: np.ndarray, n: int, inside: np.ndarray,
+                            min_inside_fraction: float) -> Tuple[np.ndarray, int]:
+    """``labels`` (components ``1..n``) without those of which less than ``min_inside_fraction``
+    of the voxels lie in ``inside`` (e.g. a brain mask), renumbered ``1..kept``; returns
+    ``(labels, kept)``.
+
+    Example:
+        >>> labels, n = components(np.array([[1, 1, 0, 1, 1, 1]]))
+        >>> brain = np.array([[1, 0, 0, 1, 0, 0]], bool)
+        >>> kept, m = drop_components_outside(labels, n, brain, 0.5)
+        >>> kept.tolist(), m
+        ([[1, 1, 0, 0, 0, 0]], 1)
+    """
+    if n == 0:
+        return labels, 0
+    inside = np.asarray(inside, dtype=bool)
+    if inside.shape != labels.shape:
+        raise ValueError(f"mask shape {inside.shape} differs from the components' {labels.shape}")
+    total = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    within = np.bincount(labels[inside], minlength=n + 1)[1:]
+    return _keep_components(labels, n, within >= min_inside_fraction * total)
+
+
 def overlap_matrix(labels_a: np.ndarray, n_a: int, labels_b: np.ndarray, n_b: int) -> np.ndarray:
     """``M[i, j]`` = number of voxels in lesion ``i`` of ``a`` and lesion ``j`` of ``b`` (row/col 0: background)."""
     codes = labels_a.ravel().astype(np.int64) * (n_b + 1) + labels_b.ravel()

@@ -1,0 +1,122 @@
+"""The brain mask at prediction (planar3d.brain_mask, predict --brain-mask): the component rule,
+the registered ICBM152 mask on a real head, the record and reuse, and failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from planar3d.brain_mask import MIN_INSIDE_FRACTION, mni152_brain_mask
+from planar3d.checkpoint import ModelCheckpoint
+from planar3d.metrics.lesion import components, drop_components_outside
+from planar3d.networks import PlanarResUNetConfig
+from pipelines.predict import InferenceSettings, lesion_mask, predict_folder
+from pipelines.predict_setup import ScanInput
+from pipelines.predict_steps import OutputPaths, finish_scan, prepare_scan, run_model
+from tests.test_atlas import downsampled_real_head
+from tests.test_predict import FixedLogits, _scan, checkpoint, folder  # noqa: F401 (fixtures)
+
+
+def test_components_mostly_outside_are_dropped_exactly():
+    mask = np.zeros((1, 30), bool)
+    mask[0, 0:4] = mask[0, 6:10] = mask[0, 12:20] = True      # three components of 4, 4 and 8 voxels
+    brain = np.zeros_like(mask)
+    brain[0, 0:2] = True     # 2 of 4 inside: exactly half, kept
+    brain[0, 6:7] = True     # 1 of 4: dropped
+    brain[0, 12:20] = True   # all inside: kept
+    labels, n = components(mask)
+    kept, m = drop_components_outside(labels, n, brain, 0.5)
+    assert m == 2 and MIN_INSIDE_FRACTION == 0.5
+    np.testing.assert_array_equal(kept > 0, mask & ~np.isin(np.arange(30), range(6, 10))[None])
+    assert sorted(np.unique(kept).tolist()) == [0, 1, 2]  # renumbered
+    with pytest.raises(ValueError, match="shape"):
+        drop_components_outside(labels, n, brain[:, :10], 0.5)
+    probability = mask.astype(np.float32)[..., None] * 0.9
+    assert lesion_mask(probability, 0.5, (1, 1, 1), 0.0, brain=brain[..., None])[1] == 2
+    assert lesion_mask(probability, 0.5, (1, 1, 1), 0.0)[1] == 3
+
+
+@pytest.mark.slow
+def test_registered_brain_mask_keeps_the_brain_lesion_and_drops_the_one_in_air(tmp_path):
+    """Real registration on the real 1 mm head at 4 mm; a lesion in the brain's centre and one in the air."""
+    head = downsampled_real_head()
+    path = tmp_path / "head.nii.gz"
+    nib.save(head, path)
+    probability = np.zeros(head.shape, np.float32)
+    centre = tuple(s // 2 for s in head.shape)
+    probability[centre[0] - 1:centre[0] + 2, centre[1] - 1:centre[1] + 2, centre[2]:centre[2] + 2] = 0.9   # 18 voxels
+    probability[0:2, 0:2, 0:2] = 0.9                                                                       # 8 voxels of air
+    logits = np.log(probability.clip(1e-6, 1 - 1e-6) / (1 - probability.clip(1e-6, 1 - 1e-6)))
+    settings = InferenceSettings(threshold=0.5, min_lesion_size=0.0, brain_mask="mni152")
+    prepared = prepare_scan(ScanInput(path, path.relative_to(tmp_path)), settings)
+    brain_ml = prepared.brain.sum() * 64 / 1000
+    assert 900 < brain_ml < 2000 and prepared.brain[centre] and not prepared.brain[0, 0, 0]
+    assert prepared.raw_ras is None and prepared.timings["brain_mask"] > 0  # raw intensities not kept past the mask
+    outputs = OutputPaths(tmp_path / "out" / "head_mask.nii.gz")
+    stats = finish_scan(prepared, run_model(FixedLogits(logits), prepared, settings), outputs, settings)
+    assert stats == {"lesions": 1, "lesion_volume_mm3": pytest.approx(18 * 64.0, rel=1e-5)}  # 4 mm voxels, in float32
+    written = nib.load(outputs.mask)
+    assert np.array_equal(written.affine, head.affine) and written.shape == head.shape
+    assert np.asarray(written.dataobj).sum() == 18 and np.asarray(written.dataobj)[centre]
+    record = json.loads(outputs.record.read_text())
+    assert record["settings"]["brain_mask"] == "mni152"
+    assert record["scan"]["brain_volume_mm3"] == pytest.approx(brain_ml * 1000, rel=1e-5)
+    row = prepared.report[0]
+    assert row.brain_volume_ml == pytest.approx(brain_ml, rel=1e-5)
+    assert row.lesion_load_percent_of_brain == pytest.approx(100 * 18 * 64 / (brain_ml * 1000), rel=1e-5)
+    # the same mask on the same scan: the registration is seeded
+    np.testing.assert_array_equal(mni152_brain_mask(nib.Nifti1Image(prepared.reorientation.forward(np.asarray(head.dataobj, np.float32)),
+                                                                    prepared.reorientation.affine)), prepared.brain)
+
+
+def test_folder_records_the_brain_mask_and_a_rerun_without_it_redoes_the_scans(folder, checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    import planar3d.brain_mask as brain_mask
+
+    # registration is tested above on a real head; here every voxel is "brain", 2 mm³ each
+    monkeypatch.setattr(brain_mask, "mni152_brain_mask", lambda image, data=None, seed=0: np.ones(image.shape, bool))
+    out = tmp_path / "out"
+    first = predict_folder(folder, out, checkpoint, brain_mask="mni152", progress=False)
+    assert len(first.done) == 5
+    record = json.loads((out / "z_mask.json").read_text())
+    assert record["settings"]["brain_mask"] == "mni152"
+    assert record["scan"]["brain_volume_mm3"] == 16 * 12 * 8 * 2.0
+
+    def scan_rows():
+        with open(out / "lesion_report_scans.csv", newline="") as handle:
+            return {row["scan"]: row for row in csv.DictReader(handle)}
+
+    assert float(scan_rows()["z.nii.gz"]["brain_volume_ml"]) == pytest.approx(16 * 12 * 8 * 2.0 / 1000)
+    again = predict_folder(folder, out, checkpoint, brain_mask="mni152", progress=False)
+    assert [r.status for r in again.results] == ["skipped"] * 5
+    # reused scans keep their brain volume in the report (from the record: no mask file is written)
+    assert float(scan_rows()["z.nii.gz"]["brain_volume_ml"]) == pytest.approx(16 * 12 * 8 * 2.0 / 1000)
+    without = predict_folder(folder, out, checkpoint, progress=False)
+    assert len(without.done) == 5 and all("brain mask mni152, now None" in r.redone for r in without.done)
+    assert json.loads((out / "z_mask.json").read_text())["settings"]["brain_mask"] is None
+
+
+def test_a_scan_the_template_cannot_register_fails_alone_with_its_reason(tmp_path, checkpoint):  # noqa: F811
+    """A 16x12x8 random volume is no head: that scan fails with a one-line reason, the batch goes on."""
+    scans = tmp_path / "in"
+    _scan(scans / "tiny.nii.gz")
+    summary = predict_folder(scans, tmp_path / "out", checkpoint, brain_mask="mni152", progress=False)
+    (failed,) = summary.failed
+    assert "tiny.nii.gz" in failed.error and "brain mask: registration of the MNI152 template failed" in failed.error
+    assert "\n" not in failed.error and "ITK ERROR" not in failed.error and ".hxx" not in failed.error
+    assert not (tmp_path / "out" / "tiny_mask.nii.gz").exists()
+
+
+def test_bad_brain_mask_values(tmp_path, checkpoint):  # noqa: F811
+    from pipelines.cli import app
+    from planar3d.errors import ConfigError
+
+    result = CliRunner().invoke(app, ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(checkpoint),
+                                      "--brain-mask", "hd-bet"])
+    assert result.exit_code != 0 and "--brain-mask must be none or mni152, got 'hd-bet'" in result.output
+    with pytest.raises(ConfigError, match="brain_mask must be one of mni152"):
+        InferenceSettings.from_checkpoint(ModelCheckpoint({}, PlanarResUNetConfig()), brain_mask="hd-bet")
