@@ -82,6 +82,7 @@ class PreparedScan:
     report: Optional[Tuple[Any, List[Any]]] = None  # (ScanRow, [LesionRow]) of planar3d.lesion_report
     warnings: List[str] = field(default_factory=list)  # planar3d.qc_page.scan_warnings
     brain: Optional[np.ndarray] = None  # brain mask in RAS order (settings.brain_mask), else None
+    passes: Dict[str, Any] = field(default_factory=dict)  # how the model ran (planar3d.inference.predict_probabilities)
 
 
 def prepare_scan(scan: ScanInput, settings: InferenceSettings, keep_raw: bool = False) -> PreparedScan:
@@ -132,21 +133,26 @@ class Ensemble:
         from planar3d.ensemble import average_probabilities
         from planar3d.preprocess import normalize_intensity
 
-        maps = []
+        maps, member_passes = [], []
         for model, member in zip(self.models, self.settings):
             volume = prepared.volume if member.normalization == settings.normalization \
                 else normalize_intensity(prepared.raw_ras, member.normalization)
-            maps.append(_probabilities(model, volume, member, progress))
+            member_passes.append({})
+            maps.append(_probabilities(model, volume, member, progress, member_passes[-1]))
+        # the record shows a member that had to run in slabs, else the first (they all ran alike)
+        prepared.passes = next(({**passes, "member": index} for index, passes in enumerate(member_passes)
+                                if passes.get("mode") == "slabs"), member_passes[0])
         return average_probabilities(maps)
 
 
-def _probabilities(model: Any, volume: np.ndarray, settings: InferenceSettings, progress: bool = False) -> np.ndarray:
+def _probabilities(model: Any, volume: np.ndarray, settings: InferenceSettings, progress: bool = False,
+                   passes: Optional[Dict[str, Any]] = None) -> np.ndarray:
     from planar3d.inference import predict_probabilities
 
     return predict_probabilities(
         model, volume, roi_size=settings.roi_size, overlap=settings.overlap,
         sw_batch_size=settings.sw_batch_size, device=settings.device, flip_axes=settings.flip_axes,
-        in_channels=settings.in_channels, precision=settings.precision, progress=progress,
+        in_channels=settings.in_channels, precision=settings.precision, progress=progress, passes=passes,
     )
 
 
@@ -157,7 +163,12 @@ def run_model(model: Any, prepared: PreparedScan, settings: InferenceSettings, p
     if isinstance(model, Ensemble):
         probability = model.probabilities(prepared, settings, progress)
     else:
-        probability = _probabilities(model, prepared.volume, settings, progress)
+        probability = _probabilities(model, prepared.volume, settings, progress, prepared.passes)
+    if prepared.passes.get("warning"):
+        import logging
+
+        prepared.warnings.append(prepared.passes["warning"])
+        logging.getLogger("planar3d.predict").warning("warning: %s: %s", prepared.scan.relative.as_posix(), prepared.passes["warning"])
     prepared.volume = None  # type: ignore[assignment]
     prepared.timings["model"] = time.perf_counter() - start
     return probability
@@ -233,7 +244,7 @@ def finish_scan(
     prepared.report = scan_lesion_report(mask, prepared.image.affine, prepared.scan.relative.as_posix(),
                                          probability=probability_scan, brain_mask=brain, min_lesion_size=0.0)
     if prepared.raw_ras is not None:
-        prepared.warnings = scan_warnings(prepared.raw_ras, mask_ras)
+        prepared.warnings = prepared.warnings + scan_warnings(prepared.raw_ras, mask_ras)
     postprocessed = time.perf_counter()
     outputs.mask.parent.mkdir(parents=True, exist_ok=True)
     write_like(mask.astype(np.uint8), prepared.image, outputs.mask, np.uint8,
@@ -253,7 +264,8 @@ def finish_scan(
         # relative to the mask's folder, so the output folder can move
         "outputs": {"probability": None if outputs.probability is None else os.path.relpath(outputs.probability, outputs.mask.parent),
                     "qc": None if outputs.qc is None else os.path.relpath(outputs.qc, outputs.mask.parent)},
-        "scan": {"name": prepared.scan.relative.as_posix(), **stats, **brain_stats, "warnings": prepared.warnings},
+        "scan": {"name": prepared.scan.relative.as_posix(), **stats, **brain_stats, "model_passes": prepared.passes,
+                 "warnings": prepared.warnings},
     })
     prepared.timings["postprocess"] = postprocessed - start
     prepared.timings["write"] = time.perf_counter() - postprocessed

@@ -194,3 +194,25 @@ def test_validation_scores_the_probabilities_predict_produces():
 
     assert repr(choice) == repr(scored(whole))  # repr: the table may hold NaN PPVs
     assert repr(choice) != repr(scored(slabs))
+
+
+def test_how_the_model_ran_is_reported_and_instance_norm_slabs_warn():
+    """Under instance norm a slab is normalised by its own statistics, so even the exact margin
+    does not give the whole pass: the caller is told, with a warning to pass on."""
+    from planar3d.inference import uses_instance_norm
+
+    volume = np.random.default_rng(0).normal(size=(12, 10, 131)).astype(np.float32)
+    plain, normed = _net(), _net(norm="instance")
+    assert not uses_instance_norm(plain) and uses_instance_norm(normed)
+    budget = estimated_forward_bytes(normed, volume.shape, "cpu") * 120 // 131
+    for net, warned in ((plain, False), (normed, True)):
+        whole_passes, slab_passes = {}, {}
+        whole = predict_probabilities(net, volume, passes=whole_passes)
+        slabs = predict_probabilities(net, volume, margin=EXACT_MARGIN_PLANES, memory_budget=budget, passes=slab_passes)
+        assert whole_passes == {"mode": "whole"}
+        assert slab_passes["mode"] == "slabs" and slab_passes["slabs"] >= 2
+        assert ("warning" in slab_passes) == warned
+        assert (np.abs(slabs - whole).max() > 1e-3) == warned  # exact margins: equal without instance norm only
+    windows = {}
+    predict_probabilities(plain, volume, roi_size=(8, 8, 32), passes=windows)
+    assert windows == {"mode": "windows"}

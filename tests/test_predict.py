@@ -278,3 +278,22 @@ def test_cli(folder, bad_folder, checkpoint, tmp_path):
     result = runner.invoke(app, ["predict", "-i", str(folder), "-o", str(tmp_path / "x"), "--model", str(checkpoint),
                                  "--num-parts", "2", "--part-id", "2"])
     assert result.exit_code == 1 and "--part-id" in result.output
+
+
+def test_the_record_says_how_the_model_ran_and_warns_of_instance_norm_slabs(tmp_path, monkeypatch):
+    import planar3d.inference as inference
+    from planar3d.networks import PlanarResUNet
+
+    config = PlanarResUNetConfig(width=0.0625, norm="instance")
+    torch.manual_seed(0)
+    ModelCheckpoint(PlanarResUNet(config).state_dict(), config, NormalizationConfig(), threshold=0.5,
+                    roi_size=None, overlap=0.25).save(tmp_path / "normed.pt")
+    _scan(tmp_path / "in" / "long.nii.gz", shape=(32, 32, 48))  # instance norm needs > 1 voxel at the bottleneck
+    whole = predict_folder(tmp_path / "in", tmp_path / "whole", tmp_path / "normed.pt", progress=False)
+    record = json.loads((tmp_path / "whole" / "long_mask.json").read_text())
+    assert whole.done and record["scan"]["model_passes"] == {"mode": "whole"} and record["scan"]["warnings"] == []
+    monkeypatch.setattr(inference, "memory_budget_bytes", lambda device: 1)  # no memory: 16-plane slabs
+    predict_folder(tmp_path / "in", tmp_path / "starved", tmp_path / "normed.pt", progress=False)
+    record = json.loads((tmp_path / "starved" / "long_mask.json").read_text())
+    assert record["scan"]["model_passes"]["mode"] == "slabs" and record["scan"]["model_passes"]["slabs"] == 3
+    assert any("instance norm" in w and "3 slabs" in w for w in record["scan"]["warnings"])
