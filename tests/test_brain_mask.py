@@ -74,11 +74,44 @@ def test_registered_brain_mask_keeps_the_brain_lesion_and_drops_the_one_in_air(t
                                                                     prepared.reorientation.affine)), prepared.brain)
 
 
+def test_a_fit_that_puts_the_brain_on_air_is_retried_with_the_next_seed(monkeypatch):
+    """Fits stand in for the registration: the real head's brain is within 1.2x of the template's
+    about the origin (0.2 % of it on air); moved 60 mm it lies 30 % on air."""
+    import planar3d.data.atlas as atlas
+    from planar3d.brain_mask import MAX_BRAIN_ON_AIR, SEEDS
+    from scipy import ndimage
+
+    head = downsampled_real_head()
+    good = np.diag([1.2, 1.2, 1.2, 1.0])
+    moved = good.copy()
+    moved[1, 3] = 60.0
+    tried = []
+
+    def fits(table):
+        def register(image, data=None, seed=0):
+            tried.append(seed)
+            if isinstance(table[seed], Exception):
+                raise table[seed]
+            return table[seed]
+        return register
+
+    monkeypatch.setattr(atlas, "register_mni152_to_host", fits({0: moved, 1: good, 2: good}))
+    expected = ndimage.binary_fill_holes(atlas.prior_in_host(atlas.load_mni152().brain_mask, head, good) >= 0.5)
+    np.testing.assert_array_equal(mni152_brain_mask(head), expected)
+    assert tried == [0, 1] and SEEDS == (0, 1, 2) and MAX_BRAIN_ON_AIR == 0.05
+    monkeypatch.setattr(atlas, "register_mni152_to_host", fits({0: moved, 1: moved, 2: RuntimeError("no points.")}))
+    with pytest.raises(ValueError, match=r"lies at best 30% on air \(at most 5% allowed\) after 3 tries"):
+        mni152_brain_mask(head)
+    monkeypatch.setattr(atlas, "register_mni152_to_host", fits({s: RuntimeError("no points.") for s in SEEDS}))
+    with pytest.raises(ValueError, match="registration of the MNI152 template failed: no points."):
+        mni152_brain_mask(head)
+
+
 def test_folder_records_the_brain_mask_and_a_rerun_without_it_redoes_the_scans(folder, checkpoint, tmp_path, monkeypatch):  # noqa: F811
     import planar3d.brain_mask as brain_mask
 
     # registration is tested above on a real head; here every voxel is "brain", 2 mm³ each
-    monkeypatch.setattr(brain_mask, "mni152_brain_mask", lambda image, data=None, seed=0: np.ones(image.shape, bool))
+    monkeypatch.setattr(brain_mask, "mni152_brain_mask", lambda image, data=None: np.ones(image.shape, bool))
     out = tmp_path / "out"
     first = predict_folder(folder, out, checkpoint, brain_mask="mni152", progress=False)
     assert len(first.done) == 5
