@@ -63,6 +63,9 @@ def _matrix_of(transform) -> np.ndarray:
     return out
 
 
+#: Share of the host's voxels at which the metric is evaluated (a jittered regular grid).
+SAMPLING_PERCENTAGE = 0.10
+
 #: SimpleITK's seed 0 means "seed from the wall clock" (``sitk.sitkWallClock``), which made every
 #: registration with ``seed=0`` (synth's default) differ from run to run; 0 is mapped to this.
 SEED_FOR_ZERO = 0x5EED
@@ -87,8 +90,11 @@ def _optimise(transform, fixed, moving, moving_mask, seed: int) -> None:
 
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.05, sampling_seed(seed))
+    # A regular grid of 10 % of the voxels (jittered by the seed), not 5 % at random: on three
+    # variants of one clinical head (0.9x0.9x3 mm), seeds 0 and 1, the random 5 % gave brains of
+    # 1142-1511 ml (scales 1.05-1.23), the grid 1132-1205 ml, in no more time (docs/synthetic_data.md).
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(SAMPLING_PERCENTAGE, sampling_seed(seed))
     method.SetMetricMovingMask(moving_mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
