@@ -11,10 +11,10 @@ An affine fit does not follow one brain's folds, so the mask is only trusted for
 brain is*, never to cut a lesion's voxels: a lesion is kept or dropped whole.
 
 Measured on cached probabilities of twelve width-0.125 runs (docs/training.md, "Issue 9, eighth
-session"): on the left-out host's light-load cases the lesion PPV rose from 0.080 to 0.104 and on
-its heavy cases from 0.204 to 0.258 (Dice 0.301 to 0.357), with lesion sensitivity unchanged
-(0.144; 0.060); on the skull-stripped patient26 nothing changed. The registration takes 11-19 s
-a scan on this project's 2-core CPU.
+session"): on the left-out host's light-load cases the lesion PPV rose from 0.080 to 0.101 and on
+its heavy cases from 0.204 to 0.250 (Dice 0.301 to 0.335), with lesion sensitivity unchanged
+(0.144; 0.060); on the skull-stripped patient26 nothing changed. One fit takes 11-19 s on this
+project's 2-core CPU.
 
 Example:
     >>> brain = mni152_brain_mask(image)                    # doctest: +SKIP
@@ -39,13 +39,12 @@ BRAIN_MASK_SOURCES = ("mni152",)
 MIN_INSIDE_FRACTION = 0.5
 
 #: Most of the mapped brain that may lie on air (voxels below a tenth of the scan's Otsu
-#: threshold). A fit of the right head in the wrong place shows there: on eight test scans of one
-#: clinical host, the failed fits put 29-35 % of the brain on air, the good ones 0.8-3.8 %
-#: (skull-stripped patient26: 0.8-2.1 %, its background being air).
+#: threshold). A fit of the right head in the wrong place shows there: on four test scans of one
+#: clinical host, two of twelve fits with random metric samples put 34-35 % of the brain on air,
+#: the good ones 0.6-3.8 % (docs/training.md, "Issue 9, eighth session").
 MAX_BRAIN_ON_AIR = 0.05
 
-#: Registration seeds tried in turn until a fit keeps the brain in the head: one seed in four
-#: failed on those scans (random metric samples land the optimiser in another minimum).
+#: Registration seeds tried in turn until a fit keeps the brain in the head.
 SEEDS = (0, 1, 2)
 
 # SimpleITK's thread count is process-global; register_to_host sets and restores it, so two
