@@ -11,8 +11,8 @@ An affine fit does not follow one brain's folds, so the mask is only trusted for
 brain is*, never to cut a lesion's voxels: a lesion is kept or dropped whole.
 
 Measured on cached probabilities of twelve width-0.125 runs (docs/training.md, "Issue 9, eighth
-session"): on the left-out host's light-load cases the lesion PPV rose from 0.080 to 0.101 and on
-its heavy cases from 0.204 to 0.250 (Dice 0.301 to 0.335), with lesion sensitivity unchanged
+session"): on the left-out host's light-load cases the lesion PPV rose from 0.080 to 0.104 and on
+its heavy cases from 0.204 to 0.258 (Dice 0.301 to 0.357), with lesion sensitivity unchanged
 (0.144; 0.060); on the skull-stripped patient26 nothing changed. One fit takes 11-19 s on this
 project's 2-core CPU.
 
