@@ -82,6 +82,7 @@ class PreparedScan:
     report: Optional[Tuple[Any, List[Any]]] = None  # (ScanRow, [LesionRow]) of planar3d.lesion_report
     warnings: List[str] = field(default_factory=list)  # planar3d.qc_page.scan_warnings
     brain: Optional[np.ndarray] = None  # brain mask in RAS order (settings.brain_mask), else None
+    brain_fit: Dict[str, Any] = field(default_factory=dict)  # the registration behind it (planar3d.brain_mask)
     passes: Dict[str, Any] = field(default_factory=dict)  # how the model ran (planar3d.inference.predict_probabilities)
 
 
@@ -105,7 +106,8 @@ def prepare_scan(scan: ScanInput, settings: InferenceSettings, keep_raw: bool = 
 
         start = time.perf_counter()
         try:
-            prepared.brain = mni152_brain_mask(nib.Nifti1Image(loaded.raw, loaded.reorientation.affine), loaded.raw)
+            prepared.brain = mni152_brain_mask(nib.Nifti1Image(loaded.raw, loaded.reorientation.affine), loaded.raw,
+                                               fit=prepared.brain_fit)
         except ValueError as error:
             raise InputError(scan.path, f"brain mask: {error}") from None
         prepared.timings["brain_mask"] = time.perf_counter() - start
@@ -258,7 +260,8 @@ def finish_scan(
         raw = prepared.raw_ras if prepared.raw_ras is not None else prepared.reorientation.forward(np.asarray(prepared.image.dataobj))
         save_ras_overlay_png(raw, {"prediction": mask_ras}, prepared.reorientation.affine, outputs.qc, plane_axis=settings.plane_axis)
     stats = {"lesions": lesions, "lesion_volume_mm3": float(mask.sum()) * float(np.prod(spacing))}
-    brain_stats = {} if brain is None else {"brain_volume_mm3": float(np.count_nonzero(brain)) * float(np.prod(spacing))}
+    brain_stats = {} if brain is None else {"brain_volume_mm3": float(np.count_nonzero(brain)) * float(np.prod(spacing)),
+                                            "brain_mask_fit": prepared.brain_fit}
     write_json(outputs.record, {
         **record, "input": str(prepared.scan.path),
         # relative to the mask's folder, so the output folder can move

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -53,7 +53,7 @@ _REGISTRATION = threading.Lock()
 
 
 def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
-                      seeds: Sequence[int] = SEEDS) -> np.ndarray:
+                      seeds: Sequence[int] = SEEDS, fit: Optional[Dict[str, Any]] = None) -> np.ndarray:
     """The ICBM152 brain mask on ``image``'s grid (bool), holes filled.
 
     The template is registered with each of ``seeds`` in turn until the mapped brain lies in the
@@ -63,6 +63,8 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
         image: the scan (its affine and shape give the grid).
         data: its voxels, when the caller has them (else read from ``image``).
         seeds: seeds of the registration metric's sampling, tried in order.
+        fit: a dict that, when given, receives the fit used: ``seed``, ``tries`` and
+            ``share_on_air`` (for the prediction's record).
 
     Raises:
         ValueError: no fit was usable: the registration failed or gave implausible scales, less
@@ -81,8 +83,8 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
     template = load_mni152().brain_mask
     template_mm3 = float(np.count_nonzero(np.asarray(template.dataobj))) * abs(float(np.linalg.det(template.affine[:3, :3])))
     voxel_mm3 = abs(float(np.linalg.det(image.affine[:3, :3])))
-    best_on_air, best_brain, reason = np.inf, None, "no seed given"
-    for seed in seeds:
+    best_on_air, best_brain, best_seed, reason = np.inf, None, None, "no seed given"
+    for tries, seed in enumerate(seeds, start=1):
         with _REGISTRATION:
             try:
                 host_to_mni = register_mni152_to_host(image, data, seed=seed)
@@ -97,7 +99,7 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
             continue
         on_air = float(np.count_nonzero(brain & air)) / max(int(np.count_nonzero(brain)), 1)
         if on_air < best_on_air:
-            best_on_air, best_brain = on_air, brain
+            best_on_air, best_brain, best_seed = on_air, brain, seed
         if on_air <= MAX_BRAIN_ON_AIR:
             break
     if best_brain is None:
@@ -105,4 +107,6 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
     if best_on_air > MAX_BRAIN_ON_AIR:
         raise ValueError(f"the MNI152 brain registered to the scan lies at best {best_on_air:.0%} on air (at most "
                          f"{MAX_BRAIN_ON_AIR:.0%} allowed) after {len(seeds)} tries: a misplaced fit")
+    if fit is not None:
+        fit.update(seed=int(best_seed), tries=tries, share_on_air=round(best_on_air, 4))
     return ndimage.binary_fill_holes(best_brain)

@@ -66,6 +66,8 @@ def test_registered_brain_mask_keeps_the_brain_lesion_and_drops_the_one_in_air(t
     record = json.loads(outputs.record.read_text())
     assert record["settings"]["brain_mask"] == "mni152"
     assert record["scan"]["brain_volume_mm3"] == pytest.approx(brain_ml * 1000, rel=1e-5)
+    fit = record["scan"]["brain_mask_fit"]
+    assert fit["seed"] == 0 and fit["tries"] == 1 and 0 <= fit["share_on_air"] <= 0.05
     row = prepared.report[0]
     assert row.brain_volume_ml == pytest.approx(brain_ml, rel=1e-5)
     assert row.lesion_load_percent_of_brain == pytest.approx(100 * 18 * 64 / (brain_ml * 1000), rel=1e-5)
@@ -97,8 +99,10 @@ def test_a_fit_that_puts_the_brain_on_air_is_retried_with_the_next_seed(monkeypa
 
     monkeypatch.setattr(atlas, "register_mni152_to_host", fits({0: moved, 1: good, 2: good}))
     expected = ndimage.binary_fill_holes(atlas.prior_in_host(atlas.load_mni152().brain_mask, head, good) >= 0.5)
-    np.testing.assert_array_equal(mni152_brain_mask(head), expected)
+    fit = {}
+    np.testing.assert_array_equal(mni152_brain_mask(head, fit=fit), expected)
     assert tried == [0, 1] and SEEDS == (0, 1, 2) and MAX_BRAIN_ON_AIR == 0.05
+    assert fit["seed"] == 1 and fit["tries"] == 2 and fit["share_on_air"] < 0.01
     monkeypatch.setattr(atlas, "register_mni152_to_host", fits({0: moved, 1: moved, 2: RuntimeError("no points.")}))
     with pytest.raises(ValueError, match=r"lies at best 30% on air \(at most 5% allowed\) after 3 tries"):
         mni152_brain_mask(head)
@@ -111,7 +115,7 @@ def test_folder_records_the_brain_mask_and_a_rerun_without_it_redoes_the_scans(f
     import planar3d.brain_mask as brain_mask
 
     # registration is tested above on a real head; here every voxel is "brain", 2 mm³ each
-    monkeypatch.setattr(brain_mask, "mni152_brain_mask", lambda image, data=None: np.ones(image.shape, bool))
+    monkeypatch.setattr(brain_mask, "mni152_brain_mask", lambda image, data=None, fit=None: np.ones(image.shape, bool))
     out = tmp_path / "out"
     first = predict_folder(folder, out, checkpoint, brain_mask="mni152", progress=False)
     assert len(first.done) == 5
