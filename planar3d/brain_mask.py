@@ -38,12 +38,6 @@ BRAIN_MASK_SOURCES = ("mni152",)
 #: optimistic; patient26 moved under none of the rules): the best Dice at an equal sensitivity.
 MIN_INSIDE_FRACTION = 0.5
 
-#: Most of the mapped brain that may lie on air (voxels below a tenth of the scan's Otsu
-#: threshold). A fit of the right head in the wrong place shows there: on four test scans of one
-#: clinical host, two of twelve fits with random metric samples put 34-35 % of the brain on air,
-#: the good ones 0.6-3.8 % (docs/training.md, "Issue 9, eighth session").
-MAX_BRAIN_ON_AIR = 0.05
-
 #: Registration seeds tried in turn until a fit keeps the brain in the head.
 SEEDS = (0, 1, 2)
 
@@ -57,7 +51,8 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
     """The ICBM152 brain mask on ``image``'s grid (bool), holes filled.
 
     The template is registered with each of ``seeds`` in turn until the mapped brain lies in the
-    head (at most :data:`MAX_BRAIN_ON_AIR` of it on air); the result is deterministic.
+    head (at most :data:`planar3d.data.register.MAX_BRAIN_ON_AIR` of it on air,
+    :func:`planar3d.data.register.share_on_air`); the result is deterministic.
 
     Args:
         image: the scan (its affine and shape give the grid).
@@ -69,17 +64,15 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
     Raises:
         ValueError: no fit was usable: the registration failed or gave implausible scales, less
             than :data:`planar3d.data.register.MIN_BRAIN_COVERAGE` of the template's brain lay
-            inside the scan, or more than :data:`MAX_BRAIN_ON_AIR` of it on air; the message
+            inside the scan, or more than ``MAX_BRAIN_ON_AIR`` of it on air; the message
             gives the best try's reason.
     """
     from scipy import ndimage
 
     from planar3d.data.atlas import load_mni152, prior_in_host, register_mni152_to_host
-    from planar3d.data.register import MIN_BRAIN_COVERAGE, brain_coverage
-    from planar3d.preprocess import otsu_threshold
+    from planar3d.data.register import MAX_BRAIN_ON_AIR, MIN_BRAIN_COVERAGE, brain_coverage, share_on_air
 
     data = np.asarray(image.dataobj, dtype=np.float32) if data is None else np.asarray(data, dtype=np.float32)
-    air = data <= 0.1 * otsu_threshold(data)
     template = load_mni152().brain_mask
     template_mm3 = float(np.count_nonzero(np.asarray(template.dataobj))) * abs(float(np.linalg.det(template.affine[:3, :3])))
     voxel_mm3 = abs(float(np.linalg.det(image.affine[:3, :3])))
@@ -97,7 +90,7 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
             reason = (f"after registration of the MNI152 template only {coverage:.0%} of its brain lies inside the "
                       f"scan: a failed registration, or a scan that does not cover the brain")
             continue
-        on_air = float(np.count_nonzero(brain & air)) / max(int(np.count_nonzero(brain)), 1)
+        on_air = share_on_air(brain, data)
         if on_air < best_on_air:
             best_on_air, best_brain, best_seed = on_air, brain, seed
         if on_air <= MAX_BRAIN_ON_AIR:

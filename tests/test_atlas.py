@@ -110,3 +110,19 @@ def test_synth_refuses_a_registration_that_puts_the_brain_outside_the_host(tmp_p
     with pytest.raises(InputError, match=r"host.nii.gz: after registration to mni152 only \d+% of the template's brain"):
         write_synthetic_dataset(tmp_path / "out", 1, seed=0, host=host_path,
                                 lesion_masks_dir=shared_data("mslub_mni/lesion_masks"), template=MNI152)
+
+
+def test_synth_refuses_a_fit_that_puts_the_brain_on_air(tmp_path, monkeypatch):
+    """A fit of the right size moved 6 cm: most of the brain still in the scan, 30 % of it on air."""
+    import planar3d.data.atlas as atlas
+    from planar3d.data.synth import write_synthetic_dataset
+    from planar3d.errors import InputError
+
+    moved = np.diag([1.2, 1.2, 1.2, 1.0])  # the real head's brain is within 1.2x of the template's
+    moved[1, 3] = 60.0
+    monkeypatch.setattr(atlas, "mni152_placement", lambda *args, **kwargs: (moved, moved))
+    host_path = tmp_path / "host.nii.gz"
+    nib.save(downsampled_real_head(), host_path)
+    with pytest.raises(InputError, match=r"host.nii.gz: after registration to mni152 \d+% of the template's brain lies on air"):
+        write_synthetic_dataset(tmp_path / "out", 1, seed=0, host=host_path,
+                                lesion_masks_dir=shared_data("mslub_mni/lesion_masks"), template=MNI152)

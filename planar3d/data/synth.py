@@ -181,7 +181,7 @@ def write_synthetic_dataset(
 
         from planar3d.data.atlas import MNI152, mni152_placement
         from planar3d.data.inject import inject_lesions, lesion_masks_from_folder, resample_to_host
-        from planar3d.data.register import MIN_BRAIN_COVERAGE, brain_coverage, register_to_host
+        from planar3d.data.register import MAX_BRAIN_ON_AIR, MIN_BRAIN_COVERAGE, brain_coverage, register_to_host, share_on_air
 
         host_data, host_img = read_volume(host)
         own = None
@@ -212,6 +212,11 @@ def write_synthetic_dataset(
                 raise InputError(host, f"after registration to {Path(str(template)).name} only {coverage:.0%} of the template's "
                                        f"brain lies inside this scan: a failed registration (or a scan that does not cover "
                                        f"the brain); lesions would land in the wrong anatomy")
+            on_air = share_on_air(brain > 0, host_data)
+            if on_air > MAX_BRAIN_ON_AIR:
+                raise InputError(host, f"after registration to {Path(str(template)).name} {on_air:.0%} of the template's "
+                                       f"brain lies on air in this scan (at most {MAX_BRAIN_ON_AIR:.0%}): a fit in the wrong "
+                                       f"place; lesions would land outside the head (another --seed fits anew)")
             brain = ndimage.binary_fill_holes(brain > 0)
         masks = lesion_masks_from_folder(lesion_masks_dir, host_img, host_to_masks)
         # the host's name, so cases of different heads with one orientation get different keys
