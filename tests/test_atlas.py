@@ -96,33 +96,28 @@ def test_synth_with_mni152_template_places_real_masks_in_a_real_host(tmp_path):
         assert label.sum() > 0  # lesions landed in the host
 
 
-def test_synth_refuses_a_registration_that_puts_the_brain_outside_the_host(tmp_path, monkeypatch):
-    """The failure of the far-off 3.3 mm host (template placed below the scan), made on purpose."""
+def _placed(up_mm: float = 0.0, back_mm: float = 0.0, scale: float = 1.0) -> np.ndarray:
+    matrix = np.diag([scale, scale, scale, 1.0])
+    matrix[1, 3], matrix[2, 3] = back_mm, up_mm
+    return matrix
+
+
+@pytest.mark.parametrize("fit, refusal", [
+    # the failure of the far-off 3.3 mm host (template placed below the scan), made on purpose:
+    # host world -> MNI world 12 cm up, the host's grid sees the bottom of the brain at most
+    (_placed(up_mm=120.0), r"only \d+% of the template's brain lies inside this scan"),
+    # the right size (the real head's brain is within 1.2x of the template's) moved 6 cm: most of
+    # the brain is still in the scan, 30 % of it on air
+    (_placed(back_mm=60.0, scale=1.2), r"\d+% of the template's brain lies on air in this scan"),
+])
+def test_synth_refuses_a_registration_that_puts_the_brain_out_of_the_head(tmp_path, monkeypatch, fit, refusal):
     import planar3d.data.atlas as atlas
     from planar3d.data.synth import write_synthetic_dataset
     from planar3d.errors import InputError
 
-    off = np.eye(4)
-    off[2, 3] = 120.0  # host world -> MNI world 12 cm up: the host's grid sees the bottom of the brain at most
-    monkeypatch.setattr(atlas, "mni152_placement", lambda *args, **kwargs: (off, off))
+    monkeypatch.setattr(atlas, "mni152_placement", lambda *args, **kwargs: (fit, fit))
     host_path = tmp_path / "host.nii.gz"
     nib.save(downsampled_real_head(), host_path)
-    with pytest.raises(InputError, match=r"host.nii.gz: after registration to mni152 only \d+% of the template's brain"):
-        write_synthetic_dataset(tmp_path / "out", 1, seed=0, host=host_path,
-                                lesion_masks_dir=shared_data("mslub_mni/lesion_masks"), template=MNI152)
-
-
-def test_synth_refuses_a_fit_that_puts_the_brain_on_air(tmp_path, monkeypatch):
-    """A fit of the right size moved 6 cm: most of the brain still in the scan, 30 % of it on air."""
-    import planar3d.data.atlas as atlas
-    from planar3d.data.synth import write_synthetic_dataset
-    from planar3d.errors import InputError
-
-    moved = np.diag([1.2, 1.2, 1.2, 1.0])  # the real head's brain is within 1.2x of the template's
-    moved[1, 3] = 60.0
-    monkeypatch.setattr(atlas, "mni152_placement", lambda *args, **kwargs: (moved, moved))
-    host_path = tmp_path / "host.nii.gz"
-    nib.save(downsampled_real_head(), host_path)
-    with pytest.raises(InputError, match=r"host.nii.gz: after registration to mni152 \d+% of the template's brain lies on air"):
+    with pytest.raises(InputError, match=r"host.nii.gz: after registration to mni152 " + refusal):
         write_synthetic_dataset(tmp_path / "out", 1, seed=0, host=host_path,
                                 lesion_masks_dir=shared_data("mslub_mni/lesion_masks"), template=MNI152)
