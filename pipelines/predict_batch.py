@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -129,7 +129,7 @@ def write_batch_reports(summary: "PredictionSummary", reports: Dict[int, Tuple[A
     """The lesion report CSVs of every scan done or reused (:mod:`planar3d.lesion_report`) and, with
     ``qc``, ``qc/index.html`` (:mod:`planar3d.qc_page`); reused scans are read back from their
     mask, probability map and sidecar. Returns the files written."""
-    from planar3d.lesion_report import report_from_files, write_report_csvs
+    from planar3d.lesion_report import report_from_files, with_brain_volume, write_report_csvs
     from planar3d.qc_page import QCRow, write_qc_page
 
     scans, lesions, rows = [], [], []
@@ -151,8 +151,7 @@ def write_batch_reports(summary: "PredictionSummary", reports: Dict[int, Tuple[A
                 continue
             brain_mm3 = (sidecar.get("scan") or {}).get("brain_volume_mm3")
             if brain_mm3:  # made with a brain mask: its volume is in the record, not in a file
-                scan_row = replace(scan_row, brain_volume_ml=brain_mm3 / 1000.0,
-                                   lesion_load_percent_of_brain=100.0 * scan_row.lesion_volume_ml * 1000.0 / brain_mm3)
+                scan_row = with_brain_volume(scan_row, float(brain_mm3))
             warnings = list((sidecar.get("scan") or {}).get("warnings") or [])
         scans.append(scan_row)
         lesions += lesion_rows

@@ -17,7 +17,7 @@ import csv
 import io
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -111,12 +111,21 @@ def scan_lesion_report(
         for i, c, w, m in zip(index, counts, world, maxima)
     ]
     lesion_volume_mm3 = float(counts.sum()) * voxel_mm3
-    brain_ml = load = math.nan
+    row = ScanRow(scan, n, lesion_volume_mm3 / 1000.0)
     if brain_mask is not None:
-        brain_mm3 = float(np.count_nonzero(brain_mask)) * voxel_mm3
-        brain_ml = brain_mm3 / 1000.0
-        load = 100.0 * lesion_volume_mm3 / brain_mm3 if brain_mm3 > 0 else math.nan
-    return ScanRow(scan, n, lesion_volume_mm3 / 1000.0, brain_ml, load), lesions
+        row = with_brain_volume(row, float(np.count_nonzero(brain_mask)) * voxel_mm3)
+    return row, lesions
+
+
+def with_brain_volume(row: ScanRow, brain_mm3: float) -> ScanRow:
+    """``row`` with its brain volume and the lesion load as a share of it (NaN for an empty brain).
+
+    Example:
+        >>> with_brain_volume(ScanRow("s", 2, 1.5), 1_200_000.0).lesion_load_percent_of_brain
+        0.125
+    """
+    load = 100.0 * row.lesion_volume_ml * 1000.0 / brain_mm3 if brain_mm3 > 0 else math.nan
+    return replace(row, brain_volume_ml=brain_mm3 / 1000.0, lesion_load_percent_of_brain=load)
 
 
 def report_from_files(
