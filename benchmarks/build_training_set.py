@@ -207,10 +207,12 @@ def case_loads(manifest: Path) -> Dict[str, float]:
             for c in json.loads(manifest.read_text())["cases"]}
 
 
-def synth_host(out: Path, host: Path, masks: Path, cases: int, seed: int, args, dry_run: bool, max_masks: int = 4) -> Path:
+def synth_host(out: Path, host: Path, masks: Path, cases: int, seed: int, args, dry_run: bool, max_masks: int = 4,
+               host_lesions: str = "keep") -> Path:
     run_cli(["synth", "--out", out, "--cases", cases, "--seed", seed, "--host", host, "--lesion-masks", masks,
              "--template", args.template, "--brain-extracted", args.brain_extracted]
-            + (["--max-masks-per-case", max_masks] if max_masks != 4 else []), dry_run)
+            + (["--max-masks-per-case", max_masks] if max_masks != 4 else [])
+            + (["--host-lesions", host_lesions] if host_lesions != "keep" else []), dry_run)
     return out / "manifest.json"
 
 
@@ -223,6 +225,7 @@ def build(args) -> dict:
     masks, mask_names = checked_masks_dir(args.lesion_masks, out)
     check_template(args.template, args.dry_run)
     record: dict = {"hosts": {}, "masks": mask_names, "template": args.template, "leave_out": args.leave_out,
+                    "host_lesions": args.host_lesions,
                     "seed": args.seed, "cli": "pipelines.cli"}
     parts = []
     needs_light = args.light_cases_per_host > 0 or args.leave_out is not None
@@ -231,7 +234,8 @@ def build(args) -> dict:
         if name == args.leave_out:
             continue
         seed = args.seed + 101 * (index + 1)
-        manifest = synth_host(out / "parts" / f"host_{name}", path, masks, args.cases_per_host, seed, args, args.dry_run)
+        manifest = synth_host(out / "parts" / f"host_{name}", path, masks, args.cases_per_host, seed, args, args.dry_run,
+                              host_lesions=args.host_lesions)
         if not args.dry_run:
             relabel_part(manifest, name, name)
         record["hosts"][name] = {"path": str(path), "cases": args.cases_per_host, "seed": seed}
@@ -240,7 +244,7 @@ def build(args) -> dict:
             # light-load cases of the same host (one light mask each): validation on a held-out
             # host then also scores its false positives on scans with few lesions
             light = synth_host(out / "parts" / f"host_{name}_light", path, light_masks, args.light_cases_per_host,
-                               seed + 50, args, args.dry_run, max_masks=1)
+                               seed + 50, args, args.dry_run, max_masks=1, host_lesions=args.host_lesions)
             if not args.dry_run:
                 relabel_part(light, f"{name}_light", name)
             record["hosts"][name]["light"] = {"cases": args.light_cases_per_host, "seed": seed + 50, "masks": light_names}
@@ -298,6 +302,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--brain-extracted", type=float, default=0.3, help="fraction of cases written skull-stripped")
     parser.add_argument("--template", default="mni152", help="'mni152' (nilearn, via synth) or a template file (never patient26)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host-lesions", default="keep", choices=("keep", "fill"),
+                        help="training hosts' own unlabelled lesions: keep them (background) or fill them with white "
+                             "matter (planar3d synth --host-lesions); a --leave-out host's test cases keep theirs")
     parser.add_argument("--leave-out", default=None, help="host left out of training; its test set is written")
     parser.add_argument("--test-cases", type=int, default=3, help="light and heavy test cases each (with --leave-out)")
     parser.add_argument("--test-pool", type=int, default=24, help="injected cases drawn to choose each kind of test case from")

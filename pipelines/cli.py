@@ -229,6 +229,8 @@ def synth(
     template: Optional[Path] = typer.Option(None, "--template", help="With --host: 'mni152' (nilearn's ICBM152 2009a T1, recommended for MNI masks) or a brain-extracted image in the masks' space, registered to the host to place the masks."),
     max_masks_per_case: int = typer.Option(4, "--max-masks-per-case", min=1,
                                            help="With --host: each case gets 1 to this many masks (1 with a folder of light masks: light-load cases)."),
+    host_lesions: str = typer.Option("keep", "--host-lesions",
+                                     help="With --host and --template mni152: 'keep' the host as it is, or 'fill' its own unlabelled lesions (bright white-matter blobs) with white matter before injection, so no real lesion is trained as background; the filled voxels go to host_lesions_filled.nii.gz."),
 ) -> None:
     """Write synthetic FLAIR cases with lesion labels and a manifest; print the manifest path."""
     from planar3d.data.synth import write_synthetic_dataset
@@ -238,7 +240,7 @@ def synth(
         geometries=tuple(g.strip() for g in geometry.split(",") if g.strip()),
         orientations=tuple(o.strip() for o in orientation.split(",") if o.strip()),
         host=host, host_label=host_label, lesion_masks_dir=lesion_masks, brain_extracted=brain_extracted,
-        template=template, max_masks_per_case=max_masks_per_case,
+        template=template, max_masks_per_case=max_masks_per_case, host_lesions=host_lesions,
     )
     typer.echo(str(manifest))
 
