@@ -326,6 +326,12 @@ def read_volume(
     return data, image
 
 
+def voxel_size(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (mm) along each array axis: the norms of the affine's first three columns."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return tuple(float(v) for v in np.sqrt((linear ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+
 def voxel_spacing(image: nib.Nifti1Image) -> tuple[float, float, float]:
     """Voxel size along ``(i, j, k)`` in the header's units (usually mm)."""
     zooms = image.header.get_zooms()[:3]

@@ -25,7 +25,7 @@ import numpy as np
 from nibabel.affines import apply_affine
 
 from planar3d.errors import InputError
-from planar3d.io import atomic_write_text, read_volume
+from planar3d.io import atomic_write_text, read_volume, voxel_size
 from planar3d.metrics.lesion import MIN_LESION_SIZE_MM3, label_lesions, maximum_per_component
 
 #: File names written by :func:`write_report_csvs`.
@@ -57,12 +57,6 @@ class LesionRow:
     centroid_y_mm: float
     centroid_z_mm: float
     max_probability: float = math.nan
-
-
-def voxel_size(affine: np.ndarray) -> Tuple[float, float, float]:
-    """Voxel size (mm) along each array axis: the norms of the affine's first three columns."""
-    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return tuple(float(v) for v in np.sqrt((linear ** 2).sum(axis=0)))  # type: ignore[return-value]
 
 
 def scan_lesion_report(

@@ -13,7 +13,7 @@ from nibabel.affines import apply_affine
 from planar3d.errors import InputError
 from planar3d.lesion_report import (
     LESIONS_CSV, SCANS_CSV, SUMMARY_CSV, LesionRow, ScanRow, report_from_files, scan_lesion_report, summarize,
-    voxel_size, write_report_csvs,
+    write_report_csvs,
 )
 
 # Rotated about z by atan(4/3), voxel sizes 5 x 2.5 x 2 mm: columns (3,4,0), (-2,1.5,0), (0,0,2)
@@ -36,6 +36,8 @@ def _two_cubes():
 
 
 def test_voxel_size():
+    from planar3d.io import voxel_size
+
     assert voxel_size(AFFINE) == (5.0, 2.5, 2.0)
 
 

@@ -11,19 +11,19 @@ What: :func:`suspected_lesions` marks bright white-matter blobs of the host, and
 ``lesion_filling`` and LST do before tissue segmentation), so that the host looks lesion-free and
 only the injected lesions are labelled lesions. Nothing outside the filled voxels changes.
 
-The detector (parameters fixed a priori, not tuned on any labelled scan):
+The detector (parameters fixed by looking at the five real hosts, not tuned on any labelled scan;
+docs/synthetic_data.md):
 
 * the **local white-matter level**: a Gaussian-weighted mean (sigma 15 mm, so that a scanner's
   bias field is followed) of voxels that are white matter by the ICBM152 prior (>= 0.9) and
   within three spreads of the scan's white-matter level (:func:`planar3d.preprocess.white_matter_level`);
-* **seeds**: voxels of the brain with a white-matter prior >= 0.7 and at least 1.5 times the
-  local level (lesions are 1.3-2x white matter in FLAIR; cortex and septum are below 1.3x, and
-  the prior keeps cortex out);
-* **growth**: from the seeds, through brain voxels at least 1.25 times the local level (the
-  hard-negative sampler's "bright"), for at most 4 mm, so a lesion is filled whole but the growth
-  cannot run along the cortex;
-* components under 10 mm3 are left alone (noise), and the rest is dilated by one voxel (the
-  lesion's partial-volume rim).
+* **seeds**: brain voxels with a white-matter prior >= 0.7 and at least 1.5 times the local level
+  (lesions are 1.3-2x white matter in FLAIR; cortex and septum are mostly below, and the prior
+  keeps cortex out), in blobs of at least 10 mm3 (smaller ones are noise);
+* **growth**: from the seeds, through brain voxels at least 1.3 times the local level within
+  3 mm of a seed (millimetres, so thick slices are not grown through), so that a lesion is
+  filled whole but the growth cannot run along the cortex;
+* a **rim** of 1.5 mm around what was found (the lesion's partial-volume edge).
 
 Measured on the five real hosts (docs/synthetic_data.md): the clinical hosts' large, obvious
 lesions are found; small or faint lesions are missed, and they stay in the training data as
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from planar3d.io import voxel_size
 from planar3d.preprocess import white_matter_level
 
 LOCAL_LEVEL_SIGMA_MM = 15.0
@@ -57,11 +58,12 @@ class SuspectedLesions:
     """The result of :func:`suspected_lesions`.
 
     Attributes:
-        mask: the voxels to fill (bool, the host's shape): the found lesions and a one-voxel rim.
+        mask: the voxels to fill (bool, the host's shape): the found lesions and a rim of
+            :data:`RIM_MM` (their partial-volume edge).
         local_level: the local white-matter level (float32, the host's shape).
         spread: the brain's white-matter spread (robust standard deviation).
         count: number of lesions found.
-        volume_mm3: their volume before the rim is added.
+        volume_mm3: their volume without the rim.
     """
 
     mask: np.ndarray
@@ -71,17 +73,12 @@ class SuspectedLesions:
     volume_mm3: float
 
 
-def voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    """Voxel edge lengths (mm) of a 4x4 affine, one per array axis."""
-    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-
-
 def local_white_matter_level(host: np.ndarray, brain: np.ndarray, white_matter_prior: np.ndarray,
                              affine: np.ndarray) -> tuple[np.ndarray, float]:
     """The white-matter level around every voxel and the brain's white-matter spread (see module docstring)."""
     level, spread = white_matter_level(host)  # as normalisation finds it, skull or not
     reference = brain & (white_matter_prior >= REFERENCE_PRIOR) & (np.abs(host - level) < 3 * max(spread, 1e-6))
-    sigma = LOCAL_LEVEL_SIGMA_MM / voxel_sizes(affine)
+    sigma = LOCAL_LEVEL_SIGMA_MM / np.asarray(voxel_size(affine))
     weighted = ndimage.gaussian_filter(np.where(reference, host, 0).astype(np.float32), sigma)
     weight = ndimage.gaussian_filter(reference.astype(np.float32), sigma)
     # Far from any reference voxel (below 0.1 % weight) the brain's own level stands in.
@@ -115,17 +112,17 @@ def suspected_lesions(host: np.ndarray, brain: np.ndarray, white_matter_prior: n
     if seeds.any():
         # bright voxels within GROW_MM (in mm, whatever the slice thickness) of a seed, in
         # components that hold a seed
-        near = ndimage.distance_transform_edt(~seeds, sampling=voxel_sizes(affine)) <= GROW_MM
+        near = ndimage.distance_transform_edt(~seeds, sampling=np.asarray(voxel_size(affine))) <= GROW_MM
         reach, _ = ndimage.label(bright & near)
-        grown = np.isin(reach, np.unique(reach[seeds]))
+        grown = np.isin(reach, np.setdiff1d(reach[seeds], [0]))
     else:
         grown = seeds
     count = int(ndimage.label(grown)[1])
     if grown.any():
-        mask = brain & (ndimage.distance_transform_edt(~grown, sampling=voxel_sizes(affine)) <= RIM_MM)
+        mask = brain & (ndimage.distance_transform_edt(~grown, sampling=np.asarray(voxel_size(affine))) <= RIM_MM)
     else:
         mask = grown
-    return SuspectedLesions(mask, local, spread, count, float(np.count_nonzero(grown)) * float(np.prod(voxel_sizes(affine))))
+    return SuspectedLesions(mask, local, spread, count, float(np.count_nonzero(grown)) * float(np.prod(np.asarray(voxel_size(affine)))))
 
 
 def _components_of_at_least(mask: np.ndarray, mm3: float, affine: np.ndarray) -> np.ndarray:
@@ -133,7 +130,7 @@ def _components_of_at_least(mask: np.ndarray, mm3: float, affine: np.ndarray) ->
     labels, count = ndimage.label(mask)
     if not count:
         return mask
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1)) * float(np.prod(voxel_sizes(affine)))
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1)) * float(np.prod(np.asarray(voxel_size(affine))))
     return np.isin(labels, np.flatnonzero(sizes >= mm3) + 1)
 
 
