@@ -21,6 +21,12 @@ Light-load cases (``--light-cases-per-host``, default 3): each host also gets ca
 mask each (below 0.2 % of the MNI152 brain), so that validation on a held-out host also meets
 scans with few lesions, where false positives dominate (issue 9).
 
+The hosts' own lesions (``--host-lesions``, default ``fill``): four of the five real hosts are MS
+patients whose lesions are not labelled; each training host's bright white-matter blobs are filled
+with white matter before injection (:mod:`planar3d.data.host_lesions`), so that no real lesion is
+trained as background. A ``--leave-out`` host's test cases keep theirs: that is what a new scan
+looks like. Measured in docs/training.md, "Issue 9, ninth session".
+
 Leave-one-host-out (``--leave-out HOST``): the training set is built without HOST, and a test set
 of HOST is made of ``--test-cases`` heavy-load cases (lesions >= 1 % of the brain), drawn from a
 pool of ``--test-pool`` injected cases (1-4 masks each), and as many light-load ones (< 0.2 %),
@@ -33,7 +39,7 @@ light case (the first build's pool of 24 held none). A case's load is
 Usage:
     python benchmarks/build_training_set.py --out DIR [--cases-per-host 8] [--phantoms 16] [--seed 0]
         [--hosts NAME,NAME] [--light-cases-per-host 3] [--leave-out HOST --test-cases 3 --test-pool 24]
-        [--template mni152|PATH] [--brain-extracted 0.3] [--phantom-size full] [--dry-run]
+        [--template mni152|PATH] [--brain-extracted 0.3] [--phantom-size full] [--host-lesions fill|keep] [--dry-run]
 
 Outputs: ``DIR/parts/<part>/`` (one ``planar3d synth`` folder per host and for the phantoms),
 ``DIR/train_manifest.json``, with ``--leave-out`` ``DIR/test_manifest.json``, and
@@ -224,6 +230,9 @@ def build(args) -> dict:
         raise SystemExit(f"--leave-out {args.leave_out}: not a host; hosts: {', '.join(hosts)}")
     masks, mask_names = checked_masks_dir(args.lesion_masks, out)
     check_template(args.template, args.dry_run)
+    if args.host_lesions == "fill" and args.template != "mni152":
+        raise SystemExit("--host-lesions fill needs --template mni152 (its white-matter prior); "
+                         "pass --host-lesions keep with another template")
     record: dict = {"hosts": {}, "masks": mask_names, "template": args.template, "leave_out": args.leave_out,
                     "host_lesions": args.host_lesions,
                     "seed": args.seed, "cli": "pipelines.cli"}
@@ -302,9 +311,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--brain-extracted", type=float, default=0.3, help="fraction of cases written skull-stripped")
     parser.add_argument("--template", default="mni152", help="'mni152' (nilearn, via synth) or a template file (never patient26)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--host-lesions", default="keep", choices=("keep", "fill"),
-                        help="training hosts' own unlabelled lesions: keep them (background) or fill them with white "
-                             "matter (planar3d synth --host-lesions); a --leave-out host's test cases keep theirs")
+    parser.add_argument("--host-lesions", default="fill", choices=("keep", "fill"),
+                        help="training hosts' own unlabelled lesions: fill them with white matter (the default, needs "
+                             "--template mni152; planar3d synth --host-lesions) or keep them as background (the builds "
+                             "before 2026-11-27's ninth session); a --leave-out host's test cases keep theirs")
     parser.add_argument("--leave-out", default=None, help="host left out of training; its test set is written")
     parser.add_argument("--test-cases", type=int, default=3, help="light and heavy test cases each (with --leave-out)")
     parser.add_argument("--test-pool", type=int, default=24, help="injected cases drawn to choose each kind of test case from")

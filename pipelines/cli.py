@@ -230,7 +230,7 @@ def synth(
     max_masks_per_case: int = typer.Option(4, "--max-masks-per-case", min=1,
                                            help="With --host: each case gets 1 to this many masks (1 with a folder of light masks: light-load cases)."),
     host_lesions: str = typer.Option("keep", "--host-lesions",
-                                     help="With --host and --template mni152: 'keep' the host as it is, or 'fill' its own unlabelled lesions (bright white-matter blobs) with white matter before injection, so no real lesion is trained as background; the filled voxels go to host_lesions_filled.nii.gz."),
+                                     help="With --host: its own unlabelled lesions (bright white-matter blobs): 'keep' them as background, 'fill' them with white matter before injection, or 'label' them in every case; fill and label need --template mni152 and write the voxels they changed to host_lesions.nii.gz."),
 ) -> None:
     """Write synthetic FLAIR cases with lesion labels and a manifest; print the manifest path."""
     from planar3d.data.synth import write_synthetic_dataset

@@ -92,3 +92,33 @@ def test_light_masks_are_those_under_a_fifth_of_a_percent_of_the_mni_brain(tmp_p
         nib.save(nib.Nifti1Image(data.reshape(100, 100, 20), affine), str(masks / name))
     folder, names = bts.light_masks_dir(masks, ["edge.nii.gz", "light.nii.gz"], tmp_path / "out")
     assert names == ["light.nii.gz"] and sorted(p.name for p in folder.iterdir()) == ["light.nii.gz"]
+
+
+def test_training_hosts_are_filled_and_the_left_out_host_is_not(tmp_path, capsys, monkeypatch):
+    """The default build fills the training hosts' own lesions; the test cases of a left-out host keep theirs."""
+    real = tmp_path / "real"
+    _touch(real, "host_a.nii.gz", "host_b.nii.gz")
+    masks = tmp_path / "masks"
+    _touch(masks, "patient01_lesions.nii.gz")
+    args = bts.parse_args(["--out", str(tmp_path / "out"), "--real-dir", str(real), "--lesion-masks", str(masks),
+                           "--leave-out", "host_b", "--phantoms", "0", "--light-cases-per-host", "0", "--dry-run"])
+    assert args.host_lesions == "fill"
+    # the light masks are chosen by reading the masks' loads: empty stand-in files here
+    monkeypatch.setattr(bts, "light_masks_dir", lambda *a, **k: (masks, ["patient01_lesions.nii.gz"]))
+    bts.build(args)
+    synth = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ planar3d synth --out")]
+    train = [line for line in synth if "/parts/host_" in line]
+    test = [line for line in synth if "/parts/test_" in line]
+    assert train and all("--host-lesions fill" in line for line in train)
+    assert test and not any("--host-lesions" in line for line in test)
+
+
+def test_fill_needs_the_mni152_template(tmp_path):
+    real = tmp_path / "real"
+    _touch(real, "host_a.nii.gz")
+    template = tmp_path / "template.nii.gz"
+    template.write_bytes(b"")
+    args = bts.parse_args(["--out", str(tmp_path / "out"), "--real-dir", str(real), "--template", str(template),
+                           "--phantoms", "0", "--light-cases-per-host", "0", "--dry-run"])
+    with pytest.raises(SystemExit, match="--host-lesions fill needs --template mni152"):
+        bts.build(args)

@@ -133,7 +133,7 @@ def test_synth_errors_exit_1_with_message(tmp_path):
     assert result.exit_code == 1 and "missing.nii.gz" in result.output
     # --host-lesions: an unknown mode, and fill without the template whose prior it needs
     result = _run("--out", tmp_path, "--cases", 1, "--host-lesions", "inpaint")
-    assert result.exit_code == 1 and "host_lesions must be one of keep, fill, got 'inpaint'" in result.output
+    assert result.exit_code == 1 and "host_lesions must be one of keep, fill, label, got 'inpaint'" in result.output
     result = _run("--out", tmp_path, "--cases", 1, "--host-lesions", "fill")
     assert result.exit_code == 1 and "host_lesions 'fill' needs a host FLAIR and template 'mni152'" in result.output
     assert len(result.output.strip().splitlines()) == 1

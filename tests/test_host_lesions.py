@@ -110,23 +110,26 @@ def _mni_host(tmp_path, blob_factor):
 def test_synth_fills_the_hosts_own_lesion_before_injection(tmp_path, monkeypatch):
     """End to end: a host whose own lesion is unlabelled gets it filled in every case, and says so."""
     import planar3d.data.atlas as atlas
-    from planar3d.data.synth import HOST_LESIONS_FILLED, write_synthetic_dataset
+    from planar3d.data.synth import HOST_LESIONS_FILE, write_synthetic_dataset
 
     host_path, blob, affine = _mni_host(tmp_path, 1.7)
     # the host is in MNI space: the placement is the identity (no registration needed)
     monkeypatch.setattr(atlas, "mni152_placement", lambda *args, **kwargs: (np.eye(4), np.eye(4)))
     host = np.asarray(nib.load(host_path).dataobj)
     runs = {}
-    for mode in ("keep", "fill"):
+    for mode in ("keep", "fill", "label"):
         manifest = write_synthetic_dataset(tmp_path / mode, 2, seed=0, host=host_path,
                                            lesion_masks_dir=shared_data("mslub_mni/lesion_masks"),
                                            template="mni152", host_lesions=mode)
         runs[mode] = json.loads(manifest.read_text())
     assert "host_lesions=fill (1 lesions" in runs["fill"]["description"]
     assert "host_lesions" not in runs["keep"]["description"]
-    filled_mask = np.asarray(nib.load(tmp_path / "fill" / HOST_LESIONS_FILLED).dataobj) > 0
-    assert filled_mask[blob].all()
-    assert not (tmp_path / "keep" / HOST_LESIONS_FILLED).exists()
+    assert "host_lesions=label (1 lesions" in runs["label"]["description"]
+    filled_mask = np.asarray(nib.load(tmp_path / "fill" / HOST_LESIONS_FILE).dataobj) > 0
+    labelled_mask = np.asarray(nib.load(tmp_path / "label" / HOST_LESIONS_FILE).dataobj) > 0
+    assert filled_mask[blob].all() and labelled_mask[blob].all()
+    assert not (labelled_mask & ~filled_mask).any()  # the label is the found lesions, the fill adds a rim (< 1 voxel at 2 mm)
+    assert not (tmp_path / "keep" / HOST_LESIONS_FILE).exists()
     for kept, filled in zip(runs["keep"]["cases"], runs["fill"]["cases"]):
         label = np.asarray(nib.load(tmp_path / "fill" / filled["label"]).dataobj) > 0
         assert np.array_equal(label, np.asarray(nib.load(tmp_path / "keep" / kept["label"]).dataobj) > 0)
@@ -136,6 +139,12 @@ def test_synth_fills_the_hosts_own_lesion_before_injection(tmp_path, monkeypatch
         assert np.array_equal(image_fill[untouched], image_keep[untouched])  # the same cases otherwise
         outside_label = blob & ~label
         assert image_keep[outside_label].mean() > 1.5 * image_fill[outside_label].mean()  # the blob is gone
+    for kept, labelled in zip(runs["keep"]["cases"], runs["label"]["cases"]):
+        # label: the same images, the found lesion added to every label
+        assert kept["sha256"]["image"] == labelled["sha256"]["image"]
+        label_keep = np.asarray(nib.load(tmp_path / "keep" / kept["label"]).dataobj) > 0
+        label_label = np.asarray(nib.load(tmp_path / "label" / labelled["label"]).dataobj) > 0
+        assert np.array_equal(label_label, label_keep | labelled_mask)
     assert np.array_equal(host, np.asarray(nib.load(host_path).dataobj))  # the host file is never written
 
 
@@ -145,8 +154,9 @@ def test_synth_fill_needs_the_mni152_template_and_a_known_mode(tmp_path):
 
     host_path, _, _ = _mni_host(tmp_path, 1.0)
     masks = shared_data("mslub_mni/lesion_masks")
-    with pytest.raises(InputError, match="host_lesions 'fill' needs a host FLAIR and template 'mni152'"):
-        write_synthetic_dataset(tmp_path / "a", 1, seed=0, host=host_path, lesion_masks_dir=masks, host_lesions="fill")
-    with pytest.raises(InputError, match="host_lesions must be one of keep, fill, got 'inpaint'"):
+    for mode in ("fill", "label"):
+        with pytest.raises(InputError, match=f"host_lesions '{mode}' needs a host FLAIR and template 'mni152'"):
+            write_synthetic_dataset(tmp_path / "a", 1, seed=0, host=host_path, lesion_masks_dir=masks, host_lesions=mode)
+    with pytest.raises(InputError, match="host_lesions must be one of keep, fill, label, got 'inpaint'"):
         write_synthetic_dataset(tmp_path / "b", 1, seed=0, host=host_path, lesion_masks_dir=masks, template="mni152",
                                 host_lesions="inpaint")

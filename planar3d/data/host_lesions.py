@@ -49,8 +49,10 @@ GROW_MM = 3.0
 RIM_MM = 1.5
 MIN_LESION_MM3 = 10.0
 
-HOST_LESION_MODES = ("keep", "fill")
-"""``keep``: the host as it is (its own lesions are background); ``fill``: :func:`fill_lesions`."""
+HOST_LESION_MODES = ("keep", "fill", "label")
+"""``keep``: the host as it is (its own lesions are background); ``fill``: :func:`fill_lesions`;
+``label``: the host as it is, the found lesions (:attr:`SuspectedLesions.lesions`) added to every
+case's label (pseudo-labels: faint lesions the finder misses stay background)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class SuspectedLesions:
     """The result of :func:`suspected_lesions`.
 
     Attributes:
+        lesions: the found lesions (bool, the host's shape).
         mask: the voxels to fill (bool, the host's shape): the found lesions and a rim of
             :data:`RIM_MM` (their partial-volume edge).
         local_level: the local white-matter level (float32, the host's shape).
@@ -66,6 +69,7 @@ class SuspectedLesions:
         volume_mm3: their volume without the rim.
     """
 
+    lesions: np.ndarray
     mask: np.ndarray
     local_level: np.ndarray
     spread: float
@@ -122,7 +126,7 @@ def suspected_lesions(host: np.ndarray, brain: np.ndarray, white_matter_prior: n
         mask = brain & (ndimage.distance_transform_edt(~grown, sampling=np.asarray(voxel_size(affine))) <= RIM_MM)
     else:
         mask = grown
-    return SuspectedLesions(mask, local, spread, count, float(np.count_nonzero(grown)) * float(np.prod(np.asarray(voxel_size(affine)))))
+    return SuspectedLesions(grown, mask, local, spread, count, float(np.count_nonzero(grown)) * float(np.prod(np.asarray(voxel_size(affine)))))
 
 
 def _components_of_at_least(mask: np.ndarray, mm3: float, affine: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -92,22 +93,26 @@ def case_lesion_load(image: str | Path, label: str | Path) -> float:
     return float(lesions) / max(int(np.count_nonzero(np.asanyarray(brain.dataobj))), 1)
 
 
-HOST_LESIONS_FILLED = "host_lesions_filled.nii.gz"
-"""Where ``write_synthetic_dataset(host_lesions="fill")`` writes the host voxels it filled (0/1)."""
+HOST_LESIONS_FILE = "host_lesions.nii.gz"
+"""Where ``write_synthetic_dataset`` with ``host_lesions`` ``"fill"`` or ``"label"`` writes the
+host voxels it filled or labelled (0/1)."""
 
 
-def _fill_host_lesions(host_data: np.ndarray, host_img: nib.Nifti1Image, brain: np.ndarray,
-                       host_to_mni: np.ndarray, own_label: np.ndarray | None, seed: int):
-    """The host with its own unlabelled lesions filled, and what was found (:mod:`planar3d.data.host_lesions`)."""
+def _treat_host_lesions(mode: str, host_data: np.ndarray, host_img: nib.Nifti1Image, brain: np.ndarray,
+                        host_to_mni: np.ndarray, own_label: np.ndarray | None, seed: int):
+    """``(host, added label or None, what was found, the voxels changed)`` for ``mode`` "fill" or "label"
+    (:mod:`planar3d.data.host_lesions`)."""
     from planar3d.data.atlas import load_mni152, prior_in_host
-    from planar3d.data.host_lesions import SuspectedLesions, fill_lesions, suspected_lesions
+    from planar3d.data.host_lesions import fill_lesions, suspected_lesions
 
     found = suspected_lesions(host_data, brain, prior_in_host(load_mni152().wm, host_img, host_to_mni), host_img.affine)
-    if own_label is not None:  # labelled lesions are lesions, not something to hide
-        found = SuspectedLesions(found.mask & ~(np.asarray(own_label) > 0), found.local_level, found.spread,
-                                 found.count, found.volume_mm3)
+    if own_label is not None:  # labelled lesions are lesions already
+        known = np.asarray(own_label) > 0
+        found = replace(found, lesions=found.lesions & ~known, mask=found.mask & ~known)
+    if mode == "label":
+        return host_data, found.lesions, found, found.lesions
     # a stream of its own: the cases' streams ([seed, i], [seed, i, 1]) stay as they were
-    return fill_lesions(host_data, found, np.random.default_rng([seed, 0, 2])), found
+    return fill_lesions(host_data, found, np.random.default_rng([seed, 0, 2])), None, found, found.mask
 
 
 def write_synthetic_dataset(
@@ -158,10 +163,11 @@ def write_synthetic_dataset(
             its own scanner space. Without it the masks are placed by world coordinates.
         max_masks_per_case: with ``host``: at most this many masks per case (1: light-load cases
             from a folder of light masks).
-        host_lesions: with ``host``: ``"keep"`` the host as it is, or ``"fill"`` its own unlabelled
-            lesions with white matter before injection (:mod:`planar3d.data.host_lesions`; needs
-            ``template="mni152"`` for the white-matter prior). The filled voxels are written to
-            ``host_lesions_filled.nii.gz``.
+        host_lesions: with ``host``, its own unlabelled lesions (:mod:`planar3d.data.host_lesions`):
+            ``"keep"`` them as they are (background), ``"fill"`` them with white matter before
+            injection, or ``"label"`` them in every case. ``fill`` and ``label`` need
+            ``template="mni152"`` (the white-matter prior) and write the voxels they changed to
+            :data:`HOST_LESIONS_FILE`.
 
     Raises:
         InputError: bad arguments (named after ``out_dir``) or unreadable host/mask files.
@@ -197,15 +203,15 @@ def write_synthetic_dataset(
 
     if host_lesions not in HOST_LESION_MODES:
         raise InputError(out_dir, f"host_lesions must be one of {', '.join(HOST_LESION_MODES)}, got {host_lesions!r}")
-    if host_lesions == "fill" and (host is None or str(template) != "mni152"):
-        raise InputError(out_dir, "host_lesions 'fill' needs a host FLAIR and template 'mni152' (its white-matter prior "
-                                  "tells lesions from cortex)")
+    if host_lesions != "keep" and (host is None or str(template) != "mni152"):
+        raise InputError(out_dir, f"host_lesions {host_lesions!r} needs a host FLAIR and template 'mni152' (its white-matter "
+                                  f"prior tells lesions from cortex)")
 
     images, labels = out_dir / "images", out_dir / "labels"
     make_folder(images)
     make_folder(labels)
 
-    host_data, filled = None, None
+    host_data, found, added_label, changed = None, None, None, None
     if host is not None:
         from scipy import ndimage
 
@@ -248,8 +254,9 @@ def write_synthetic_dataset(
                                        f"brain lies on air in this scan (at most {MAX_BRAIN_ON_AIR:.0%}): a fit in the wrong "
                                        f"place; lesions would land outside the head (another --seed fits anew)")
             brain = ndimage.binary_fill_holes(brain > 0)
-        if host_lesions == "fill":
-            host_data, filled = _fill_host_lesions(host_data, host_img, brain, host_to_template, own, seed)
+        if host_lesions != "keep":
+            host_data, added_label, found, changed = _treat_host_lesions(host_lesions, host_data, host_img, brain,
+                                                                         host_to_template, own, seed)
         masks = lesion_masks_from_folder(lesion_masks_dir, host_img, host_to_masks)
         # the host's name, so cases of different heads with one orientation get different keys
         # (planar3d.data.hosts.host_key)
@@ -261,7 +268,7 @@ def write_synthetic_dataset(
             + (f" template={Path(template).name}" if template is not None else "")
             + (f" brain_extracted={brain_extracted:g}" if brain_extracted else "")
             + (f" max_masks_per_case={max_masks_per_case}" if max_masks_per_case != 4 else "")
-            + (f" host_lesions=fill ({filled.count} lesions, {filled.volume_mm3 / 1000:.2f} ml)" if filled is not None else "")
+            + (f" host_lesions={host_lesions} ({found.count} lesions, {found.volume_mm3 / 1000:.2f} ml)" if found is not None else "")
         )
     else:
         description = (
@@ -270,8 +277,8 @@ def write_synthetic_dataset(
             + (f" brain_extracted={brain_extracted:g}" if brain_extracted else "")
         )
 
-    if filled is not None:
-        save_nifti_deterministic(filled.mask.astype(np.uint8), host_img.affine, out_dir / HOST_LESIONS_FILLED, code=qcode)
+    if changed is not None:
+        save_nifti_deterministic(changed.astype(np.uint8), host_img.affine, out_dir / HOST_LESIONS_FILE, code=qcode)
 
     entries = []
     for i in range(cases):
@@ -294,6 +301,8 @@ def write_synthetic_dataset(
             count = int(rng.integers(1, min(max_masks_per_case, len(masks)) + 1))
             chosen = sorted(rng.choice(len(masks), size=count, replace=False).tolist())
             flair, label = inject_lesions(host_data, host_img.affine, [masks[c] for c in chosen], rng, host_label=own)
+            if added_label is not None:
+                label = label | added_label.astype(np.uint8)
             if stripped:
                 flair, label = np.where(brain, flair, np.float32(0)), label * brain.astype(np.uint8)
             image_sha = save_nifti_deterministic(flair.astype(np.float32), host_img.affine, image_path, code=qcode)
