@@ -1,4 +1,4 @@
-"""A host scan's own, unlabelled lesions: find them and fill them with white matter before injection.
+"""A host scan's own, unlabelled lesions: find them, to fill them with white matter or label them.
 
 Why: the real hosts lesions are injected into are mostly scans of MS patients whose own lesions
 are not labelled (four of the five in ``../shared/data/real``). Left as they are, every training
@@ -9,7 +9,8 @@ rewarded for telling injected lesions from real ones, the opposite of what it is
 What: :func:`suspected_lesions` marks bright white-matter blobs of the host, and
 :func:`fill_lesions` replaces them with white-matter intensity (lesion filling, as FSL's
 ``lesion_filling`` and LST do before tissue segmentation), so that the host looks lesion-free and
-only the injected lesions are labelled lesions. Nothing outside the filled voxels changes.
+only the injected lesions are labelled lesions; nothing outside the filled voxels changes. Or
+``planar3d synth --host-lesions label`` adds them to every case's label (:data:`HOST_LESION_MODES`).
 
 The detector (parameters fixed by looking at the five real hosts, not tuned on any labelled scan;
 docs/synthetic_data.md):
@@ -109,33 +110,34 @@ def suspected_lesions(host: np.ndarray, brain: np.ndarray, white_matter_prior: n
     prior = np.asarray(white_matter_prior, dtype=np.float32)
     if brain.shape != host.shape or prior.shape != host.shape:
         raise ValueError(f"host {host.shape}, brain {brain.shape} and prior {prior.shape} must share one shape")
+    spacing = np.asarray(voxel_size(affine))
     local, spread = local_white_matter_level(host, brain, prior, affine)
     seeds = brain & (prior >= SEED_PRIOR) & (host >= SEED_FACTOR * local)
-    seeds = _components_of_at_least(seeds, MIN_LESION_MM3, affine)
+    seeds = _components_of_at_least(seeds, MIN_LESION_MM3 / float(np.prod(spacing)))
     bright = brain & (host >= GROW_FACTOR * local)
     if seeds.any():
         # bright voxels within GROW_MM (in mm, whatever the slice thickness) of a seed, in
         # components that hold a seed
-        near = ndimage.distance_transform_edt(~seeds, sampling=np.asarray(voxel_size(affine))) <= GROW_MM
+        near = ndimage.distance_transform_edt(~seeds, sampling=spacing) <= GROW_MM
         reach, _ = ndimage.label(bright & near)
         grown = np.isin(reach, np.setdiff1d(reach[seeds], [0]))
     else:
         grown = seeds
     count = int(ndimage.label(grown)[1])
     if grown.any():
-        mask = brain & (ndimage.distance_transform_edt(~grown, sampling=np.asarray(voxel_size(affine))) <= RIM_MM)
+        mask = brain & (ndimage.distance_transform_edt(~grown, sampling=spacing) <= RIM_MM)
     else:
         mask = grown
-    return SuspectedLesions(grown, mask, local, spread, count, float(np.count_nonzero(grown)) * float(np.prod(np.asarray(voxel_size(affine)))))
+    return SuspectedLesions(grown, mask, local, spread, count, float(np.count_nonzero(grown) * np.prod(spacing)))
 
 
-def _components_of_at_least(mask: np.ndarray, mm3: float, affine: np.ndarray) -> np.ndarray:
-    """The connected components of ``mask`` of at least ``mm3`` cubic millimetres."""
+def _components_of_at_least(mask: np.ndarray, voxels: float) -> np.ndarray:
+    """The connected components of ``mask`` of at least ``voxels`` voxels."""
     labels, count = ndimage.label(mask)
     if not count:
         return mask
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1)) * float(np.prod(np.asarray(voxel_size(affine))))
-    return np.isin(labels, np.flatnonzero(sizes >= mm3) + 1)
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    return np.isin(labels, np.flatnonzero(sizes >= voxels) + 1)
 
 
 def fill_lesions(host: np.ndarray, found: SuspectedLesions, rng: np.random.Generator) -> np.ndarray:
