@@ -71,9 +71,9 @@ def test_a_lesion_free_host_is_left_alone():
     assert np.array_equal(fill_lesions(host, found, np.random.default_rng(1)), host)
 
 
-def test_growth_is_in_millimetres_on_thick_slices():
-    # the same 1 mm host seen as 1 x 1 x 4 mm voxels: growth of at most 3 mm cannot step a whole
-    # 4 mm slice, so the fill stays within the lesion's slices plus the partial-volume rim (<= 1.5 mm)
+def test_the_rim_is_in_millimetres_on_thick_slices():
+    # the same host seen as 1 x 1 x 4 mm voxels: a rim of one voxel would reach into the slices
+    # above and below the lesion; the 1.5 mm rim stays within the lesion's own slices
     rng = np.random.default_rng(0)
     host, brain, prior, lesion, _, _ = _host(rng)
     thick = np.diag([1.0, 1.0, 4.0, 1.0])
