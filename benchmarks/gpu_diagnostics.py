@@ -7,8 +7,14 @@ B. **full-resolution micro-benchmarks** (176x256x256, bf16, channels_last_3d, in
    96->1 head as cuDNN conv and as a matrix product over the channels; a 64->64 (1,3,3) conv +
    bias + ReLU eager and as one fused ``torch.cudnn_convolution_relu`` call (with its largest
    difference from eager).
-C. **one training step** of the default config's network (2 x 128x128x32 patches, bf16-cl,
-   forward, backward, clipping, AdamW; no loader) timed, then its kernels by GPU time.
+C. **the whole-head inference pass** (176x256x256, bf16, channels_last_3d) of the published
+   network with each CUDA fusion off and on in turn (eager; conv + bias + ReLU fused, with the
+   one-channel stem padded to 1, 4, 8 or 16 channels; concatenations split as on the CPU), and
+   the default config's network eager and fused, each with its largest logit difference from
+   eager.
+D. **one training step** of the default config's network (2 x 128x128x32 patches, bf16-cl,
+   forward, backward, clipping, AdamW; no loader) timed, then its kernels by GPU time, then the
+   same step with the network under ``torch.compile`` (CUDA only).
 
 On a machine without CUDA it runs the same on the CPU with tiny sizes (a smoke run).
 
@@ -130,6 +136,77 @@ def micro_benchmarks(device: str) -> None:
         print(line, flush=True)
 
 
+def head_pass_variants(device: str) -> None:
+    """Part C: the published network's whole-head inference pass with each of its CUDA fusions
+    switched off and on in turn (module settings of ``planar3d.networks``), and the default
+    config's network eager and fused. On the CPU (a smoke run) a reference conv + ReLU stands in
+    for the cuDNN call."""
+    import contextlib
+
+    import torch
+
+    from pipelines.config import load_config
+    from planar3d.networks import PlanarResUNet, PlanarResUNetConfig, layers, res_unet
+
+    print("\n## C. whole-head inference pass, fusions off and on (bf16 autocast, channels_last_3d)", flush=True)
+    cuda = device == "cuda"
+    shape = (176, 256, 256) if cuda else (16, 32, 32)
+    width = 1.0 if cuda else 0.0625
+    layout = torch.channels_last_3d
+    saved = (layers.FUSED_CONV_RELU_DEVICES, layers.CUDA_STEM_CHANNELS, res_unet.SPLIT_CONCATENATION_DEVICES,
+             layers._cudnn_conv_relu)
+    if not cuda:
+        layers._cudnn_conv_relu = lambda x, w, b, s, p, d, g: torch.relu(torch.nn.functional.conv3d(x, w, b, s, p, d, g))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    x = torch.randn(1, 1, *shape, device=device).contiguous(memory_format=layout)
+    default_config = load_config("default").network.resolve(0, (True,) * 4)
+    default_config.width = width
+    networks = {
+        "published (no norm)": PlanarResUNet(PlanarResUNetConfig(plane_axis=0, width=width)),
+        "default config (instance norm)": PlanarResUNet(default_config),
+    }
+    variants = [  # (name, fused devices, stem channels, split devices)
+        ("eager (before)", (), 1, ("cpu",)),
+        ("fused conv+bias+ReLU, stem 1 channel", (device,), 1, ("cpu",)),
+        ("fused, stem padded to 4", (device,), 4, ("cpu",)),
+        ("fused, stem padded to 8 (default)", (device,), 8, ("cpu",)),
+        ("fused, stem padded to 16", (device,), 16, ("cpu",)),
+        ("fused, stem 8, concatenations split on this device too", (device,), 8, ("cpu", device)),
+    ]
+    try:
+        for label, network in networks.items():
+            network = network.to(device).eval().to(memory_format=layout)
+            reference = None
+            for name, fused_devices, stem, split in variants:
+                if label.startswith("default") and name not in (variants[0][0], variants[3][0]):
+                    continue
+                layers.FUSED_CONV_RELU_DEVICES, layers.CUDA_STEM_CHANNELS = fused_devices, stem
+                res_unet.SPLIT_CONCATENATION_DEVICES = split
+
+                def forward():
+                    with torch.inference_mode(), autocast():
+                        return network(x)
+
+                try:
+                    out = forward().float()
+                    if reference is None:
+                        reference = out
+                    difference = (out - reference).abs().max().item()
+                    scale = reference.abs().max().item()
+                    ms = _milliseconds(forward, device, repeats=10 if cuda else 2)
+                    print(f"  {label}, {name}: {ms:.2f} ms; largest logit difference from eager {difference:.3g} "
+                          f"(logits up to {scale:.3g})", flush=True)
+                except (RuntimeError, NotImplementedError) as error:
+                    print(f"  {label}, {name}: failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}",
+                          flush=True)
+            del network, reference
+            if cuda:
+                torch.cuda.empty_cache()
+    finally:
+        (layers.FUSED_CONV_RELU_DEVICES, layers.CUDA_STEM_CHANNELS, res_unet.SPLIT_CONCATENATION_DEVICES,
+         layers._cudnn_conv_relu) = saved
+
+
 def training_step(device: str) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -137,7 +214,7 @@ def training_step(device: str) -> None:
     from pipelines.config import load_config
     from planar3d.networks import PlanarResUNet
 
-    print("\n## C. one training step of the default network, 2 patches (bf16, channels_last_3d on CUDA)", flush=True)
+    print("\n## D. one training step of the default network, 2 patches (bf16, channels_last_3d on CUDA)", flush=True)
     layout = torch.channels_last_3d
     network = PlanarResUNet(load_config("default").network.resolve(2, (True,) * 4)).to(device).to(memory_format=layout).train()
     optimizer = torch.optim.AdamW(network.parameters(), 3e-4)
@@ -163,6 +240,22 @@ def training_step(device: str) -> None:
             torch.cuda.synchronize()
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     print(profiler.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=70))
+    if device != "cuda":
+        return  # minutes of compilation on the CPU for nothing a smoke run checks
+    eager_forward = network.forward
+    network.forward = torch.compile(eager_forward)  # the same step with the network compiled
+    start = time.perf_counter()
+    try:
+        step()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+        ms = _milliseconds(step, device)
+        print(f"  torch.compile(network): first step (compilation) {compile_s:.1f} s, then {ms:.2f} ms a step = "
+              f"{voxels / ms * 1000:.3g} voxels/s", flush=True)
+    except Exception as error:  # a compiler failure is a finding, not the end of the run
+        print(f"  torch.compile(network) failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+    finally:
+        network.forward = eager_forward
 
 
 def main(argv=None) -> int:
@@ -176,6 +269,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_diagnostics_") as tmp:
         device = predict_timeline(clock, args.real, Path(tmp))  # imports torch first: its time is on the timeline
     micro_benchmarks(device)
+    head_pass_variants(device)
     training_step(device)
     clock.mark("done")
     return 0

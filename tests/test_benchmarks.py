@@ -64,7 +64,11 @@ def test_gpu_diagnostics_smoke_run_on_cpu():
                                cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     out = completed.stdout
-    for heading in ("## A. predict timeline", "## B. full-resolution micro-benchmarks", "## C. one training step"):
+    for heading in ("## A. predict timeline", "## B. full-resolution micro-benchmarks", "## C. whole-head inference pass",
+                    "## D. one training step"):
         assert heading in out
+    # the fusion variants ran (on the CPU with a reference conv + ReLU) and agree with eager
+    variants = [line for line in out.splitlines() if line.startswith("  published (no norm), ")]
+    assert len(variants) == 6 and all("largest logit difference from eager 0 " in line for line in variants), variants
     assert out.count("  pass 0 ") == out.count("  pass 1 ") == 5        # the five real scans, twice
     assert "matrix product" in out and "cudnn_convolution_relu not available" in out  # CPU: no cuDNN

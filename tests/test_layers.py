@@ -150,3 +150,51 @@ def test_network_inference_with_the_matmul_head_gives_the_same_logits(monkeypatc
         out = net(x)
     assert (1, 1, 1) in chosen  # the head went through the matrix product
     assert out.shape == expected.shape and (out - expected).abs().max().item() <= 1e-5
+
+
+def _reference_conv_relu(calls):
+    """What ``torch.cudnn_convolution_relu`` computes, on the CPU, recording each call's input."""
+    def conv_relu(x, weight, bias, stride, padding, dilation, groups):
+        calls.append((tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last_3d)))
+        return torch.relu(torch.nn.functional.conv3d(x, weight, bias, stride, padding, dilation, groups))
+    return conv_relu
+
+
+@pytest.mark.parametrize("config", [
+    PlanarResUNetConfig(width=0.125, deepest_kernel_depth=2),
+    PlanarResUNetConfig(width=0.0625, plane_axis=0, in_channels=3, out_channels=2),
+    PlanarResUNetConfig(width=0.0625, norm="instance"),
+], ids=["published-even-deepest", "axis0-rgb", "instance-norm"])
+@pytest.mark.parametrize("split", [False, True], ids=["one-conv-per-concatenation", "split-concatenations"])
+def test_fused_conv_relu_inference_equals_the_eager_network(config, split, monkeypatch):
+    # CUDA inference computes conv + bias + ReLU as one cuDNN call. Forced onto the CPU here with
+    # a reference for that call, the network gives the eager numbers: the padding of even kernels,
+    # the stem's zero channels and the weights' layout reach the call right.
+    from planar3d.networks import layers, res_unet
+
+    monkeypatch.setattr(res_unet, "SPLIT_CONCATENATION_DEVICES", ("cpu",) if split else ())
+    torch.manual_seed(0)
+    net = PlanarResUNet(config).eval()
+    x = torch.randn(1, config.in_channels, 20, 17, 19)
+    with torch.inference_mode():
+        expected = net(x)
+    calls = []
+    monkeypatch.setattr(layers, "FUSED_CONV_RELU_DEVICES", ("cpu",))
+    monkeypatch.setattr(layers, "_cudnn_conv_relu", _reference_conv_relu(calls))
+    with torch.inference_mode():
+        fused = net(x)
+    assert (fused - expected).abs().max().item() <= 1e-5
+    # VGG-16 blocks 1-4; the bottleneck's two and two a decoder level, of which the first is
+    # computed from the parts of the concatenation (unfused) where concatenations are split
+    encoder_convs, decoder_convs = 2 + 2 + 3 + 3, 2 + (1 if split else 2) * 4
+    assert len(calls) == encoder_convs + (0 if config.norm else decoder_convs)
+    stem_channels = layers.CUDA_STEM_CHANNELS if config.in_channels == 1 else 3
+    assert calls[0][0][1] == stem_channels  # the one-channel stem padded with zero channels
+    assert all(layout for _, _, layout in calls)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's dtype reaches the call, as for a conv
+        with torch.inference_mode():
+            net(x)
+    assert calls[-1][1] == torch.bfloat16
+    calls.clear()
+    net(x)  # training's forward (autograd): never fused, since the fused call has no backward
+    assert calls == []

@@ -7,7 +7,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from planar3d.networks.layers import BlockMaxPool3d, Triple, along_plane, conv3d
+from planar3d.networks.layers import BlockMaxPool3d, Triple, along_plane, conv3d, fuses_conv_relu, run_conv_relu_pairs
 
 VGG16_BLOCK_WIDTHS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512))
 
@@ -67,7 +67,10 @@ class PlanarVGGEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
         skips: List[torch.Tensor] = []
         for block, pool in zip(self.blocks, self.pools):
-            x = block(x)
+            if torch.jit.is_scripting():
+                x = block(x)
+            else:  # CUDA inference: each conv + ReLU as one cuDNN call (layers.fused_conv_relu)
+                x = run_conv_relu_pairs(block, x) if fuses_conv_relu(x) else block(x)
             skips.append(x)
             x = pool(x)
         return skips, x

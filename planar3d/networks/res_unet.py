@@ -23,7 +23,8 @@ from torch import nn
 from planar3d.errors import ConfigError
 from planar3d.networks.encoder import PlanarVGGEncoder, scaled
 from planar3d.networks.layers import (
-    BlockMaxPool3d, Triple, activation, along_plane, conv3d, conv_of_concatenation, normalization,
+    BlockMaxPool3d, Triple, activation, along_plane, conv3d, conv_of_concatenation, fused_conv_relu, fuses_conv_relu,
+    normalization,
 )
 
 DECODER_WIDTHS = (256, 128, 64, 32)
@@ -128,6 +129,16 @@ class _ConvUnit(nn.Sequential):
             activation(act),
             nn.Dropout3d(dropout) if dropout > 0 else nn.Identity(),
         )
+        # Without a norm, a ReLU unit is conv + ReLU (+ dropout, a no-op in eval): fusable.
+        self.conv_relu_only = norm in (None, "none") and act == "relu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.conv_relu_only and not self.training and fuses_conv_relu(x):
+                return fused_conv_relu(self[0], x)
+        for module in self:
+            x = module(x)
+        return x
 
 
 class _DecoderLevel(nn.Module):
@@ -142,9 +153,10 @@ class _DecoderLevel(nn.Module):
         self.out_channels = merged + width
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and _splits_concatenations(x):
-            # CPU inference: one concatenation instead of two (the same values to rounding).
-            return torch.cat(self.parts(x, skip), dim=1)
+        if not torch.jit.is_scripting():
+            if _splits_concatenations(x):
+                # CPU inference: one concatenation instead of two (the same values to rounding).
+                return torch.cat(self.parts(x, skip), dim=1)
         merged = torch.cat([self.up(x), skip], dim=1)
         return torch.cat([merged, self.conv2(self.conv1(merged))], dim=1)
 
@@ -168,14 +180,18 @@ class _DecoderLevel(nn.Module):
         return [upsampled, skip, self.conv2(hidden)]
 
 
-def _splits_concatenations(x: torch.Tensor) -> bool:
-    """Whether a decoder level computes its first conv from the parts of its concatenation.
+#: Devices where inference computes a decoder level's first conv from the parts of its
+#: concatenation. The CPU, where it was measured (docs/prediction.md: a concatenation is a full
+#: write and read of the largest tensors through 2 cores' memory bandwidth); on CUDA, with its
+#: bandwidth, one conv over the concatenation is kept until a GPU run says otherwise
+#: (``benchmarks/gpu_diagnostics.py`` times both).
+SPLIT_CONCATENATION_DEVICES = ("cpu",)
 
-    Only in CPU inference, where it was measured (docs/prediction.md: a concatenation is a full
-    write and read of the largest tensors through 2 cores' memory bandwidth); on CUDA, with its
-    bandwidth, one conv over the concatenation is kept until a GPU run says otherwise.
-    """
-    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+def _splits_concatenations(x: torch.Tensor) -> bool:
+    """Whether a decoder level computes its first conv from the parts of its concatenation
+    (inference on a device of :data:`SPLIT_CONCATENATION_DEVICES`)."""
+    return x.device.type in SPLIT_CONCATENATION_DEVICES and not torch.is_grad_enabled()
 
 
 class PlanarResUNet(nn.Module):
