@@ -8,10 +8,10 @@ B. **full-resolution micro-benchmarks** (176x256x256, bf16, channels_last_3d, in
    bias + ReLU eager and as one fused ``torch.cudnn_convolution_relu`` call (with its largest
    difference from eager).
 C. **the whole-head inference pass** (176x256x256, bf16, channels_last_3d) of the published
-   network with each CUDA fusion off and on in turn (eager; conv + bias + ReLU fused, with the
-   one-channel stem padded to 1, 4, 8 or 16 channels; concatenations split as on the CPU), and
-   the default config's network eager and fused, each with its largest logit difference from
-   eager.
+   network and of the default config's, eager and then with planar3d's CUDA inference changes
+   switched on one after the other (conv + bias + ReLU as one cuDNN call; a decoder level's first
+   conv from the parts of its concatenation; instance norm read in place), interleaved over
+   three rounds, each with its largest logit difference from eager.
 D. **one training step** of the default config's network (2 x 128x128x32 patches, bf16-cl,
    forward, backward, clipping, AdamW; no loader) timed, then its kernels by GPU time, then the
    same step with the network under ``torch.compile`` (CUDA only).
@@ -20,7 +20,7 @@ On a machine without CUDA it runs the same on the CPU with tiny sizes (a smoke r
 
 Usage (from the project root)::
 
-    python benchmarks/gpu_diagnostics.py [--real FOLDER_OF_NIFTI]
+    python benchmarks/gpu_diagnostics.py [--real FOLDER_OF_NIFTI] [--parts ABCD]
 """
 
 from __future__ import annotations
@@ -137,10 +137,11 @@ def micro_benchmarks(device: str) -> None:
 
 
 def head_pass_variants(device: str) -> None:
-    """Part C: the published network's whole-head inference pass with each of its CUDA fusions
-    switched off and on in turn (module settings of ``planar3d.networks``), and the default
-    config's network eager and fused. On the CPU (a smoke run) a reference conv + ReLU stands in
-    for the cuDNN call."""
+    """Part C: the whole-head inference pass of the published network and of the default config's
+    with planar3d's CUDA inference changes switched on one after the other (module settings of
+    ``planar3d.networks``), the variants interleaved over three rounds, the fastest round kept.
+    On the CPU (a smoke run) they are switched on for the CPU, with a reference conv + ReLU
+    standing in for the cuDNN call."""
     import contextlib
 
     import torch
@@ -148,13 +149,15 @@ def head_pass_variants(device: str) -> None:
     from pipelines.config import load_config
     from planar3d.networks import PlanarResUNet, PlanarResUNetConfig, layers, res_unet
 
-    print("\n## C. whole-head inference pass, fusions off and on (bf16 autocast, channels_last_3d)", flush=True)
+    print("\n## C. whole-head inference pass, CUDA changes one after the other (bf16 autocast, channels_last_3d)",
+          flush=True)
     cuda = device == "cuda"
     shape = (176, 256, 256) if cuda else (16, 32, 32)
     width = 1.0 if cuda else 0.0625
     layout = torch.channels_last_3d
-    saved = (layers.FUSED_CONV_RELU_DEVICES, layers.CUDA_STEM_CHANNELS, res_unet.SPLIT_CONCATENATION_DEVICES,
-             layers._cudnn_conv_relu)
+    settings = ("FUSED_CONV_RELU_DEVICES", "CHANNELS_LAST_INSTANCE_NORM_DEVICES")
+    saved = ({name: getattr(layers, name) for name in settings + ("_cudnn_conv_relu",)},
+             res_unet.SPLIT_CONCATENATION_DEVICES)
     if not cuda:
         layers._cudnn_conv_relu = lambda x, w, b, s, p, d, g: torch.relu(torch.nn.functional.conv3d(x, w, b, s, p, d, g))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
@@ -165,46 +168,50 @@ def head_pass_variants(device: str) -> None:
         "published (no norm)": PlanarResUNet(PlanarResUNetConfig(plane_axis=0, width=width)),
         "default config (instance norm)": PlanarResUNet(default_config),
     }
-    variants = [  # (name, fused devices, stem channels, split devices)
-        ("eager (before)", (), 1, ("cpu",)),
-        ("fused conv+bias+ReLU, stem 1 channel", (device,), 1, ("cpu",)),
-        ("fused, stem padded to 4", (device,), 4, ("cpu",)),
-        ("fused, stem padded to 8 (default)", (device,), 8, ("cpu",)),
-        ("fused, stem padded to 16", (device,), 16, ("cpu",)),
-        ("fused, stem 8, concatenations split on this device too", (device,), 8, ("cpu", device)),
+    on = (device,)
+    variants = [  # (name, fused conv + ReLU, concatenations split, instance norm in place)
+        ("eager (before)", (), (), ()),
+        ("+ fused conv+bias+ReLU", on, (), ()),
+        ("+ concatenations split", on, on, ()),
+        ("+ instance norm in place (all on: the default)", on, on, on),
     ]
     try:
         for label, network in networks.items():
             network = network.to(device).eval().to(memory_format=layout)
+            times = {name: [] for name, *_ in variants}
+            differences = {}
             reference = None
-            for name, fused_devices, stem, split in variants:
-                if label.startswith("default") and name not in (variants[0][0], variants[3][0]):
-                    continue
-                layers.FUSED_CONV_RELU_DEVICES, layers.CUDA_STEM_CHANNELS = fused_devices, stem
-                res_unet.SPLIT_CONCATENATION_DEVICES = split
+            for _ in range(3):
+                for name, fused, split, norm in variants:
+                    layers.FUSED_CONV_RELU_DEVICES, layers.CHANNELS_LAST_INSTANCE_NORM_DEVICES = fused, norm
+                    res_unet.SPLIT_CONCATENATION_DEVICES = split + (("cpu",) if cuda else ())
 
-                def forward():
-                    with torch.inference_mode(), autocast():
-                        return network(x)
+                    def forward():
+                        with torch.inference_mode(), autocast():
+                            return network(x)
 
-                try:
-                    out = forward().float()
-                    if reference is None:
-                        reference = out
-                    difference = (out - reference).abs().max().item()
-                    scale = reference.abs().max().item()
-                    ms = _milliseconds(forward, device, repeats=10 if cuda else 2)
-                    print(f"  {label}, {name}: {ms:.2f} ms; largest logit difference from eager {difference:.3g} "
-                          f"(logits up to {scale:.3g})", flush=True)
-                except (RuntimeError, NotImplementedError) as error:
-                    print(f"  {label}, {name}: failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}",
-                          flush=True)
+                    try:
+                        out = forward().float()
+                        reference = out if reference is None else reference
+                        differences[name] = (out - reference).abs().max().item()
+                        times[name].append(_milliseconds(forward, device, repeats=10 if cuda else 2))
+                    except (RuntimeError, NotImplementedError) as error:
+                        differences[name] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            scale = reference.abs().max().item() if reference is not None else float("nan")
+            for name, *_ in variants:
+                if times[name]:
+                    print(f"  {label}, {name}: {min(times[name]):.2f} ms (rounds: "
+                          f"{', '.join(f'{t:.2f}' for t in times[name])}); largest logit difference from eager "
+                          f"{differences[name]:.3g} (logits up to {scale:.3g})", flush=True)
+                else:
+                    print(f"  {label}, {name}: {differences[name]}", flush=True)
             del network, reference
             if cuda:
                 torch.cuda.empty_cache()
     finally:
-        (layers.FUSED_CONV_RELU_DEVICES, layers.CUDA_STEM_CHANNELS, res_unet.SPLIT_CONCATENATION_DEVICES,
-         layers._cudnn_conv_relu) = saved
+        for name, value in saved[0].items():
+            setattr(layers, name, value)
+        res_unet.SPLIT_CONCATENATION_DEVICES = saved[1]
 
 
 def training_step(device: str) -> None:
@@ -264,13 +271,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--real", type=Path, default=PROJECT_ROOT.parent / "shared" / "data" / "real",
                         help="folder of real .nii.gz scans for the timeline")
+    parser.add_argument("--parts", default="ABCD", help="which parts to run, e.g. C (default ABCD)")
     args = parser.parse_args(argv)
     clock = Clock()
-    with tempfile.TemporaryDirectory(prefix="gpu_diagnostics_") as tmp:
-        device = predict_timeline(clock, args.real, Path(tmp))  # imports torch first: its time is on the timeline
-    micro_benchmarks(device)
-    head_pass_variants(device)
-    training_step(device)
+    if "A" in args.parts:
+        with tempfile.TemporaryDirectory(prefix="gpu_diagnostics_") as tmp:
+            device = predict_timeline(clock, args.real, Path(tmp))  # imports torch first: its time is on the timeline
+    else:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "B" in args.parts:
+        micro_benchmarks(device)
+    if "C" in args.parts:
+        head_pass_variants(device)
+    if "D" in args.parts:
+        training_step(device)
     clock.mark("done")
     return 0
 

@@ -68,7 +68,7 @@ def test_gpu_diagnostics_smoke_run_on_cpu():
                     "## D. one training step"):
         assert heading in out
     # the fusion variants ran (on the CPU with a reference conv + ReLU) and agree with eager
-    variants = [line for line in out.splitlines() if line.startswith("  published (no norm), ")]
-    assert len(variants) == 6 and all("largest logit difference from eager 0 " in line for line in variants), variants
+    variants = [line for line in out.splitlines() if line.startswith(("  published (no norm), ", "  default config "))]
+    assert len(variants) == 8 and all("largest logit difference from eager " in line for line in variants), variants
     assert out.count("  pass 0 ") == out.count("  pass 1 ") == 5        # the five real scans, twice
     assert "matrix product" in out and "cudnn_convolution_relu not available" in out  # CPU: no cuDNN

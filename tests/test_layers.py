@@ -167,9 +167,9 @@ def _reference_conv_relu(calls):
 ], ids=["published-even-deepest", "axis0-rgb", "instance-norm"])
 @pytest.mark.parametrize("split", [False, True], ids=["one-conv-per-concatenation", "split-concatenations"])
 def test_fused_conv_relu_inference_equals_the_eager_network(config, split, monkeypatch):
-    # CUDA inference computes conv + bias + ReLU as one cuDNN call. Forced onto the CPU here with
-    # a reference for that call, the network gives the eager numbers: the padding of even kernels,
-    # the stem's zero channels and the weights' layout reach the call right.
+    # CUDA inference computes conv + bias + ReLU as one cuDNN call and instance norm in place.
+    # Forced onto the CPU here with a reference for that call, the network gives the eager
+    # numbers: the padding of even kernels and the weights' layout reach the call right.
     from planar3d.networks import layers, res_unet
 
     monkeypatch.setattr(res_unet, "SPLIT_CONCATENATION_DEVICES", ("cpu",) if split else ())
@@ -180,6 +180,7 @@ def test_fused_conv_relu_inference_equals_the_eager_network(config, split, monke
         expected = net(x)
     calls = []
     monkeypatch.setattr(layers, "FUSED_CONV_RELU_DEVICES", ("cpu",))
+    monkeypatch.setattr(layers, "CHANNELS_LAST_INSTANCE_NORM_DEVICES", ("cpu",))
     monkeypatch.setattr(layers, "_cudnn_conv_relu", _reference_conv_relu(calls))
     with torch.inference_mode():
         fused = net(x)
@@ -188,8 +189,7 @@ def test_fused_conv_relu_inference_equals_the_eager_network(config, split, monke
     # computed from the parts of the concatenation (unfused) where concatenations are split
     encoder_convs, decoder_convs = 2 + 2 + 3 + 3, 2 + (1 if split else 2) * 4
     assert len(calls) == encoder_convs + (0 if config.norm else decoder_convs)
-    stem_channels = layers.CUDA_STEM_CHANNELS if config.in_channels == 1 else 3
-    assert calls[0][0][1] == stem_channels  # the one-channel stem padded with zero channels
+    assert calls[0][0][1] == config.in_channels
     assert all(layout for _, _, layout in calls)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's dtype reaches the call, as for a conv
         with torch.inference_mode():
@@ -198,3 +198,40 @@ def test_fused_conv_relu_inference_equals_the_eager_network(config, split, monke
     calls.clear()
     net(x)  # training's forward (autograd): never fused, since the fused call has no backward
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_instance_norm_in_place_equals_pytorch_instance_norm(dtype, monkeypatch):
+    # CUDA inference normalises channels_last_3d activations without copying them; forced onto
+    # the CPU here, it gives PyTorch's instance norm (to float32 or bf16 rounding)
+    from planar3d.networks import layers
+
+    torch.manual_seed(0)
+    norm = layers.normalization("instance", 6)
+    assert isinstance(norm, layers.InstanceNorm3d)
+    reference = nn.InstanceNorm3d(6, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2), norm.bias.uniform_(-1, 1)
+    reference.load_state_dict(norm.state_dict())  # the same parameters and state dict
+    x = (torch.randn(2, 6, 9, 8, 7) * 3 + 5).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        expected = reference(x.float())
+    seen = []
+    real = layers.instance_norm_channels_last
+    monkeypatch.setattr(layers, "instance_norm_channels_last", lambda *a: seen.append(1) or real(*a))
+    monkeypatch.setattr(layers, "CHANNELS_LAST_INSTANCE_NORM_DEVICES", ("cpu",))
+    with torch.no_grad():
+        out = norm(x)
+        assert norm(x.contiguous()).dtype == dtype  # channels-first input: PyTorch's own path
+    assert len(seen) == 1
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last_3d)
+    if dtype == torch.float32:
+        assert (out - expected).abs().max().item() <= 1e-5
+    else:  # rounded once into bf16: no further from the float32 result than PyTorch's own bf16 kernel
+        with torch.no_grad():
+            pytorch_bf16 = reference.to(dtype)(x)
+        pytorch_error = (pytorch_bf16.float() - expected).abs().max().item()
+        assert (out.float() - expected).abs().max().item() <= pytorch_error
+    out = norm(x.float())  # with autograd: PyTorch's kernels and their backward
+    assert len(seen) == 1
+    assert (out - expected).abs().max().item() <= 1e-5

@@ -181,11 +181,11 @@ class _DecoderLevel(nn.Module):
 
 
 #: Devices where inference computes a decoder level's first conv from the parts of its
-#: concatenation. The CPU, where it was measured (docs/prediction.md: a concatenation is a full
-#: write and read of the largest tensors through 2 cores' memory bandwidth); on CUDA, with its
-#: bandwidth, one conv over the concatenation is kept until a GPU run says otherwise
-#: (``benchmarks/gpu_diagnostics.py`` times both).
-SPLIT_CONCATENATION_DEVICES = ("cpu",)
+#: concatenation: the CPU (docs/prediction.md: a concatenation is a full write and read of the
+#: largest tensors through 2 cores' memory bandwidth) and CUDA (H200, whole head 176x256x256,
+#: bf16: 33.4 -> 32.7 ms for the published network, 111.0 -> 107.5 ms for the default config's;
+#: ``benchmarks/gpu_diagnostics.py`` times both).
+SPLIT_CONCATENATION_DEVICES = ("cpu", "cuda")
 
 
 def _splits_concatenations(x: torch.Tensor) -> bool:
