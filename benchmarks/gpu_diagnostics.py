@@ -21,6 +21,7 @@ On a machine without CUDA it runs the same on the CPU with tiny sizes (a smoke r
 Usage (from the project root)::
 
     python benchmarks/gpu_diagnostics.py [--real FOLDER_OF_NIFTI] [--parts ABCD]
+    python benchmarks/gpu_diagnostics.py --parts C --cpu-full-size   # part C's before/after on the CPU at full size
 """
 
 from __future__ import annotations
@@ -91,10 +92,10 @@ def predict_timeline(clock: Clock, real: Path, work: Path) -> str:
     return device
 
 
-def _milliseconds(function, device: str, repeats: int = 10) -> float:
+def _milliseconds(function, device: str, repeats: int = 10, warmup: int = 3) -> float:
     import torch
 
-    for _ in range(3):
+    for _ in range(warmup):
         function()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -136,12 +137,13 @@ def micro_benchmarks(device: str) -> None:
         print(line, flush=True)
 
 
-def head_pass_variants(device: str) -> None:
+def head_pass_variants(device: str, cpu_full_size: bool = False) -> None:
     """Part C: the whole-head inference pass of the published network and of the default config's
     with planar3d's CUDA inference changes switched on one after the other (module settings of
     ``planar3d.networks``), the variants interleaved over three rounds, the fastest round kept.
     On the CPU (a smoke run) they are switched on for the CPU, with a reference conv + ReLU
-    standing in for the cuDNN call."""
+    standing in for the cuDNN call; with ``cpu_full_size`` the CPU runs the full size and width in
+    fp32, before and after only (one round, one warm-up pass, one timed pass)."""
     import contextlib
 
     import torch
@@ -152,8 +154,9 @@ def head_pass_variants(device: str) -> None:
     print("\n## C. whole-head inference pass, CUDA changes one after the other (bf16 autocast, channels_last_3d)",
           flush=True)
     cuda = device == "cuda"
-    shape = (176, 256, 256) if cuda else (16, 32, 32)
-    width = 1.0 if cuda else 0.0625
+    full = cuda or cpu_full_size
+    shape = (176, 256, 256) if full else (16, 32, 32)
+    width = 1.0 if full else 0.0625
     layout = torch.channels_last_3d
     settings = ("FUSED_CONV_RELU_DEVICES", "CHANNELS_LAST_INSTANCE_NORM_DEVICES")
     saved = ({name: getattr(layers, name) for name in settings + ("_cudnn_conv_relu",)},
@@ -175,13 +178,16 @@ def head_pass_variants(device: str) -> None:
         ("+ concatenations split", on, on, ()),
         ("+ instance norm in place (all on: the default)", on, on, on),
     ]
+    rounds, repeats, warmup = (3, 10, 3) if cuda else (1, 1, 1) if cpu_full_size else (3, 2, 3)
+    if cpu_full_size:  # the CPU's own before and after: concatenations were already split there
+        variants = [("before (concatenations split)", (), on, ()), variants[-1]]
     try:
         for label, network in networks.items():
             network = network.to(device).eval().to(memory_format=layout)
             times = {name: [] for name, *_ in variants}
             differences = {}
             reference = None
-            for _ in range(3):
+            for _ in range(rounds):
                 for name, fused, split, norm in variants:
                     layers.FUSED_CONV_RELU_DEVICES, layers.CHANNELS_LAST_INSTANCE_NORM_DEVICES = fused, norm
                     res_unet.SPLIT_CONCATENATION_DEVICES = split + (("cpu",) if cuda else ())
@@ -194,7 +200,7 @@ def head_pass_variants(device: str) -> None:
                         out = forward().float()
                         reference = out if reference is None else reference
                         differences[name] = (out - reference).abs().max().item()
-                        times[name].append(_milliseconds(forward, device, repeats=10 if cuda else 2))
+                        times[name].append(_milliseconds(forward, device, repeats, warmup))
                     except (RuntimeError, NotImplementedError) as error:
                         differences[name] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
             scale = reference.abs().max().item() if reference is not None else float("nan")
@@ -272,6 +278,8 @@ def main(argv=None) -> int:
     parser.add_argument("--real", type=Path, default=PROJECT_ROOT.parent / "shared" / "data" / "real",
                         help="folder of real .nii.gz scans for the timeline")
     parser.add_argument("--parts", default="ABCD", help="which parts to run, e.g. C (default ABCD)")
+    parser.add_argument("--cpu-full-size", action="store_true",
+                        help="on the CPU, part C at full size and width (before and after only; minutes)")
     args = parser.parse_args(argv)
     clock = Clock()
     if "A" in args.parts:
@@ -284,7 +292,7 @@ def main(argv=None) -> int:
     if "B" in args.parts:
         micro_benchmarks(device)
     if "C" in args.parts:
-        head_pass_variants(device)
+        head_pass_variants(device, args.cpu_full_size)
     if "D" in args.parts:
         training_step(device)
     clock.mark("done")

@@ -51,15 +51,15 @@ def test_network_with_deepest_depth_2_runs_without_warning_and_scripts():
         assert (scripted(x) - out).abs().max().item() <= 1e-6
 
 
-@pytest.mark.parametrize("split_levels", [True, False], ids=["cpu-three-parts", "cuda-two-parts"])
+@pytest.mark.parametrize("split_levels", [True, False], ids=["three-parts", "two-parts"])
 def test_inference_head_on_split_halves_equals_the_training_forward(split_levels, monkeypatch):
     # without autograd the head runs on the parts of the last level's concatenation (no
-    # full-size cat); on the CPU the levels' first convs also run on their parts. The CUDA rule
-    # (two parts) is forced here to run it on the CPU.
+    # full-size cat); on the CPU and CUDA the levels' first convs also run on their parts. A
+    # device without that rule (two parts) is forced here onto the CPU.
     from planar3d.networks import res_unet
 
     if not split_levels:
-        monkeypatch.setattr(res_unet, "_splits_concatenations", lambda x: False)
+        monkeypatch.setattr(res_unet, "SPLIT_CONCATENATION_DEVICES", ())
     torch.manual_seed(0)
     for config in (PlanarResUNetConfig(width=0.125, deepest_kernel_depth=2),
                    PlanarResUNetConfig(width=0.0625, plane_axis=0, in_channels=3, out_channels=2, norm="batch")):

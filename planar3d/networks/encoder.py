@@ -69,7 +69,7 @@ class PlanarVGGEncoder(nn.Module):
         for block, pool in zip(self.blocks, self.pools):
             if torch.jit.is_scripting():
                 x = block(x)
-            else:  # CUDA inference: each conv + ReLU as one cuDNN call (layers.fused_conv_relu)
+            else:  # inference where fused: each conv + ReLU as one call (layers.fused_conv_relu)
                 x = run_conv_relu_pairs(block, x) if fuses_conv_relu(x) else block(x)
             skips.append(x)
             x = pool(x)

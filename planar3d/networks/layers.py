@@ -124,6 +124,7 @@ def _pointwise_as_matmul(conv: nn.Conv3d, x: torch.Tensor) -> bool:
 #: fused against 5.00 ms eager (benchmarks/README.md, "gpu_diagnostics.py").
 FUSED_CONV_RELU_DEVICES: Tuple[str, ...] = ("cuda",)
 
+
 def _cudnn_conv_relu(x, weight, bias, stride, padding, dilation, groups):
     """``relu(conv3d(x, weight) + bias)`` as one cuDNN call (tests replace it to run on the CPU)."""
     return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
@@ -139,10 +140,11 @@ def fuses_conv_relu(x: torch.Tensor) -> bool:
 
 def fused_conv_relu(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """``relu(conv(x))`` in one call, for any conv of :func:`conv3d` (even kernels and the
-    one-channel stem included; padding the stem with zero channels, as on the CPU, made the head
-    pass slower on an H200: 39.9 against 33.4 ms): the same numbers to rounding (the fused call rounds once, eager
+    one-channel stem included): the same numbers to rounding (the fused call rounds once, eager
     bf16 rounds after the conv and again after the bias). Under autocast it runs in autocast's
-    dtype, as ``conv`` would; the output is channels_last_3d."""
+    dtype, as ``conv`` would; the output is channels_last_3d. The stem is not padded with zero
+    channels as on the CPU (:class:`OneChannelConv3d`): on an H200 that made the whole-head pass
+    slower, 39.9 ms at 8 channels against 33.4 ms at 1."""
     weight, bias = conv.weight, conv.bias
     if isinstance(conv, EvenSameConv3d):
         x = F.pad(x, conv.far_extra)
@@ -227,10 +229,12 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if (input.device.type in CHANNELS_LAST_INSTANCE_NORM_DEVICES and not torch.is_grad_enabled()
-                    and not self.track_running_stats and input.dim() == 5 and not input.is_contiguous()
-                    and input.is_contiguous(memory_format=torch.channels_last_3d)
+                    and not self.track_running_stats and input.dim() == 5 and input.shape[1] == self.num_features
+                    and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last_3d)
                     and not torch.compiler.is_compiling()):
                 return instance_norm_channels_last(input, self.weight, self.bias, self.eps)
+            return super().forward(input)
+        # TorchScript (the network's inputs are always batched 5D tensors)
         self._check_input_dim(input)
         return self._apply_instance_norm(input)
 

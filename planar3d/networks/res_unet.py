@@ -155,7 +155,7 @@ class _DecoderLevel(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if _splits_concatenations(x):
-                # CPU inference: one concatenation instead of two (the same values to rounding).
+                # Inference: one concatenation instead of two (the same values to rounding).
                 return torch.cat(self.parts(x, skip), dim=1)
         merged = torch.cat([self.up(x), skip], dim=1)
         return torch.cat([merged, self.conv2(self.conv1(merged))], dim=1)
@@ -164,10 +164,10 @@ class _DecoderLevel(nn.Module):
     def parts(self, x: torch.Tensor, skip: torch.Tensor) -> List[torch.Tensor]:
         """The level's output as parts whose concatenation is :meth:`forward`'s result.
 
-        In CPU inference three parts, upsampled input, skip and the convs' output: the first two
-        are never concatenated (:func:`conv_of_concatenation`), which at the last level saves
-        writing the largest tensor but one of the pass. Elsewhere two: their concatenation
-        (``merged``) and the convs' output.
+        In inference on a device of :data:`SPLIT_CONCATENATION_DEVICES` three parts, upsampled
+        input, skip and the convs' output: the first two are never concatenated
+        (:func:`conv_of_concatenation`), which at the last level saves writing the largest tensor
+        but one of the pass. Elsewhere two: their concatenation (``merged``) and the convs' output.
         """
         upsampled = self.up(x)
         if not _splits_concatenations(x):
