@@ -214,9 +214,8 @@ def activation(name: str) -> nn.Module:
 #: :func:`instance_norm_channels_last` instead of PyTorch's instance norm, which normalises an
 #: instance as a batch of N x C channels and returns channels-first, so the next conv copies it
 #: back. CUDA: in an H200 profile of the default network's training step copy-like elementwise
-#: kernels took 30 % of the GPU time, and its whole-head pass took 118 ms against 44 ms for the
-#: same network without norm. CPU (2 cores, fp32, 32 channels at 176x232x160): 1.20 s against
-#: 0.80 s in place, before the copy back.
+#: kernels took 30 % of the GPU time, and its whole-head pass took 117 ms against 44 ms for the
+#: same network without norm (41 ms with a first in-place version; docs/prediction.md).
 CHANNELS_LAST_INSTANCE_NORM_DEVICES: Tuple[str, ...] = ("cpu", "cuda")
 
 
