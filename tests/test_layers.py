@@ -200,6 +200,17 @@ def test_fused_conv_relu_inference_equals_the_eager_network(config, split, monke
     assert calls == []
 
 
+def _in_place_norm_on_the_cpu(monkeypatch) -> list:
+    """Switch the in-place instance norm on for the CPU; the list it returns grows by one a call."""
+    from planar3d.networks import layers
+
+    calls = []
+    real = layers.instance_norm_channels_last
+    monkeypatch.setattr(layers, "instance_norm_channels_last", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(layers, "CHANNELS_LAST_INSTANCE_NORM_DEVICES", ("cpu",))
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_instance_norm_in_place_equals_pytorch_instance_norm(dtype, monkeypatch):
     # CUDA inference normalises channels_last_3d activations without copying them; forced onto
@@ -216,10 +227,7 @@ def test_instance_norm_in_place_equals_pytorch_instance_norm(dtype, monkeypatch)
     x = (torch.randn(2, 6, 9, 8, 7) * 3 + 5).to(dtype).contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
         expected = reference(x.float())
-    seen = []
-    real = layers.instance_norm_channels_last
-    monkeypatch.setattr(layers, "instance_norm_channels_last", lambda *a: seen.append(1) or real(*a))
-    monkeypatch.setattr(layers, "CHANNELS_LAST_INSTANCE_NORM_DEVICES", ("cpu",))
+    seen = _in_place_norm_on_the_cpu(monkeypatch)
     with torch.no_grad():
         out = norm(x)
         assert norm(x.contiguous()).dtype == dtype  # channels-first input: PyTorch's own path
@@ -227,7 +235,7 @@ def test_instance_norm_in_place_equals_pytorch_instance_norm(dtype, monkeypatch)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last_3d)
     if dtype == torch.float32:
         assert (out - expected).abs().max().item() <= 1e-5
-    else:  # rounded once into bf16: no further from the float32 result than PyTorch's own bf16 kernel
+    else:  # no further from the float32 result than PyTorch's own bf16 kernel
         with torch.no_grad():
             pytorch_bf16 = reference.to(dtype)(x)
         pytorch_error = (pytorch_bf16.float() - expected).abs().max().item()
@@ -280,10 +288,7 @@ def test_instance_norm_in_place_gives_the_network_pytorchs_logits_on_a_skull_str
     monkeypatch.setattr(layers, "CHANNELS_LAST_INSTANCE_NORM_DEVICES", ())
     with torch.inference_mode():
         expected = net(x)
-    calls = []
-    real = layers.instance_norm_channels_last
-    monkeypatch.setattr(layers, "instance_norm_channels_last", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(layers, "CHANNELS_LAST_INSTANCE_NORM_DEVICES", ("cpu",))
+    calls = _in_place_norm_on_the_cpu(monkeypatch)
     with torch.inference_mode():
         out = net(x)
     assert len(calls) >= 2
