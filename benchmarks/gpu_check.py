@@ -42,6 +42,7 @@ import argparse
 import csv
 import datetime
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -155,9 +156,14 @@ class UtilisationSampler:
 
     def window(self, start: float, end: float) -> "UtilisationSampler":
         """The samples taken between wall-clock times ``start`` and ``end`` (a copy)."""
+        return self.within([(start, end)])
+
+    def within(self, intervals: Sequence[Tuple[float, float]]) -> "UtilisationSampler":
+        """The samples taken inside any of the wall-clock ``(start, end)`` intervals (a copy)."""
         part = UtilisationSampler(self.interval_ms)
-        part.samples = [s for s, t in zip(self.samples, self.times) if start <= t <= end]
-        part.times = [t for t in self.times if start <= t <= end]
+        inside = [any(start <= t <= end for start, end in intervals) for t in self.times]
+        part.samples = [s for s, keep in zip(self.samples, inside) if keep]
+        part.times = [t for t, keep in zip(self.times, inside) if keep]
         return part
 
     def __exit__(self, *exc) -> None:
@@ -171,6 +177,33 @@ class UtilisationSampler:
         busy = sum(s >= 85 for s in self.samples) / len(self.samples)
         return (f"{len(self.samples)} samples: mean {statistics.mean(self.samples):.0f} %, median "
                 f"{statistics.median(self.samples):.0f} %, min {min(self.samples):.0f} %, >= 85 % in {100 * busy:.0f} % of samples")
+
+
+_EPOCH_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO epoch (\d+)/\d+ .*"
+                         r"no validation this epoch .* ([0-9.]+) s [0-9.e+]+ vox/s\s*$")
+
+
+def training_intervals(train_log: str, first_epoch: int = 2) -> List[Tuple[float, float]]:
+    r"""Wall-clock ``(start, end)`` of each training epoch from ``first_epoch`` on that ran no
+    validation, from ``train.log``'s epoch lines: the line's time (local, as ``time.time()``
+    counts it) less the epoch's seconds. Until the tenth session the window was the epochs'
+    summed seconds before ``metrics.csv``'s last write, which the last epoch's validation and
+    checkpoint follow: it held no training, and the H200 lease read 0 % there.
+
+    Example:
+        >>> log = ("2026-11-27 10:09:13,918 INFO epoch 1/3 loss 1.56 (lesion voxels predicted/present 6.35) no validation this epoch lr 3.33e-04 7.0 s 1.68e+06 vox/s\n"
+        ...        "2026-11-27 10:09:20,720 INFO epoch 2/3 loss 1.44 (lesion voxels predicted/present 1.11) no validation this epoch lr 6.67e-04 6.8 s 1.74e+06 vox/s\n"
+        ...        "2026-11-27 10:09:30,000 INFO epoch 3/3 loss 1.04 (lesion voxels predicted/present 0.00) val lesion_f1 0.1 lr 1.00e-03 6.8 s 1.73e+06 vox/s")
+        >>> [(round(end - start, 1), datetime.datetime.fromtimestamp(end).strftime("%H:%M:%S.%f")) for start, end in training_intervals(log)]
+        [(6.8, '10:09:20.720000')]
+    """
+    intervals = []
+    for line in train_log.splitlines():
+        match = _EPOCH_LINE.match(line)
+        if match and int(match.group(2)) >= first_epoch:
+            end = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            intervals.append((end - float(match.group(3)), end))
+    return intervals
 
 
 #: The training loaders compared in one run: the one issue 10 measured (MONAI transforms in 2
@@ -225,10 +258,9 @@ def check_train(tiny: bool, work: Path, device: str, loaders: Sequence[str] = ()
         with open(run / "metrics.csv") as fh:
             rows = list(csv.DictReader(fh))
         epochs = ", ".join(f"{float(r['seconds']):.1f}" for r in rows)
-        # the epochs after the first (cuDNN autotuning, warm-up) end when metrics.csv is last
-        # written; the process start, data caching and exit are left out of the utilisation
-        end = (run / "metrics.csv").stat().st_mtime
-        training = sampler.window(end - sum(float(r["seconds"]) for r in rows[1:]), end)
+        # the epochs after the first (cuDNN autotuning, warm-up) that ran no validation, as
+        # train.log times them; the process start, data caching, validation and exit are left out
+        training = sampler.within(training_intervals((run / "train.log").read_text()))
         print(f"| {name} | {epochs} | {float(rows[-1]['voxels_per_second']):.3g} | {wall:.0f} s | {training.summary()} "
               f"| {sampler.summary()} |", flush=True)
     # the loaders alone (no network): the most each can feed; on CUDA timed up to a synchronisation
