@@ -120,8 +120,11 @@ def _pointwise_as_matmul(conv: nn.Conv3d, x: torch.Tensor) -> bool:
 #: Devices where inference computes a conv followed by a ReLU as one fused call
 #: (:func:`fused_conv_relu`). CUDA only: cuDNN fuses the bias and the ReLU into the convolution's
 #: epilogue, where eager PyTorch writes and reads the full-resolution output twice more (a bias add,
-#: then the ReLU). Measured on an H200 for a 64->64 planar conv at 176x256x256 in bf16: 2.36 ms
-#: fused against 5.00 ms eager (benchmarks/README.md, "gpu_diagnostics.py").
+#: then the ReLU). Measured on an H200 for a 64->64 planar conv at 176x256x256 in bf16: 2.35 ms
+#: fused against 5.06 ms eager; the published network's whole-head pass 43.5 -> 33.6 ms
+#: (docs/prediction.md). On the CPU oneDNN already adds the bias in the conv, and its fused
+#: conv + ReLU (``torch.ops.mkldnn._convolution_pointwise``) gave the 1 mm head's pass 14.9 /
+#: 14.3 s against 15.1 / 14.3 s eager (2 cores): not used.
 FUSED_CONV_RELU_DEVICES: Tuple[str, ...] = ("cuda",)
 
 
@@ -215,7 +218,9 @@ def activation(name: str) -> nn.Module:
 #: instance as a batch of N x C channels and returns channels-first, so the next conv copies it
 #: back. CUDA: in an H200 profile of the default network's training step copy-like elementwise
 #: kernels took 30 % of the GPU time, and its whole-head pass took 117 ms against 44 ms for the
-#: same network without norm (41 ms with a first in-place version; docs/prediction.md).
+#: same network without norm (41 ms with a first in-place version; docs/prediction.md). CPU
+#: (2 cores, fp32, 32 channels at 176x232x160): the norm 968 -> 902 ms and the next conv on its
+#: output 898 -> 570 ms; the default network's whole-head pass 43.0 -> 34.2 s.
 CHANNELS_LAST_INSTANCE_NORM_DEVICES: Tuple[str, ...] = ("cpu", "cuda")
 
 
