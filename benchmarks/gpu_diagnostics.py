@@ -151,9 +151,9 @@ def head_pass_variants(device: str, cpu_full_size: bool = False) -> None:
     from pipelines.config import load_config
     from planar3d.networks import PlanarResUNet, PlanarResUNetConfig, layers, res_unet
 
-    print("\n## C. whole-head inference pass, CUDA changes one after the other (bf16 autocast, channels_last_3d)",
-          flush=True)
     cuda = device == "cuda"
+    print("\n## C. whole-head inference pass, CUDA changes one after the other "
+          f"({'bf16 autocast' if cuda else 'fp32'}, channels_last_3d)", flush=True)
     full = cuda or cpu_full_size
     shape = (176, 256, 256) if full else (16, 32, 32)
     width = 1.0 if full else 0.0625
