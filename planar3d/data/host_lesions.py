@@ -120,10 +120,11 @@ def suspected_lesions(host: np.ndarray, brain: np.ndarray, white_matter_prior: n
         # components that hold a seed
         near = ndimage.distance_transform_edt(~seeds, sampling=spacing) <= GROW_MM
         reach, _ = ndimage.label(bright & near)
-        grown = np.isin(reach, np.setdiff1d(reach[seeds], [0]))
+        holding_a_seed = np.setdiff1d(reach[seeds], [0])
+        grown = np.isin(reach, holding_a_seed)
+        count = len(holding_a_seed)  # the lesions are exactly those components: no second labelling
     else:
-        grown = seeds
-    count = int(ndimage.label(grown)[1])
+        grown, count = seeds, 0
     if grown.any():
         mask = brain & (ndimage.distance_transform_edt(~grown, sampling=spacing) <= RIM_MM)
     else:
