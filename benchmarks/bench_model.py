@@ -91,17 +91,39 @@ class PadToMultiple(nn.Module):
         return out[:, :, : size[0], : size[1], : size[2]]
 
 
+#: planar3d's networks the benchmarks time: the published one (no norm) and the packaged default
+#: config's, what ``planar3d train`` gives without flags (instance norm, (2,3,3) deepest kernels).
+PLANAR_NETWORKS = ("published", "default")
+
+
+def planar_network_config(network: str = "published", width: float = 1.0, plane_axis: int = 0):
+    """The :class:`~planar3d.networks.PlanarResUNetConfig` of ``network`` (:data:`PLANAR_NETWORKS`)
+    at ``width``, one input channel, planes normal to ``plane_axis``, 2x2x2 pooling at every level
+    (the default config's ``auto`` for an isotropic scan); every benchmark builds them here.
+
+    Example:
+        >>> planar_network_config("default").norm, planar_network_config("published", 0.5).norm
+        ('instance', None)
+    """
+    from dataclasses import replace
+
+    from planar3d.networks import PlanarResUNetConfig
+
+    if network == "published":
+        return PlanarResUNetConfig(in_channels=1, out_channels=1, plane_axis=plane_axis, width=width)
+    if network != "default":
+        raise ValueError(f"unknown planar network {network!r} (known: {', '.join(PLANAR_NETWORKS)})")
+    from pipelines.config import load_config
+
+    return replace(load_config(network).network.resolve(plane_axis, (True,) * 4), width=width)
+
+
 def build_model(name: str) -> nn.Module:
     """The benchmarked networks, all 1 input and 1 output channel."""
-    if name == "planar":
-        from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
-
-        return PlanarResUNet(PlanarResUNetConfig(in_channels=1, out_channels=1, plane_axis=0, width=1.0))
-    if name == "planar-default":
-        from pipelines.config import load_config
+    if name in ("planar", "planar-default"):
         from planar3d.networks import PlanarResUNet
 
-        return PlanarResUNet(load_config("default").network.resolve(0, (True,) * 4))
+        return PlanarResUNet(planar_network_config("published" if name == "planar" else "default"))
     if name == "dynunet":
         from monai.networks.nets import DynUNet
 

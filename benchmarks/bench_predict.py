@@ -23,6 +23,7 @@ Usage (from the project root)::
     python benchmarks/bench_predict.py --head          # issue 10's CPU rows on the 1 mm head, one table
     python benchmarks/bench_predict.py --head --bf16   # the same plus planar3d and DynUNet under bf16 autocast
     python benchmarks/bench_predict.py --head --copies 2   # the scan twice in the folder: first and steady scan
+    python benchmarks/bench_predict.py --head --network default   # the default config's network (instance norm)
 
 Memory: ``planar3d predict`` on the CPU keeps freed memory in the process
 (:mod:`planar3d.host_memory`, policy ``retain``). ``--head`` therefore also runs planar3d with
@@ -46,6 +47,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_model import PLANAR_NETWORKS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL = PROJECT_ROOT.parent / "shared" / "data" / "real"
@@ -56,17 +58,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _checkpoint(folder: Path, width: float) -> Path:
+def _checkpoint(folder: Path, width: float, network: str = "published") -> Path:
     import torch
 
+    from bench_model import planar_network_config
     from planar3d.checkpoint import ModelCheckpoint
-    from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
+    from planar3d.networks import PlanarResUNet
 
     torch.manual_seed(0)
-    config = PlanarResUNetConfig(width=width)
-    network = PlanarResUNet(config)
+    # plane axis 2: predict's slabs and the checkpoints train writes for axial-slice scans
+    config = planar_network_config(network, width, plane_axis=2)
+    model = PlanarResUNet(config)
     path = folder / "run" / "best.pt"
-    ModelCheckpoint(network.state_dict(), config, training={"note": "random weights (benchmark)"}).save(path)
+    ModelCheckpoint(model.state_dict(), config, training={"note": "random weights (benchmark)"}).save(path)
     return path
 
 
@@ -108,10 +112,10 @@ def _planar_work(checkpoint_path: Path, scan_path: str):
     return flops, plan
 
 
-def phase_planar(inputs: Path, work: Path, width: float, precision: str = "fp32") -> dict:
+def phase_planar(inputs: Path, work: Path, width: float, precision: str = "fp32", network: str = "published") -> dict:
     from pipelines.predict import predict_folder
 
-    model = _checkpoint(work, width)
+    model = _checkpoint(work, width, network)
     shapes = {str(p): _shape(p) for p in inputs.rglob("*.nii*")}
     start = time.perf_counter()
     summary = predict_folder(inputs, work / "out_planar", model, overwrite=True, progress=False, precision=precision)
@@ -242,7 +246,7 @@ def run_phase(args: argparse.Namespace) -> None:
         # first large allocation, and planar3d predict makes none before it sets the policy
         configure_host_memory("retain")
     if phase == "planar":
-        result = phase_planar(Path(args.inputs), work, args.width, precision)
+        result = phase_planar(Path(args.inputs), work, args.width, precision, args.network)
     elif phase in PEERS:
         result = phase_peer(phase, Path(args.inputs), work, precision)
     else:
@@ -250,8 +254,9 @@ def run_phase(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def _subprocess(phase: str, inputs: Path, work: Path, width: float) -> dict:
-    command = [sys.executable, __file__, "--phase", phase, "--inputs", str(inputs), "--work", str(work), "--width", str(width)]
+def _subprocess(phase: str, inputs: Path, work: Path, width: float, network: str = "published") -> dict:
+    command = [sys.executable, __file__, "--phase", phase, "--inputs", str(inputs), "--work", str(work), "--width", str(width),
+               "--network", network]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_ROOT,
                                env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     for line in completed.stdout.splitlines():
@@ -294,7 +299,7 @@ def gemm_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
-def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1) -> None:
+def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1, network: str = "published") -> None:
     """Issue 10's CPU rows: ours vs DynUNet vs MONAI UNet on one scan, same run, one table (with
     ``bf16``, also ours and DynUNet under bf16 autocast, each compared with DynUNet in its precision).
 
@@ -312,18 +317,19 @@ def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1) -> 
         results = {}
         phases = ("planar", "planar+huge-pages", "planar+default", "dynunet", "dynunet+retain", "unet")
         for phase in phases + (("planar@bf16", "dynunet@bf16") if bf16 else ()):
-            results[phase] = _subprocess(phase, inputs, work / phase, width)
+            results[phase] = _subprocess(phase, inputs, work / phase, width, network)
             times = ", ".join(f"{r['model']:.1f}" for r in results[phase]["rows"])
             print(f"  {phase}: model {times} s ({results[phase]['rows'][0].get('plan')})", file=sys.stderr, flush=True)
     gemm_end = gemm_flops_per_s()
     gemm = max(gemm_start, gemm_end)
-    names = {"planar": f"planar res-u-net width {width} (planar3d predict: freed memory kept)",
-             "planar+huge-pages": f"planar res-u-net width {width}, PLANAR3D_HOST_MEMORY=huge-pages",
-             "planar+default": f"planar res-u-net width {width}, PLANAR3D_HOST_MEMORY=default (glibc default)",
+    ours = f"planar res-u-net ({network} network) width {width}"
+    names = {"planar": f"{ours} (planar3d predict: freed memory kept)",
+             "planar+huge-pages": f"{ours}, PLANAR3D_HOST_MEMORY=huge-pages",
+             "planar+default": f"{ours}, PLANAR3D_HOST_MEMORY=default (glibc default)",
              "dynunet": "MONAI DynUNet, nnU-Net-like (31 M), glibc default (as a MONAI script runs)",
              "dynunet+retain": "MONAI DynUNet, nnU-Net-like (31 M), memory retained like planar3d",
              "unet": "MONAI UNet (4.8 M)",
-             "planar@bf16": f"planar res-u-net width {width} (planar3d predict --precision bf16)",
+             "planar@bf16": f"{ours} (planar3d predict --precision bf16)",
              "dynunet@bf16": "MONAI DynUNet, nnU-Net-like (31 M), bf16 autocast"}
     print(f"scan {scan.name} {'x'.join(map(str, results['planar']['rows'][0]['shape']))}, {copies} cop{'y' if copies == 1 else 'ies'} "
           f"in the folder; fp32 2048² GEMM "
@@ -369,6 +375,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="with --head: also planar3d and DynUNet in bf16 (CPU autocast)")
     parser.add_argument("--copies", type=int, default=1,
                         help="with --head: links to the scan in the folder (2: also the steady state after the first scan)")
+    parser.add_argument("--network", choices=PLANAR_NETWORKS, default="published",
+                        help="planar3d's network: the published one (no norm) or the packaged default config's "
+                             "(instance norm: what train gives without flags)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -384,11 +393,11 @@ def main() -> None:
     if args.head:
         print(f"# bench_predict --head {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
               f"torch {torch.__version__} ({torch.get_num_threads()} threads), random weights\n", flush=True)
-        head_rows(Path(args.scan), args.width, args.bf16, max(1, args.copies))
+        head_rows(Path(args.scan), args.width, args.bf16, max(1, args.copies), args.network)
         return
 
     print(f"# bench_predict {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), planar width {args.width}, random weights\n", flush=True)
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), planar width {args.width}, {args.network} network, random weights\n", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         work = Path(tmp)
         inputs = work / "inputs"
@@ -405,7 +414,7 @@ def main() -> None:
                 for image in sorted((manifest.parent / "images").glob("*.nii*")):
                     (inputs / f"synth_{image.name}").symlink_to(image)
         if "planar" not in skip:
-            print(table(f"planar res-u-net width {args.width} (planar3d predict)", _subprocess("planar", inputs, work, args.width)), flush=True)
+            print(table(f"planar res-u-net ({args.network} network) width {args.width} (planar3d predict)", _subprocess("planar", inputs, work, args.width, args.network)), flush=True)
         if "dynunet" not in skip:
             print(table("MONAI DynUNet nnU-Net-like, 128³ windows, overlap 0.5, Gaussian", _subprocess("dynunet", inputs, work, args.width)), flush=True)
         if "big" not in skip:
@@ -413,7 +422,7 @@ def main() -> None:
             big.mkdir()
             shape = (256, 256, 100) if args.quick else (512, 512, 200)
             make_big(big / "big_512x512x200.nii.gz" if not args.quick else big / "big.nii.gz", shape)
-            print(table(f"synthetic {'x'.join(map(str, shape))} scan, planar width {args.width}", _subprocess("planar", big, work / "bigwork", args.width)), flush=True)
+            print(table(f"synthetic {'x'.join(map(str, shape))} scan, planar width {args.width}", _subprocess("planar", big, work / "bigwork", args.width, args.network)), flush=True)
 
 
 if __name__ == "__main__":

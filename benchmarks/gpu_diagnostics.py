@@ -148,8 +148,8 @@ def head_pass_variants(device: str, cpu_full_size: bool = False) -> None:
 
     import torch
 
-    from pipelines.config import load_config
-    from planar3d.networks import PlanarResUNet, PlanarResUNetConfig, layers, res_unet
+    from bench_model import planar_network_config
+    from planar3d.networks import PlanarResUNet, layers, res_unet
 
     cuda = device == "cuda"
     print("\n## C. whole-head inference pass, CUDA changes one after the other "
@@ -165,11 +165,9 @@ def head_pass_variants(device: str, cpu_full_size: bool = False) -> None:
         layers._cudnn_conv_relu = lambda x, w, b, s, p, d, g: torch.relu(torch.nn.functional.conv3d(x, w, b, s, p, d, g))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     x = torch.randn(1, 1, *shape, device=device).contiguous(memory_format=layout)
-    default_config = load_config("default").network.resolve(0, (True,) * 4)
-    default_config.width = width
     networks = {
-        "published (no norm)": PlanarResUNet(PlanarResUNetConfig(plane_axis=0, width=width)),
-        "default config (instance norm)": PlanarResUNet(default_config),
+        "published (no norm)": PlanarResUNet(planar_network_config("published", width)),
+        "default config (instance norm)": PlanarResUNet(planar_network_config("default", width)),
     }
     on = (device,)
     variants = [  # (name, fused conv + ReLU, concatenations split, instance norm in place)
@@ -224,12 +222,12 @@ def training_step(device: str) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from pipelines.config import load_config
+    from bench_model import planar_network_config
     from planar3d.networks import PlanarResUNet
 
     print("\n## D. one training step of the default network, 2 patches (bf16, channels_last_3d on CUDA)", flush=True)
     layout = torch.channels_last_3d
-    network = PlanarResUNet(load_config("default").network.resolve(2, (True,) * 4)).to(device).to(memory_format=layout).train()
+    network = PlanarResUNet(planar_network_config("default", plane_axis=2)).to(device).to(memory_format=layout).train()
     optimizer = torch.optim.AdamW(network.parameters(), 3e-4)
     patch = (128, 128, 32) if device == "cuda" else (32, 32, 16)
     x = torch.randn(2, 1, *patch, device=device).contiguous(memory_format=layout)
