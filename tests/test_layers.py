@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
@@ -206,7 +207,7 @@ def _in_place_norm_on_the_cpu(monkeypatch) -> list:
 
     calls = []
     real = layers.instance_norm_channels_last
-    monkeypatch.setattr(layers, "instance_norm_channels_last", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(layers, "instance_norm_channels_last", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(layers, "CHANNELS_LAST_INSTANCE_NORM_DEVICES", ("cpu",))
     return calls
 
@@ -265,6 +266,30 @@ def test_instance_norm_in_place_is_stable_where_most_voxels_hold_one_value(dtype
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last_3d)
     scale = expected.abs().max().item()
     assert (out.float() - expected).abs().max().item() <= (1e-4 if dtype == torch.float32 else 0.02) * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_instance_norm_over_blocks_written_over_its_input_with_relu_equals_pytorch(dtype, monkeypatch):
+    # The CPU normalises a channels_last_3d instance in blocks of voxels; a conv unit in inference
+    # has it overwrite the conv's output and apply the ReLU. Blocks of 100 of 9x8x7 = 504 voxels:
+    # five full blocks and a remainder, two instances.
+    from planar3d.networks import layers
+
+    monkeypatch.setattr(layers, "CPU_NORM_BLOCK_VOXELS", 100)
+    torch.manual_seed(0)
+    weight, bias = torch.rand(6) + 0.5, torch.randn(6)
+    x = (torch.randn(2, 6, 9, 8, 7) * 3 + 5).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    original = x.clone()
+    with torch.no_grad():
+        expected = torch.relu(F.instance_norm(original.float(), weight=weight, bias=bias, eps=1e-5))
+        pytorch_error = (torch.relu(F.instance_norm(original, weight=weight.to(dtype), bias=bias.to(dtype), eps=1e-5)).float()
+                         - expected).abs().max().item()
+        out = layers.instance_norm_channels_last(x, weight, bias, 1e-5, out=x, relu=True)
+    assert out.data_ptr() == x.data_ptr() and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (out.float() >= 0).all()
+    # float32: to rounding; bf16: rounded once, no further from the float32 result than PyTorch's bf16
+    assert (out.float() - expected).abs().max().item() <= (1e-5 if dtype == torch.float32 else pytorch_error)
 
 
 def test_instance_norm_in_place_gives_the_network_pytorchs_logits_on_a_skull_stripped_scan(monkeypatch):

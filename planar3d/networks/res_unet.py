@@ -131,14 +131,28 @@ class _ConvUnit(nn.Sequential):
         )
         # Without a norm, a ReLU unit is conv + ReLU (+ dropout, a no-op in eval): fusable.
         self.conv_relu_only = norm in (None, "none") and act == "relu"
+        # With instance norm, the norm and the ReLU can overwrite the conv's output in inference.
+        self.norm_relu = norm == "instance" and act == "relu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if self.conv_relu_only and not self.training and fuses_conv_relu(x):
                 return fused_conv_relu(self[0], x)
+            if self.norm_relu and not self.training and x.device.type in NORM_RELU_IN_PLACE_DEVICES:
+                return self.after_conv(self[0](x))
         for module in self:
             x = module(x)
         return x
+
+    @torch.jit.unused
+    def after_conv(self, y: torch.Tensor) -> torch.Tensor:
+        """Norm, activation and dropout applied to ``y``, an output of this unit's conv that
+        nothing else holds (in inference it may be overwritten: :data:`NORM_RELU_IN_PLACE_DEVICES`)."""
+        if self.norm_relu and not self.training and y.device.type in NORM_RELU_IN_PLACE_DEVICES:
+            return self[1].relu_in_place(y)  # dropout is the identity in inference
+        for module in list(self)[1:]:
+            y = module(y)
+        return y
 
 
 class _DecoderLevel(nn.Module):
@@ -173,12 +187,16 @@ class _DecoderLevel(nn.Module):
         if not _splits_concatenations(x):
             merged = torch.cat([upsampled, skip], dim=1)
             return [merged, self.conv2(self.conv1(merged))]
-        first_conv, *after_conv = self.conv1
-        hidden = conv_of_concatenation(first_conv, [upsampled, skip])
-        for module in after_conv:
-            hidden = module(hidden)
+        hidden = self.conv1.after_conv(conv_of_concatenation(self.conv1[0], [upsampled, skip]))
         return [upsampled, skip, self.conv2(hidden)]
 
+
+#: Devices where an inference conv unit with instance norm and ReLU normalises the conv's
+#: output in place and applies the ReLU to it block by block
+#: (:meth:`planar3d.networks.layers.InstanceNorm3d.relu_in_place`), instead of writing the norm's
+#: result to a new tensor and a ReLU pass over it. Measured on the CPU (docs/prediction.md); CUDA
+#: keeps its timed path.
+NORM_RELU_IN_PLACE_DEVICES: Tuple[str, ...] = ("cpu",)
 
 #: Devices where inference computes a decoder level's first conv from the parts of its
 #: concatenation: the CPU (docs/prediction.md: a concatenation is a full write and read of the
