@@ -290,6 +290,8 @@ def test_instance_norm_over_blocks_written_over_its_input_with_relu_equals_pytor
     assert (out.float() >= 0).all()
     # float32: to rounding; bf16: rounded once, no further from the float32 result than PyTorch's bf16
     assert (out.float() - expected).abs().max().item() <= (1e-5 if dtype == torch.float32 else pytorch_error)
+    with pytest.raises(ValueError, match="channels_last_3d"):  # it would write to a copy of another layout
+        layers.instance_norm_channels_last(original, weight, bias, 1e-5, out=torch.empty(original.shape, dtype=dtype))
 
 
 def test_instance_norm_in_place_gives_the_network_pytorchs_logits_on_a_skull_stripped_scan(monkeypatch):

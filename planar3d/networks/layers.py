@@ -290,6 +290,9 @@ def instance_norm_channels_last(x: torch.Tensor, weight: Optional[torch.Tensor],
         out = torch.empty_like(x)
     with torch.autocast(x.device.type, enabled=False):
         if x.device.type == "cpu":
+            if not out.is_contiguous(memory_format=torch.channels_last_3d):
+                # the blocks are views of out's memory; another layout would write to a copy
+                raise ValueError(f"instance_norm_channels_last: out must be channels_last_3d, got strides {out.stride()}")
             for instance, target in zip(x, out):
                 _instance_norm_blocks(instance, target, weight, bias, eps, relu)
             return out
@@ -323,7 +326,7 @@ def _instance_norm_blocks(instance: torch.Tensor, target: torch.Tensor, weight: 
     (:func:`instance_norm_channels_last`, CPU)."""
     channels = instance.shape[0]
     voxels = instance.permute(1, 2, 3, 0).reshape(-1, channels)  # a view: channels are innermost
-    rows = target.permute(1, 2, 3, 0).reshape(-1, channels)
+    rows = target.permute(1, 2, 3, 0).view(-1, channels)  # written through: must be a view
     count = voxels.shape[0]
     compute = torch.promote_types(instance.dtype, torch.float32)  # float32, or float64 for float64
     buffer = torch.empty(min(CPU_NORM_BLOCK_VOXELS, count), channels, dtype=compute)
