@@ -246,12 +246,23 @@ def test_instance_norm_in_place_equals_pytorch_instance_norm(dtype, monkeypatch)
     assert (out - expected).abs().max().item() <= 1e-5
 
 
+def _whole_tensor_norm(x, weight, bias, eps, out=None, relu=False):
+    """The CUDA algorithm of the in-place norm, run on CPU tensors."""
+    from planar3d.networks.layers import _instance_norm_whole
+
+    return _instance_norm_whole(x, weight, bias, eps, torch.empty_like(x) if out is None else out, relu)
+
+
+@pytest.mark.parametrize("algorithm", ["blocks (CPU)", "whole tensor (CUDA)"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_instance_norm_in_place_is_stable_where_most_voxels_hold_one_value(dtype):
+def test_instance_norm_in_place_is_stable_where_most_voxels_hold_one_value(dtype, algorithm):
     # a conv's output over a skull-stripped scan: the bias everywhere but a small region, so the
     # mean is hundreds of standard deviations from zero. "Mean square less squared mean" cancels
-    # there (it changed a trained model's patient26 Dice); the centred variance does not.
-    from planar3d.networks.layers import instance_norm_channels_last
+    # there (it changed a trained model's patient26 Dice); the centred variance does not. Both
+    # algorithms: the CPU's (blocks of voxels) and CUDA's, run here on the CPU.
+    from planar3d.networks.layers import instance_norm_channels_last as blocks
+
+    instance_norm_channels_last = blocks if algorithm.startswith("blocks") else _whole_tensor_norm
 
     torch.manual_seed(0)
     x = torch.full((1, 3, 16, 16, 16), 40.0)
@@ -268,12 +279,15 @@ def test_instance_norm_in_place_is_stable_where_most_voxels_hold_one_value(dtype
     assert (out.float() - expected).abs().max().item() <= (1e-4 if dtype == torch.float32 else 0.02) * scale
 
 
+@pytest.mark.parametrize("algorithm", ["blocks (CPU)", "whole tensor (CUDA)"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_instance_norm_over_blocks_written_over_its_input_with_relu_equals_pytorch(dtype, monkeypatch):
+def test_instance_norm_written_over_its_input_with_relu_equals_pytorch(dtype, algorithm, monkeypatch):
     # The CPU normalises a channels_last_3d instance in blocks of voxels; a conv unit in inference
     # has it overwrite the conv's output and apply the ReLU. Blocks of 100 of 9x8x7 = 504 voxels:
-    # five full blocks and a remainder, two instances.
+    # five full blocks and a remainder, two instances. CUDA's algorithm takes the same arguments.
     from planar3d.networks import layers
+
+    norm = layers.instance_norm_channels_last if algorithm.startswith("blocks") else _whole_tensor_norm
 
     monkeypatch.setattr(layers, "CPU_NORM_BLOCK_VOXELS", 100)
     torch.manual_seed(0)
@@ -284,7 +298,7 @@ def test_instance_norm_over_blocks_written_over_its_input_with_relu_equals_pytor
         expected = torch.relu(F.instance_norm(original.float(), weight=weight, bias=bias, eps=1e-5))
         pytorch_error = (torch.relu(F.instance_norm(original, weight=weight.to(dtype), bias=bias.to(dtype), eps=1e-5)).float()
                          - expected).abs().max().item()
-        out = layers.instance_norm_channels_last(x, weight, bias, 1e-5, out=x, relu=True)
+        out = norm(x, weight, bias, 1e-5, out=x, relu=True)
     assert out.data_ptr() == x.data_ptr() and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     assert (out.float() >= 0).all()

@@ -296,28 +296,35 @@ def instance_norm_channels_last(x: torch.Tensor, weight: Optional[torch.Tensor],
             for instance, target in zip(x, out):
                 _instance_norm_blocks(instance, target, weight, bias, eps, relu)
             return out
-        dims = (2, 3, 4)
-        if x.dtype in (torch.float32, torch.float64):
-            variance, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-            centred = None
-        else:
-            mean = x.mean(dims, keepdim=True, dtype=torch.float32)
-            centred = torch.sub(x, mean, out=out)  # computed in float32, rounded once
-            count = x.shape[2] * x.shape[3] * x.shape[4]
-            variance = torch.linalg.vector_norm(centred, 2, dims, keepdim=True, dtype=torch.float32).square_().div_(count)
-        scale = variance.float().add_(eps).rsqrt_()
-        if weight is not None:
-            scale = scale * weight.float().view(1, -1, 1, 1, 1)
-        if centred is None:
-            shift = -mean.float() * scale
-            if bias is not None:
-                shift = shift + bias.float().view(1, -1, 1, 1, 1)
-            torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out)
-        else:
-            shift = bias.float().view(1, -1, 1, 1, 1) if bias is not None else torch.zeros_like(scale)
-            # in float32, rounded once into the centred tensor's dtype and layout
-            torch.addcmul(shift, centred, scale, out=out)
-        return out.relu_() if relu else out
+        return _instance_norm_whole(x, weight, bias, eps, out, relu)
+
+
+def _instance_norm_whole(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                         out: torch.Tensor, relu: bool) -> torch.Tensor:
+    """:func:`instance_norm_channels_last` on CUDA, called with autocast off: whole-tensor
+    reductions and one elementwise pass (device-agnostic, so the CPU tests run it too)."""
+    dims = (2, 3, 4)
+    if x.dtype in (torch.float32, torch.float64):
+        variance, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+        centred = None
+    else:
+        mean = x.mean(dims, keepdim=True, dtype=torch.float32)
+        centred = torch.sub(x, mean, out=out)  # computed in float32, rounded once
+        count = x.shape[2] * x.shape[3] * x.shape[4]
+        variance = torch.linalg.vector_norm(centred, 2, dims, keepdim=True, dtype=torch.float32).square_().div_(count)
+    scale = variance.float().add_(eps).rsqrt_()
+    if weight is not None:
+        scale = scale * weight.float().view(1, -1, 1, 1, 1)
+    if centred is None:
+        shift = -mean.float() * scale
+        if bias is not None:
+            shift = shift + bias.float().view(1, -1, 1, 1, 1)
+        torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out)
+    else:
+        shift = bias.float().view(1, -1, 1, 1, 1) if bias is not None else torch.zeros_like(scale)
+        # in float32, rounded once into the centred tensor's dtype and layout
+        torch.addcmul(shift, centred, scale, out=out)
+    return out.relu_() if relu else out
 
 
 def _instance_norm_blocks(instance: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
