@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from planar3d.sampling import PatchCentreIndicesd, RandCropByLesionHardNegatived
+from planar3d.sampling import BRIGHTNESS_FACTOR, PatchCentreIndicesd, RandCropByLesionHardNegatived
 
 PATCH = (8, 8, 6)
 
@@ -39,7 +39,7 @@ def test_hard_negative_centres_are_bright_and_outside_lesions():
     for patch in patches:
         assert patch["patch_kind"] == "hard_negative" and patch["patch_fallback"] == ""
         voxel = patch["patch_voxel"]
-        assert data["image"][(0,) + voxel] > 1.25 * 0.5
+        assert data["image"][(0,) + voxel] > BRIGHTNESS_FACTOR * 0.5
         assert not excluded[voxel]
         start = np.array(patch["patch_start"])
         assert ((start <= voxel) & (np.array(voxel) < start + PATCH)).all()
@@ -73,7 +73,7 @@ def test_deterministic_under_a_seed():
 
 def test_no_bright_voxel_falls_back_to_random_with_a_reason():
     data = _volume()
-    data["image"] = np.minimum(data["image"], 0.6)
+    data["image"] = np.minimum(data["image"], BRIGHTNESS_FACTOR * 0.5)  # nothing above the hard-negative threshold
     data["label"][:] = 0
     _, patches = _sample(data, seed=0, ratios=(1, 1, 0), num_samples=12)
     assert len(patches) == 12
