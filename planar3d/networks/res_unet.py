@@ -138,8 +138,7 @@ class _ConvUnit(nn.Sequential):
         if not torch.jit.is_scripting():
             if self.conv_relu_only and not self.training and fuses_conv_relu(x):
                 return fused_conv_relu(self[0], x)
-            if self.norm_relu and not self.training and x.device.type in NORM_RELU_IN_PLACE_DEVICES:
-                return self.after_conv(self[0](x))
+            return self.after_conv(self[0](x))
         for module in self:
             x = module(x)
         return x
@@ -168,6 +167,7 @@ class _DecoderLevel(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
+            # nested, not "and": TorchScript would compile the second operand, which reads a global tuple
             if _splits_concatenations(x):
                 # Inference: one concatenation instead of two (the same values to rounding).
                 return torch.cat(self.parts(x, skip), dim=1)
