@@ -39,7 +39,8 @@ light case (the first build's pool of 24 held none). A case's load is
 Usage:
     python benchmarks/build_training_set.py --out DIR [--cases-per-host 8] [--phantoms 16] [--seed 0]
         [--hosts NAME,NAME] [--light-cases-per-host 3] [--leave-out HOST --test-cases 3 --test-pool 24]
-        [--template mni152|PATH] [--brain-extracted 0.3] [--phantom-size full] [--host-lesions fill|keep] [--dry-run]
+        [--template mni152|PATH] [--brain-extracted 0.3] [--phantom-size full] [--host-lesions fill|keep]
+        [--grey-matter-contrast LOW,HIGH] [--dry-run]
 
 Outputs: ``DIR/parts/<part>/`` (one ``planar3d synth`` folder per host and for the phantoms),
 ``DIR/train_manifest.json``, with ``--leave-out`` ``DIR/test_manifest.json``, and
@@ -214,11 +215,12 @@ def case_loads(manifest: Path) -> Dict[str, float]:
 
 
 def synth_host(out: Path, host: Path, masks: Path, cases: int, seed: int, args, dry_run: bool, max_masks: int = 4,
-               host_lesions: str = "keep") -> Path:
+               host_lesions: str = "keep", grey_matter_contrast: Optional[Tuple[float, float]] = None) -> Path:
     run_cli(["synth", "--out", out, "--cases", cases, "--seed", seed, "--host", host, "--lesion-masks", masks,
              "--template", args.template, "--brain-extracted", args.brain_extracted]
             + (["--max-masks-per-case", max_masks] if max_masks != 4 else [])
-            + (["--host-lesions", host_lesions] if host_lesions != "keep" else []), dry_run)
+            + (["--host-lesions", host_lesions] if host_lesions != "keep" else [])
+            + (["--grey-matter-contrast", *grey_matter_contrast] if grey_matter_contrast else []), dry_run)
     return out / "manifest.json"
 
 
@@ -230,11 +232,13 @@ def build(args) -> dict:
         raise SystemExit(f"--leave-out {args.leave_out}: not a host; hosts: {', '.join(hosts)}")
     masks, mask_names = checked_masks_dir(args.lesion_masks, out)
     check_template(args.template, args.dry_run)
+    if args.grey_matter_contrast and args.template != "mni152":
+        raise SystemExit("--grey-matter-contrast needs --template mni152 (its grey-matter prior)")
     if args.host_lesions == "fill" and args.template != "mni152":
         raise SystemExit("--host-lesions fill needs --template mni152 (its white-matter prior); "
                          "pass --host-lesions keep with another template")
     record: dict = {"hosts": {}, "masks": mask_names, "template": args.template, "leave_out": args.leave_out,
-                    "host_lesions": args.host_lesions,
+                    "host_lesions": args.host_lesions, "grey_matter_contrast": args.grey_matter_contrast,
                     "seed": args.seed, "cli": "pipelines.cli"}
     parts = []
     needs_light = args.light_cases_per_host > 0 or args.leave_out is not None
@@ -244,7 +248,7 @@ def build(args) -> dict:
             continue
         seed = args.seed + 101 * (index + 1)
         manifest = synth_host(out / "parts" / f"host_{name}", path, masks, args.cases_per_host, seed, args, args.dry_run,
-                              host_lesions=args.host_lesions)
+                              host_lesions=args.host_lesions, grey_matter_contrast=args.grey_matter_contrast)
         if not args.dry_run:
             relabel_part(manifest, name, name)
         record["hosts"][name] = {"path": str(path), "cases": args.cases_per_host, "seed": seed}
@@ -253,7 +257,8 @@ def build(args) -> dict:
             # light-load cases of the same host (one light mask each): validation on a held-out
             # host then also scores its false positives on scans with few lesions
             light = synth_host(out / "parts" / f"host_{name}_light", path, light_masks, args.light_cases_per_host,
-                               seed + 50, args, args.dry_run, max_masks=1, host_lesions=args.host_lesions)
+                               seed + 50, args, args.dry_run, max_masks=1, host_lesions=args.host_lesions,
+                               grey_matter_contrast=args.grey_matter_contrast)
             if not args.dry_run:
                 relabel_part(light, f"{name}_light", name)
             record["hosts"][name]["light"] = {"cases": args.light_cases_per_host, "seed": seed + 50, "masks": light_names}
@@ -296,6 +301,17 @@ def build(args) -> dict:
     return record
 
 
+def _contrast_range(text: str) -> Tuple[float, float]:
+    """``"LOW,HIGH"`` -> ``(low, high)`` with ``0 < low <= high``."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two numbers), got {text!r}") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return low, high
+
+
 def parse_args(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -315,6 +331,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                         help="training hosts' own unlabelled lesions: fill them with white matter (the default, needs "
                              "--template mni152; planar3d synth --host-lesions) or keep them as background (the builds "
                              "before 2026-11-27's ninth session); a --leave-out host's test cases keep theirs")
+    parser.add_argument("--grey-matter-contrast", default=None, type=_contrast_range, metavar="LOW,HIGH",
+                        help="training hosts' grey matter scaled per case by a factor drawn in [LOW, HIGH] (planar3d "
+                             "synth --grey-matter-contrast; needs --template mni152); test cases keep the host's own")
     parser.add_argument("--leave-out", default=None, help="host left out of training; its test set is written")
     parser.add_argument("--test-cases", type=int, default=3, help="light and heavy test cases each (with --leave-out)")
     parser.add_argument("--test-pool", type=int, default=24, help="injected cases drawn to choose each kind of test case from")

@@ -87,6 +87,17 @@ class HardNegativeSection(_Section):
     # weight of a bright voxel outside the brain mask, against 1 inside: 0 never shows the
     # network the scalp or the skull base as a hard negative (the brain-mask prior alone)
     outside_weight: float = Field(0.0, ge=0, le=1)
+    # extra weight of grey matter inside the brain mask: a bright voxel's weight is
+    # mask x (1 + grey_matter_weight x its grey-matter fraction), from the grey_matter/ sidecar
+    # planar3d synth writes (planar3d.data.synth.grey_matter_path); 0: the brain mask alone
+    grey_matter_weight: float = Field(0.0, ge=0)
+
+    @field_validator("grey_matter_weight")
+    @classmethod
+    def _grey_matter_needs_brain_mask(cls, value: float, info) -> float:
+        if value > 0 and info.data.get("prior") != "brain_mask":
+            raise ValueError("grey_matter_weight weights the brain-mask prior: it needs prior: brain_mask")
+        return value
 
 
 class DataSection(_Section):

@@ -40,12 +40,28 @@ class LoadPreprocessd(MapTransform):
     Same semantics as ``LoadImaged`` + ``EnsureChannelFirstd``, but the preprocessing is the one
     prediction uses, exactly. Also sets ``spacing`` (RAS voxel spacing, mm; caps simulated slice
     thickness) and, when the item has a ``brain_mask`` path, reads that mask on the image's grid
-    and reorients it the same way (``(1, X, Y, Z)`` float32, the hard-negative prior).
+    and reorients it the same way: ``brain_mask`` becomes the hard-negative prior, ``(1, X, Y, Z)``
+    float32 (:func:`planar3d.sampling.hard_negative_weights`), weighted towards grey matter by
+    ``grey_matter_weight`` when the item also has a ``grey_matter`` path (the percent map of
+    :func:`planar3d.data.synth.grey_matter_path`; ``""``: none for this case, the mask alone).
     """
 
-    def __init__(self, keys: Sequence[str] = ("image", "label"), normalization: NormalizationConfig = NormalizationConfig()):
+    def __init__(self, keys: Sequence[str] = ("image", "label"), normalization: NormalizationConfig = NormalizationConfig(),
+                 grey_matter_weight: float = 0.0):
         super().__init__(keys, allow_missing_keys=True)
         self.normalization = normalization
+        self.grey_matter_weight = float(grey_matter_weight)
+
+    @staticmethod
+    def _sidecar(path: str, what: str, scan, image: str) -> np.ndarray:
+        """A sidecar map of the case (brain mask, grey matter) reoriented like its image."""
+        from planar3d.io import read_volume
+
+        data, _ = read_volume(path, dtype=None)
+        if data.shape[:3] != tuple(scan.reorientation.source_shape):
+            raise InputError(path, f"{what} shape {data.shape} differs from the image's "
+                             f"{tuple(scan.reorientation.source_shape)} ({image})")
+        return scan.reorientation.forward(np.asarray(data))
 
     def __call__(self, data: dict) -> dict:
         out = dict(data)
@@ -57,13 +73,14 @@ class LoadPreprocessd(MapTransform):
         if "brain_mask" in data and not data["brain_mask"]:  # asked for, none for this case: no weights
             out["brain_mask"] = np.ones((1,) + scan.volume.shape, np.float32)
         elif data.get("brain_mask"):
-            from planar3d.io import read_volume
+            from planar3d.sampling import hard_negative_weights
 
-            mask, _ = read_volume(data["brain_mask"], dtype=None)
-            if mask.shape[:3] != tuple(scan.reorientation.source_shape):
-                raise InputError(data["brain_mask"], f"brain mask shape {mask.shape} differs from the image's "
-                                 f"{tuple(scan.reorientation.source_shape)} ({data['image']})")
-            out["brain_mask"] = np.ascontiguousarray(scan.reorientation.forward(np.asarray(mask) > 0)[None], dtype=np.float32)
+            mask = self._sidecar(data["brain_mask"], "brain mask", scan, data["image"])
+            grey_matter = None
+            if data.get("grey_matter") and self.grey_matter_weight > 0:
+                grey_matter = self._sidecar(data["grey_matter"], "grey-matter map", scan, data["image"]) / np.float32(100)
+            out["brain_mask"] = np.ascontiguousarray(hard_negative_weights(mask, grey_matter, self.grey_matter_weight)[None])
+        out.pop("grey_matter", None)
         return out
 
 
@@ -288,7 +305,7 @@ def training_transform(config: TrainConfig, plane_axis: int, shapes: Sequence[Se
     from monai.transforms import Compose, EnsureTyped
 
     return Compose(
-        [LoadPreprocessd(normalization=config.normalization)]
+        [LoadPreprocessd(normalization=config.normalization, grey_matter_weight=config.data.hard_negative.grey_matter_weight)]
         + sampling_transforms(config, plane_axis, shapes)
         + augmentation_transforms(config, plane_axis)
         + [EnsureTyped(("image", "label"), dtype=torch.float32, track_meta=False)]
@@ -300,6 +317,11 @@ def uses_brain_masks(config: TrainConfig) -> bool:
     return config.data.sampling == "lesion_hard_negative" and config.data.hard_negative.prior == "brain_mask"
 
 
+def uses_grey_matter(config: TrainConfig) -> bool:
+    """Whether training also reads the cases' grey-matter maps (the brain-mask prior weighted towards grey matter)."""
+    return uses_brain_masks(config) and config.data.hard_negative.grey_matter_weight > 0
+
+
 def brain_masks_of(cases: Sequence[Case]) -> Dict[str, Optional[Path]]:
     """``{case id: brain mask path or None}``: the sidecars ``planar3d synth`` writes."""
     from planar3d.data.synth import brain_mask_path
@@ -307,14 +329,31 @@ def brain_masks_of(cases: Sequence[Case]) -> Dict[str, Optional[Path]]:
     return {c.id: (brain_mask_path(c.image) if brain_mask_path(c.image).is_file() else None) for c in cases}
 
 
-def case_items(cases: Sequence[Case], brain_masks: Optional[Dict[str, Optional[Path]]] = None) -> List[dict]:
-    """Loader items; with ``brain_masks`` (:func:`brain_masks_of`) each item carries its mask path
-    (``""`` when the case has none: its hard negatives are then unweighted)."""
+def grey_matter_of(cases: Sequence[Case]) -> Dict[str, Optional[Path]]:
+    """``{case id: grey-matter map path or None}``: the sidecars ``planar3d synth`` writes."""
+    from planar3d.data.synth import grey_matter_path
+
+    return {c.id: (grey_matter_path(c.image) if grey_matter_path(c.image).is_file() else None) for c in cases}
+
+
+def prior_sidecars(config: TrainConfig, cases: Sequence[Case]) -> Dict[str, Dict[str, str]]:
+    """``{case id: {"brain_mask": path, ["grey_matter": path]}}`` for the hard-negative prior
+    (``""`` where a case has none), or ``{}`` when the config uses no prior. Both loaders read
+    their cases' sidecars through this."""
+    if not uses_brain_masks(config):
+        return {}
+    wanted = {"brain_mask": brain_masks_of(cases)}
+    if uses_grey_matter(config):
+        wanted["grey_matter"] = grey_matter_of(cases)
+    return {c.id: {key: str(paths[c.id]) if paths[c.id] else "" for key, paths in wanted.items()} for c in cases}
+
+
+def case_items(cases: Sequence[Case], sidecars: Optional[Dict[str, Dict[str, str]]] = None) -> List[dict]:
+    """Loader items; with ``sidecars`` (:func:`prior_sidecars`) each item carries its prior's
+    paths (``""`` when the case has none: without a brain mask its hard negatives are unweighted)."""
     items = [{"image": str(c.image), "label": str(c.label), "id": c.id} for c in cases]
-    if brain_masks is not None:
-        for item in items:
-            path = brain_masks.get(item["id"])
-            item["brain_mask"] = str(path) if path else ""
+    for item in items:
+        item.update((sidecars or {}).get(item["id"], {}))
     return items
 
 
@@ -322,7 +361,7 @@ def build_dataset(config: TrainConfig, cases: Sequence[Case], transform, run_dir
     """``CacheDataset`` (memory), ``PersistentDataset`` (``run_dir/cache``) or plain ``Dataset``."""
     from monai.data import CacheDataset, Dataset, PersistentDataset
 
-    items = case_items(cases, brain_masks_of(cases) if uses_brain_masks(config) else None)
+    items = case_items(cases, prior_sidecars(config, cases))
     if config.data.cache == "memory":
         return CacheDataset(items, transform, num_workers=1, progress=False)
     if config.data.cache == "disk":

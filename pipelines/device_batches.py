@@ -83,7 +83,7 @@ log = logging.getLogger("planar3d.train")
 DEVICE_SAMPLING = ("lesion", "slabs", "lesion_hard_negative")
 #: Share of the GPU's free memory the cached volumes may take before they are kept in pinned host memory.
 DEVICE_MEMORY_SHARE = 0.5
-_CACHE_FORMAT = "planar3d-device-cache/2"
+_CACHE_FORMAT = "planar3d-device-cache/3"
 
 # columns of the per-patch uniform draws (one row per patch, the same layout for every step)
 _KIND, _CENTRE, _START = 0, 1, 2            # _START.._START+2: slab start per axis
@@ -127,33 +127,37 @@ class LoadedVolume:
     prior: Optional[torch.Tensor] = None    # (1, X, Y, Z) float32 brain mask (hard-negative weights), if asked
 
 
-def cache_key(image: Path, label: Path, normalization, brain_mask: Optional[str] = None) -> str:
-    """Name of a case's persistent cache file: changes with any of its files or the normalisation."""
-    parts = {"format": _CACHE_FORMAT, "normalization": normalization.to_dict(), "brain_mask": brain_mask}
-    named = [("image", image), ("label", label)] + ([("brain_mask_file", brain_mask)] if brain_mask else [])
+def cache_key(image: Path, label: Path, normalization, sidecars: Optional[Dict[str, str]] = None,
+              grey_matter_weight: float = 0.0) -> str:
+    """Name of a case's persistent cache file: changes with any of its files, the normalisation
+    or the prior's grey-matter weight."""
+    sidecars = dict(sidecars or {})
+    parts = {"format": _CACHE_FORMAT, "normalization": normalization.to_dict(), "sidecars": sidecars,
+             "grey_matter_weight": grey_matter_weight}
+    named = [("image", image), ("label", label)] + [(f"{key}_file", path) for key, path in sorted(sidecars.items()) if path]
     for name, path in named:
         stat = Path(path).stat()
         parts[name] = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, allow_nan=False).encode()).hexdigest()[:32]
 
 
-def load_volume(case, normalization, cache_dir: Optional[Path], brain_mask: Optional[str] = None) -> LoadedVolume:
+def load_volume(case, normalization, cache_dir: Optional[Path], sidecars: Optional[Dict[str, str]] = None,
+                grey_matter_weight: float = 0.0) -> LoadedVolume:
     """A case preprocessed as the MONAI loader does (:class:`pipelines.data.LoadPreprocessd`, so
-    exactly as prediction does); ``brain_mask``: ``None`` (not wanted), ``""`` (wanted, the case
-    has none: uniform weights, as the MONAI loader gives) or the sidecar's path. Read from /
-    written to ``cache_dir`` if given."""
+    exactly as prediction does); ``sidecars``: ``None`` or ``{}`` (no prior wanted), else the
+    case's entry of :func:`pipelines.data.prior_sidecars` (``"brain_mask": ""``: wanted, the case
+    has none: uniform weights, as the MONAI loader gives). Read from / written to ``cache_dir`` if
+    given."""
     from pipelines.data import LoadPreprocessd
 
     path = None
     if cache_dir is not None:
-        path = cache_dir / f"{cache_key(case.image, case.label, normalization, brain_mask)}.pt"
+        path = cache_dir / f"{cache_key(case.image, case.label, normalization, sidecars, grey_matter_weight)}.pt"
         if path.is_file():
             stored = torch.load(path, weights_only=True)
             return LoadedVolume(stored["image"], stored["label"], tuple(stored["spacing"].tolist()), stored.get("prior"))
-    item = {"image": str(case.image), "label": str(case.label)}
-    if brain_mask is not None:
-        item["brain_mask"] = brain_mask
-    loaded = LoadPreprocessd(normalization=normalization)(item)
+    item = {"image": str(case.image), "label": str(case.label), **(sidecars or {})}
+    loaded = LoadPreprocessd(normalization=normalization, grey_matter_weight=grey_matter_weight)(item)
     image = loaded["image"].contiguous()
     label = (loaded["label"] > 0).to(torch.uint8).contiguous()
     prior = torch.as_tensor(loaded["brain_mask"], dtype=torch.float32) if "brain_mask" in loaded else None
@@ -293,17 +297,17 @@ class DevicePatchLoader:
         ``data.cache: disk`` keeps the preprocessed tensors in ``run_dir/cache/device`` for later
         runs; ``memory`` and ``none`` load them from the NIfTI files (the volumes are held in
         memory either way: sampling on the device needs them there). With a brain-mask prior
-        (:func:`pipelines.data.uses_brain_masks`) each case's sidecar is read with it.
+        (:func:`pipelines.data.prior_sidecars`) each case's sidecars are read with it.
         """
-        from pipelines.data import brain_masks_of, uses_brain_masks
+        from pipelines.data import prior_sidecars
 
         check_device_loader_config(config)
         cache_dir = Path(run_dir) / "cache" / "device" if config.data.cache == "disk" and run_dir is not None else None
-        masks: Dict[str, Optional[Path]] = brain_masks_of(cases) if uses_brain_masks(config) else {}
+        sidecars = prior_sidecars(config, cases)
+        weight = config.data.hard_negative.grey_matter_weight
 
         def load(case) -> LoadedVolume:
-            mask = (str(masks[case.id]) if masks.get(case.id) else "") if masks else None
-            return load_volume(case, config.normalization, cache_dir, mask)
+            return load_volume(case, config.normalization, cache_dir, sidecars.get(case.id), weight)
 
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(cases)))) as pool:
             loaded = list(pool.map(load, cases))

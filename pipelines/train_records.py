@@ -126,6 +126,18 @@ def sampling_record(config: TrainConfig, train_cases) -> dict:
                         ", ".join(missing))
         else:
             log.info("hard negatives: weighted by the brain mask of every training case (%d)", len(masks))
+    if data_module.uses_grey_matter(config):
+        maps = data_module.grey_matter_of(train_cases)
+        missing = sorted(case_id for case_id, path in maps.items() if path is None)
+        record.update(grey_matter_weight=config.data.hard_negative.grey_matter_weight,
+                      grey_matter_maps=len(maps) - len(missing), without_grey_matter=missing)
+        if missing:
+            log.warning("hard negatives: %d of %d training case(s) have no grey-matter map (planar3d synth writes "
+                        "grey_matter/ for phantoms and hosts fitted to mni152); their brain mask alone weights "
+                        "them: %s", len(missing), len(maps), ", ".join(missing))
+        else:
+            log.info("hard negatives: grey matter weighted %gx more in every training case (%d)",
+                     config.data.hard_negative.grey_matter_weight, len(maps))
     return record
 
 

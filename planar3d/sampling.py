@@ -64,6 +64,32 @@ KINDS = ("lesion", "hard_negative", "random")
 BRIGHTNESS_FACTOR = 1.1
 
 
+def hard_negative_weights(brain_mask: np.ndarray, grey_matter: Optional[np.ndarray] = None,
+                          grey_matter_weight: float = 0.0) -> np.ndarray:
+    """A case's hard-negative prior (``prior_key`` of :class:`PatchCentreIndicesd`), float32.
+
+    ``brain_mask`` (``> 0`` is brain) weighted towards grey matter: ``mask x (1 + w x g)`` with
+    ``g`` the grey-matter fraction in [0, 1] (``None``: no map for this case, the mask alone).
+    Why: the false positives of models trained without a host lie in that host's cortex and deep
+    grey matter (docs/training.md, "Issue 9, eleventh session"), while the mask alone spreads the
+    centres over every bright structure of the brain, which the weight keeps (``1 +``): septum,
+    choroid plexus and vessels are hard negatives too.
+
+    Example:
+        >>> hard_negative_weights(np.array([1, 1, 0]), np.array([0.0, 0.5, 1.0]), 2.0).tolist()
+        [1.0, 2.0, 0.0]
+    """
+    if grey_matter_weight < 0:
+        raise ValueError(f"grey_matter_weight must be >= 0, got {grey_matter_weight}")
+    weights = (np.asarray(brain_mask) > 0).astype(np.float32)
+    if grey_matter is not None and grey_matter_weight > 0:
+        grey_matter = np.asarray(grey_matter, dtype=np.float32)
+        if grey_matter.shape != weights.shape:
+            raise ValueError(f"grey-matter map shape {grey_matter.shape} differs from the brain mask's {weights.shape}")
+        weights *= 1.0 + np.float32(grey_matter_weight) * np.clip(grey_matter, 0.0, 1.0)
+    return weights
+
+
 def _numpy(array) -> np.ndarray:
     """A numpy view of a numpy array or (CPU) torch tensor / MetaTensor."""
     return array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)

@@ -111,6 +111,27 @@ def test_training_hosts_are_filled_and_the_left_out_host_is_not(tmp_path, capsys
     test = [line for line in synth if "/parts/test_" in line]
     assert train and all("--host-lesions fill" in line for line in train)
     assert test and not any("--host-lesions" in line for line in test)
+    assert not any("--grey-matter-contrast" in line for line in synth)
+
+
+def test_grey_matter_contrast_varies_the_training_hosts_only(tmp_path, capsys, monkeypatch):
+    real = tmp_path / "real"
+    _touch(real, "host_a.nii.gz", "host_b.nii.gz")
+    masks = tmp_path / "masks"
+    _touch(masks, "patient01_lesions.nii.gz")
+    args = bts.parse_args(["--out", str(tmp_path / "out"), "--real-dir", str(real), "--lesion-masks", str(masks),
+                           "--leave-out", "host_b", "--phantoms", "0", "--grey-matter-contrast", "0.95,1.15", "--dry-run"])
+    assert args.grey_matter_contrast == (0.95, 1.15)
+    monkeypatch.setattr(bts, "light_masks_dir", lambda *a, **k: (masks, ["patient01_lesions.nii.gz"]))
+    bts.build(args)
+    synth = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ planar3d synth --out")]
+    train = [line for line in synth if "/parts/host_" in line]
+    test = [line for line in synth if "/parts/test_" in line]
+    assert len(train) == 2 and all(line.endswith("--grey-matter-contrast 0.95 1.15") for line in train)  # and its light part
+    assert test and not any("--grey-matter-contrast" in line for line in test)
+    for bad in ("1.2,1.1", "0,1.1", "1.1", "a,b"):
+        with pytest.raises(SystemExit):
+            bts.parse_args(["--out", str(tmp_path / "x"), "--grey-matter-contrast", bad])
 
 
 def test_fill_needs_the_mni152_template(tmp_path):

@@ -137,3 +137,8 @@ def test_synth_errors_exit_1_with_message(tmp_path):
     result = _run("--out", tmp_path, "--cases", 1, "--host-lesions", "fill")
     assert result.exit_code == 1 and "host_lesions 'fill' needs a host FLAIR and template 'mni152'" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    # --grey-matter-contrast: needs a host and the mni152 template, and two numbers
+    result = _run("--out", tmp_path, "--cases", 1, "--grey-matter-contrast", 0.9, 1.1)
+    assert result.exit_code == 1 and "grey_matter_contrast needs a host FLAIR and template 'mni152'" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert _run("--out", tmp_path, "--cases", 1, "--grey-matter-contrast", 0.9).exit_code != 0

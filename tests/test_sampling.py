@@ -147,3 +147,17 @@ def test_in_a_cached_monai_pipeline():
     kinds, images = epoch(11)
     kinds_again, images_again = epoch(11)
     assert kinds == kinds_again and torch.equal(images, images_again)
+
+
+def test_hard_negative_weights_are_the_mask_weighted_towards_grey_matter():
+    from planar3d.sampling import hard_negative_weights
+
+    mask = np.array([[0, 1], [1, 1]])
+    grey = np.array([[1.0, 0.0], [0.5, 2.0]])  # fractions above 1 are clipped
+    assert hard_negative_weights(mask, grey, 2.0).tolist() == [[0.0, 1.0], [2.0, 3.0]]
+    assert hard_negative_weights(mask).tolist() == hard_negative_weights(mask, grey, 0.0).tolist() == [[0, 1], [1, 1]]
+    assert hard_negative_weights(mask, None, 3.0).dtype == np.float32
+    with pytest.raises(ValueError, match="shape"):
+        hard_negative_weights(mask, np.zeros(3), 1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        hard_negative_weights(mask, grey, -1.0)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from pipelines.config import load_config
-from pipelines.data import (augmentation_transforms, brain_masks_of, case_items, hard_negative_threshold,
+from pipelines.data import (augmentation_transforms, case_items, hard_negative_threshold, prior_sidecars,
                             sampling_transforms, split_validation, split_validation_by_host, LoadPreprocessd)
 from planar3d.data.manifest import Case, load_manifest, save_manifest
 from planar3d.checkpoint import ModelCheckpoint
-from planar3d.data.synth import brain_mask_path, write_synthetic_dataset
+from planar3d.data.synth import brain_mask_path, grey_matter_path, write_synthetic_dataset
 from planar3d.errors import ConfigError
 
 
@@ -144,14 +144,28 @@ def test_synth_writes_brain_masks_on_each_case_grid(phantom_manifest):
         assert set(np.unique(values)) == {0, 1} and 0.05 < values.mean() < 0.9
 
 
+def test_synth_writes_grey_matter_maps_in_percent_on_each_case_grid(phantom_manifest):
+    for case in load_manifest(phantom_manifest).cases:
+        image, grey = nib.load(case.image), nib.load(grey_matter_path(case.image))
+        assert grey.shape == image.shape and np.array_equal(grey.affine, image.affine)
+        values = np.asarray(grey.dataobj)
+        assert values.dtype == np.uint8 and values.max() <= 100 and (values >= 50).mean() > 0.02
+        brain = np.asarray(nib.load(brain_mask_path(case.image)).dataobj) > 0
+        assert brain[values >= 50].mean() > 0.95  # grey matter is brain
+
+
+def _loader(config):
+    return LoadPreprocessd(normalization=config.normalization, grey_matter_weight=config.data.hard_negative.grey_matter_weight)
+
+
 def _centres(config, case, with_mask=True):
     from monai.transforms import Compose
 
-    masks = brain_masks_of([case]) if with_mask else {case.id: None}
-    item = case_items([case], masks)[0]
-    chain = Compose([LoadPreprocessd(normalization=config.normalization)] + sampling_transforms(config, 2, [(64, 64, 48)]))
+    sidecars = prior_sidecars(config, [case]) if with_mask else {case.id: {"brain_mask": ""}}
+    item = case_items([case], sidecars)[0]
+    chain = Compose([_loader(config)] + sampling_transforms(config, 2, [(64, 64, 48)]))
     chain.set_random_state(seed=0)
-    return LoadPreprocessd(normalization=config.normalization)(item), chain(item)
+    return _loader(config)(item), chain(item)
 
 
 def test_hard_negative_patches_are_bright_non_lesion_voxels_inside_the_brain(phantom_manifest):
@@ -185,6 +199,62 @@ def test_outside_weight_puts_some_hard_negatives_outside_the_brain(phantom_manif
         load_config("default", ["data.hard_negative.outside_weight=1.5"])
 
 
+def test_grey_matter_weight_multiplies_the_brain_mask_prior_exactly(phantom_manifest):
+    case = load_manifest(phantom_manifest).cases[0]
+    plain = load_config("default")
+    weighted = load_config("default", ["data.hard_negative.grey_matter_weight=4"])
+    assert prior_sidecars(plain, [case]) == {case.id: {"brain_mask": str(brain_mask_path(case.image))}}
+    item = case_items([case], prior_sidecars(weighted, [case]))[0]
+    assert item["grey_matter"] == str(grey_matter_path(case.image))
+    loaded = _loader(weighted)(item)
+    assert "grey_matter" not in loaded  # read into the prior, not carried on
+    mask = _loader(plain)(case_items([case], prior_sidecars(plain, [case]))[0])["brain_mask"]
+    grey = LoadPreprocessd._sidecar(str(grey_matter_path(case.image)), "grey-matter map", *_scan(case))
+    expected = mask * (1 + np.float32(4) * (grey / np.float32(100)))[None]
+    assert np.array_equal(loaded["brain_mask"], expected.astype(np.float32))
+    assert loaded["brain_mask"].max() > 4 and set(np.unique(mask)) == {0.0, 1.0}
+
+
+def _scan(case):
+    from planar3d.preprocess import load_preprocessed
+
+    return load_preprocessed(str(case.image), load_config("default").normalization), str(case.image)
+
+
+def test_grey_matter_weight_draws_hard_negatives_towards_grey_matter(phantom_manifest):
+    case = load_manifest(phantom_manifest).cases[0]
+    grey = LoadPreprocessd._sidecar(str(grey_matter_path(case.image)), "grey-matter map", *_scan(case)) / 100.0
+    overrides = ["data.ratios=[0, 1, 0]", "data.samples_per_volume=64", "data.patch_size=[16, 16, 8]"]
+    means = {}
+    for weight in (0, 20):
+        config = load_config("default", overrides + [f"data.hard_negative.grey_matter_weight={weight}"])
+        _, patches = _centres(config, case)
+        means[weight] = float(np.mean([grey[p["patch_voxel"]] for p in patches]))
+    # phantoms' grey matter is 1.12-1.28x white matter, so most of their bright voxels are grey
+    # matter already (0.61 of the draws here); the weight moves the draws further towards it
+    assert means[20] > means[0] + 0.03
+
+
+def test_grey_matter_weight_needs_the_brain_mask_prior():
+    with pytest.raises(ConfigError, match="grey_matter_weight"):
+        load_config("default", ["data.hard_negative.prior=null", "data.hard_negative.grey_matter_weight=2"])
+    with pytest.raises(ConfigError, match="grey_matter_weight"):
+        load_config("default", ["data.hard_negative.grey_matter_weight=-1"])
+
+
+def test_a_grey_matter_map_of_another_grid_is_refused(phantom_manifest, tmp_path):
+    from planar3d.errors import InputError
+
+    case = load_manifest(phantom_manifest).cases[0]
+    wrong = tmp_path / "grey.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), wrong)
+    item = {"image": str(case.image), "label": str(case.label), "brain_mask": str(brain_mask_path(case.image)),
+            "grey_matter": str(wrong)}
+    config = load_config("default", ["data.hard_negative.grey_matter_weight=1"])
+    with pytest.raises(InputError, match=r"grey\.nii\.gz.*grey-matter map shape \(5, 5, 5\) differs"):
+        _loader(config)(item)
+
+
 def test_missing_brain_masks_are_recorded_not_silent(phantom_manifest, tmp_path, caplog):
     from pipelines.train import sampling_record
 
@@ -197,6 +267,10 @@ def test_missing_brain_masks_are_recorded_not_silent(phantom_manifest, tmp_path,
     assert record == {"sampling": "lesion_hard_negative", "brain_masks": 3, "without_brain_mask": ["x"]}
     assert "have no brain mask" in caplog.text
     assert sampling_record(load_config("demo_cpu"), cases) == {"sampling": "lesion"}
+    weighted = sampling_record(load_config("default", ["data.hard_negative.grey_matter_weight=2"]),
+                               cases + [Case("x", orphan, cases[0].label)])
+    assert weighted["grey_matter_weight"] == 2 and weighted["grey_matter_maps"] == 3
+    assert weighted["without_grey_matter"] == ["x"] and "have no grey-matter map" in caplog.text
 
 
 # --- scanner augmentation -------------------------------------------------------------------------
@@ -275,3 +349,28 @@ def test_a_non_finite_loss_stops_training_before_the_update(phantom_manifest, tm
     with pytest.raises(TrainingError, match=r"epoch 1, step 1: the training loss is nan; last.pt keeps epoch 0 \(input finite: True\)"):
         train(phantom_manifest, 0, tmp_path / "run", config, device="cpu")
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_the_device_loader_reads_the_grey_matter_weighted_prior_like_the_monai_loader(phantom_manifest, tmp_path):
+    import torch
+
+    from pipelines.device_batches import DevicePatchLoader, load_volume
+
+    cases = load_manifest(phantom_manifest).cases[:2]
+    config = load_config("default", ["data.hard_negative.grey_matter_weight=4", "data.patch_size=[16, 16, 8]",
+                                     "data.cache=disk"])
+    sidecars = prior_sidecars(config, cases)
+    for case in cases:
+        volume = load_volume(case, config.normalization, tmp_path / "cache", sidecars[case.id], 4.0)
+        monai = _loader(config)(case_items([case], sidecars)[0])["brain_mask"]
+        assert torch.equal(volume.prior, torch.as_tensor(monai))
+        # a cached volume is read back only with the same weight
+        assert torch.equal(load_volume(case, config.normalization, tmp_path / "cache", sidecars[case.id], 4.0).prior, volume.prior)
+        plain = load_volume(case, config.normalization, tmp_path / "cache", sidecars[case.id], 0.0)
+        assert plain.prior.max() == 1.0 and volume.prior.max() > 1.0
+    loader = DevicePatchLoader.from_cases(config, cases, 2, torch.device("cpu"), run_dir=tmp_path / "run")
+    weighted = [v.cumweights for v in loader.volumes]
+    plain_loader = DevicePatchLoader.from_cases(load_config("default", ["data.patch_size=[16, 16, 8]"]), cases, 2,
+                                                torch.device("cpu"))
+    for a, b in zip(weighted, [v.cumweights for v in plain_loader.volumes]):
+        assert a[-1] > b[-1]  # more total weight: grey matter counts up to 5x

@@ -64,6 +64,8 @@ class Phantom:
         lesion_fraction: partial-volume lesion fraction (float32).
         info: scalar facts about the case (lesion load, intensities, head pose...).
         brain: partial-volume brain fraction (float32), the phantom's own brain mask at >= 0.5.
+        grey_matter: partial-volume fraction of cortex and deep grey nuclei (float32), the
+            phantom's counterpart of the ICBM152 grey-matter prior mapped into a real host.
     """
 
     flair: np.ndarray
@@ -74,6 +76,7 @@ class Phantom:
     lesion_fraction: np.ndarray | None = None
     info: dict = field(default_factory=dict)
     brain: np.ndarray | None = None
+    grey_matter: np.ndarray | None = None
 
 
 def preset_geometry(size: str, geometry: str, rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
@@ -361,6 +364,7 @@ def make_phantom_parts(
     clean_out = _to_output(clean, grid, transform)
     lesion_out = _to_output(lesion_flat, grid, transform)
     brain_out = _to_output(brain_fraction, grid, transform)
+    grey_matter_out = _to_output(tissues["gm"] + tissues["deep_gm"], grid, transform)
     tissue_out = {k: _to_output(v, grid, transform) for k, v in tissues.items() if k != "lesion"} if keep_tissues else {}
     del clean, tissues
 
@@ -385,6 +389,7 @@ def make_phantom_parts(
     return Phantom(
         flair=image.astype(np.float32, copy=False), lesions=labels, affine=affine, clean=clean_out,
         tissues=tissue_out, lesion_fraction=lesion_out, info=info, brain=brain_out,
+        grey_matter=grey_matter_out,
     )
 
 

@@ -79,6 +79,29 @@ def brain_mask_path(image: str | Path) -> Path:
     return image.parent.parent / BRAIN_MASK_FOLDER / image.name
 
 
+GREY_MATTER_FOLDER = "grey_matter"
+
+
+def grey_matter_path(image: str | Path) -> Path:
+    """Where ``planar3d synth`` writes the grey-matter map of a case image:
+    ``grey_matter/<image name>`` beside ``images/``, uint8 **percent** (0-100) on the image's grid.
+
+    Training can weight hard-negative centres towards grey matter with it
+    (``data.hard_negative.grey_matter_weight``): the false positives of models trained without a
+    host lie in that host's cortex and deep grey matter (docs/training.md, "Issue 9, eleventh
+    session"). For injected cases it is the ICBM152 grey-matter template (cortex and deep grey
+    nuclei) mapped through the host's registration, for phantoms their own cortex and deep grey
+    fractions. Percent in uint8 keeps the sidecar a fifth of float32's size; the reader divides.
+    """
+    image = Path(image)
+    return image.parent.parent / GREY_MATTER_FOLDER / image.name
+
+
+def grey_matter_percent(fraction: np.ndarray) -> np.ndarray:
+    """A grey-matter fraction map as :func:`grey_matter_path` stores it (uint8 percent, rounded)."""
+    return np.rint(np.clip(fraction, 0.0, 1.0) * 100.0).astype(np.uint8)
+
+
 def case_lesion_load(image: str | Path, label: str | Path) -> float:
     """Lesion voxels over brain voxels of a case (voxels share one grid, so volumes cancel).
 
@@ -115,6 +138,10 @@ def _treat_host_lesions(mode: str, host_data: np.ndarray, host_img: nib.Nifti1Im
     return fill_lesions(host_data, found, np.random.default_rng([seed, 0, 2])), None, found, found.mask
 
 
+GREY_MATTER_CONTRAST_FILE = "grey_matter_contrast.json"
+"""Where ``write_synthetic_dataset`` with ``grey_matter_contrast`` writes each case's factor."""
+
+
 def write_synthetic_dataset(
     out_dir: str | Path,
     cases: int,
@@ -129,6 +156,7 @@ def write_synthetic_dataset(
     template: str | Path | None = None,
     max_masks_per_case: int = 4,
     host_lesions: str = "keep",
+    grey_matter_contrast: tuple[float, float] | None = None,
 ) -> Path:
     """Generate ``cases`` cases into ``out_dir`` and return the path of its ``manifest.json``.
 
@@ -141,7 +169,8 @@ def write_synthetic_dataset(
     Args:
         out_dir: output folder (created); ``images/``, ``labels/`` and ``manifest.json`` go in it,
             and ``brain_masks/`` (:func:`brain_mask_path`) for phantoms and for a host with a
-            ``template`` (the template's brain mapped onto the host).
+            ``template`` (the template's brain mapped onto the host), and ``grey_matter/``
+            (:func:`grey_matter_path`) for phantoms and for a host with ``template="mni152"``.
         cases: number of cases (>= 1).
         seed: random seed.
         size: ``"small"`` (~3.3 mm, fast) or ``"full"`` (~1 mm) phantoms.
@@ -168,6 +197,11 @@ def write_synthetic_dataset(
             injection, or ``"label"`` them in every case. ``fill`` and ``label`` need
             ``template="mni152"`` (the white-matter prior) and write the voxels they changed to
             :data:`HOST_LESIONS_FILE`.
+        grey_matter_contrast: with ``host`` and ``template="mni152"``: ``(low, high)``; each case's
+            grey matter is scaled by a factor drawn uniformly in that range
+            (:func:`planar3d.data.tissue_contrast.scale_grey_matter`, from
+            ``default_rng([seed, i, 2])``, so the cases are otherwise those of the same seed
+            without it), and the factors are written to :data:`GREY_MATTER_CONTRAST_FILE`.
 
     Raises:
         InputError: bad arguments (named after ``out_dir``) or unreadable host/mask files.
@@ -207,11 +241,18 @@ def write_synthetic_dataset(
         raise InputError(out_dir, f"host_lesions {host_lesions!r} needs a host FLAIR and template 'mni152' (its white-matter "
                                   f"prior tells lesions from cortex)")
 
+    if grey_matter_contrast is not None:
+        low, high = (float(v) for v in grey_matter_contrast)
+        if host is None or str(template) != "mni152":
+            raise InputError(out_dir, "grey_matter_contrast needs a host FLAIR and template 'mni152' (its grey-matter prior)")
+        if not 0 < low <= high:
+            raise InputError(out_dir, f"grey_matter_contrast must be 0 < low <= high, got {grey_matter_contrast}")
+
     images, labels = out_dir / "images", out_dir / "labels"
     make_folder(images)
     make_folder(labels)
 
-    host_data, found, added_label, changed = None, None, None, None
+    host_data, found, added_label, changed, grey_matter = None, None, None, None, None
     if host is not None:
         from scipy import ndimage
 
@@ -254,6 +295,11 @@ def write_synthetic_dataset(
                                        f"brain lies on air in this scan (at most {MAX_BRAIN_ON_AIR:.0%}): a fit in the wrong "
                                        f"place; lesions would land outside the head (another --seed fits anew)")
             brain = ndimage.binary_fill_holes(brain > 0)
+            if str(template) == MNI152:
+                from planar3d.data.atlas import load_mni152, prior_in_host
+
+                grey_fraction = prior_in_host(load_mni152().gm, host_img, host_to_template) * brain
+                grey_matter = grey_matter_percent(grey_fraction)
         if host_lesions != "keep":
             host_data, added_label, found, changed = _treat_host_lesions(host_lesions, host_data, host_img, brain,
                                                                          host_to_template, own, seed)
@@ -269,7 +315,12 @@ def write_synthetic_dataset(
             + (f" brain_extracted={brain_extracted:g}" if brain_extracted else "")
             + (f" max_masks_per_case={max_masks_per_case}" if max_masks_per_case != 4 else "")
             + (f" host_lesions={host_lesions} ({found.count} lesions, {found.volume_mm3 / 1000:.2f} ml)" if found is not None else "")
+            + (f" grey_matter_contrast={low:g}-{high:g}" if grey_matter_contrast is not None else "")
         )
+        if grey_matter_contrast is not None:
+            from planar3d.preprocess import white_matter_level
+
+            host_white_matter = white_matter_level(host_data)[0]
     else:
         description = (
             f"planar3d synth seed={seed} cases={cases} size={size} "
@@ -280,7 +331,7 @@ def write_synthetic_dataset(
     if changed is not None:
         save_nifti_deterministic(changed.astype(np.uint8), host_img.affine, out_dir / HOST_LESIONS_FILE, code=qcode)
 
-    entries = []
+    entries, contrast_factors = [], {}
     for i in range(cases):
         rng = np.random.default_rng([seed, i])
         stripped = bool(brain_extracted) and np.random.default_rng([seed, i, 1]).random() < brain_extracted
@@ -296,11 +347,19 @@ def write_synthetic_dataset(
             image_sha = save_nifti_deterministic(flair, phantom.affine, image_path)
             label_sha = save_nifti_deterministic(phantom.lesions, phantom.affine, label_path)
             brain_mask = (phantom.brain >= 0.5).astype(np.uint8)
+            grey_matter = grey_matter_percent(phantom.grey_matter)
             group = f"{geometry}-{orientation}" + ("-brain" if stripped else "")
         else:
             count = int(rng.integers(1, min(max_masks_per_case, len(masks)) + 1))
             chosen = sorted(rng.choice(len(masks), size=count, replace=False).tolist())
-            flair, label = inject_lesions(host_data, host_img.affine, [masks[c] for c in chosen], rng, host_label=own)
+            case_host = host_data
+            if grey_matter_contrast is not None:
+                from planar3d.data.tissue_contrast import scale_grey_matter
+
+                factor = float(np.random.default_rng([seed, i, 2]).uniform(low, high))
+                contrast_factors[case_id] = round(factor, 6)
+                case_host = scale_grey_matter(host_data, grey_fraction, factor, host_white_matter)
+            flair, label = inject_lesions(case_host, host_img.affine, [masks[c] for c in chosen], rng, host_label=own)
             if added_label is not None:
                 label = label | added_label.astype(np.uint8)
             if stripped:
@@ -314,9 +373,18 @@ def write_synthetic_dataset(
             make_folder(brain_mask_path(image_path).parent)
             save_nifti_deterministic(brain_mask, affine, brain_mask_path(image_path),
                                      code=1 if host_data is None else qcode)
+        if grey_matter is not None:
+            affine = phantom.affine if host_data is None else host_img.affine
+            make_folder(grey_matter_path(image_path).parent)
+            save_nifti_deterministic(grey_matter, affine, grey_matter_path(image_path),
+                                     code=1 if host_data is None else qcode)
         entries.append(Case(case_id, image_path.resolve(), label_path.resolve(), group,
                             {"image": image_sha, "label": label_sha}))
 
+    if contrast_factors:
+        from planar3d.io import write_json
+
+        write_json(out_dir / GREY_MATTER_CONTRAST_FILE, {"range": [low, high], "factors": contrast_factors})
     n_folds = min(5, cases)
     folds = [[e.id for n, e in enumerate(entries) if n % n_folds == f] for f in range(n_folds)]
     manifest_path = out_dir / "manifest.json"
