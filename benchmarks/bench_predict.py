@@ -25,12 +25,13 @@ Usage (from the project root)::
     python benchmarks/bench_predict.py --head --copies 2   # the scan twice in the folder: first and steady scan
     python benchmarks/bench_predict.py --head --network default   # the default config's network (instance norm)
 
-Memory: ``planar3d predict`` on the CPU keeps freed memory in the process
-(:mod:`planar3d.host_memory`, policy ``retain``). ``--head`` therefore also runs planar3d with
-the other policies (``planar+huge-pages``: transparent huge pages, memory given back, the opt-in
-for hosts short of memory; ``planar+default``: the allocator as it is) and DynUNet with planar3d's
-policy (``dynunet+retain``), and compares planar3d with DynUNet both as a MONAI script runs it and
-under the same allocator setting.
+Memory: ``planar3d predict`` on the CPU asks for transparent huge pages when it predicts one scan
+with one model and keeps freed memory in the process for a folder or an ensemble
+(:func:`pipelines.predict.cpu_memory_policy`, :mod:`planar3d.host_memory`). ``--head`` therefore
+also runs planar3d under each policy (``planar+retain``: freed memory kept; ``planar+huge-pages``:
+transparent huge pages, memory given back; ``planar+default``: the allocator as it is) and
+DynUNet with freed memory kept (``dynunet+retain``), and compares planar3d with DynUNet both as a
+MONAI script runs it and under the same allocator setting.
 """
 
 from __future__ import annotations
@@ -244,7 +245,9 @@ def run_phase(args: argparse.Namespace) -> None:
     if phase == "planar" or memory:
         # before the random checkpoint is built: PyTorch reads its huge-page switch once, at its
         # first large allocation, and planar3d predict makes none before it sets the policy
-        configure_host_memory("retain")
+        from pipelines.predict import cpu_memory_policy
+
+        configure_host_memory(cpu_memory_policy(len(list(Path(args.inputs).glob("*.nii*")))))
     if phase == "planar":
         result = phase_planar(Path(args.inputs), work, args.width, precision, args.network)
     elif phase in PEERS:
@@ -315,7 +318,7 @@ def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1, net
         for copy in range(copies):
             (inputs / f"{stem}_copy{copy}.nii.gz").symlink_to(scan.resolve())
         results = {}
-        phases = ("planar", "planar+huge-pages", "planar+default", "dynunet", "dynunet+retain", "unet")
+        phases = ("planar", "planar+retain", "planar+huge-pages", "planar+default", "dynunet", "dynunet+retain", "unet")
         for phase in phases + (("planar@bf16", "dynunet@bf16") if bf16 else ()):
             results[phase] = _subprocess(phase, inputs, work / phase, width, network)
             times = ", ".join(f"{r['model']:.1f}" for r in results[phase]["rows"])
@@ -323,11 +326,12 @@ def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1, net
     gemm_end = gemm_flops_per_s()
     gemm = max(gemm_start, gemm_end)
     ours = f"planar res-u-net ({network} network) width {width}"
-    names = {"planar": f"{ours} (planar3d predict: freed memory kept)",
+    names = {"planar": f"{ours} (planar3d predict's memory policy: huge pages for one scan, freed memory kept for a folder)",
+             "planar+retain": f"{ours}, PLANAR3D_HOST_MEMORY=retain (freed memory kept)",
              "planar+huge-pages": f"{ours}, PLANAR3D_HOST_MEMORY=huge-pages",
              "planar+default": f"{ours}, PLANAR3D_HOST_MEMORY=default (glibc default)",
              "dynunet": "MONAI DynUNet, nnU-Net-like (31 M), glibc default (as a MONAI script runs)",
-             "dynunet+retain": "MONAI DynUNet, nnU-Net-like (31 M), memory retained like planar3d",
+             "dynunet+retain": "MONAI DynUNet, nnU-Net-like (31 M), freed memory kept (planar3d's policy for a folder)",
              "unet": "MONAI UNet (4.8 M)",
              "planar@bf16": f"{ours} (planar3d predict --precision bf16)",
              "dynunet@bf16": "MONAI DynUNet, nnU-Net-like (31 M), bf16 autocast"}

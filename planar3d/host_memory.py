@@ -6,7 +6,8 @@ the kernel must zero and map 4 KiB page by page on first touch. On this project'
 whole-head forward pass at full width (176x240x160) spent 11 of its 30 CPU-seconds in the kernel
 for that (2.8 M page faults). Three policies (:data:`POLICIES`):
 
-- ``retain`` (``planar3d predict`` and ``planar3d train`` on the CPU): glibc's per-allocation
+- ``retain`` (``planar3d train`` on the CPU, and ``planar3d predict`` for a folder or an ensemble:
+  ``pipelines.predict.cpu_memory_policy``): glibc's per-allocation
   ``mmap`` and heap trimming are turned off (``mallopt``), so freed tensors are reused without
   new faults. A full-width training step: 9.4-9.9 s against 11.5-13.4 s with ``huge-pages`` and
   16.0-17.8 s with ``default``. The 1 mm head at full width: second scan of a folder 10.9-11.2 s
@@ -14,7 +15,8 @@ for that (2.8 M page faults). Three policies (:data:`POLICIES`):
   8.1-8.4 GiB for that head against 6.2-6.3 GiB), which the memory planner counts
   (:func:`free_heap_bytes`: what the process holds free for reuse, which ``MemAvailable`` does
   not include).
-- ``huge-pages`` (opt-in, for hosts short of memory): glibc keeps its default, so memory goes back
+- ``huge-pages`` (``planar3d predict`` of one scan with one model, where there is nothing to
+  reuse; opt-in elsewhere, for hosts short of memory): glibc keeps its default, so memory goes back
   to the system when a tensor dies, and PyTorch asks for transparent huge pages on every
   allocation of 2 MiB or more (its ``THP_MEM_ALLOC_ENABLE``, set in this process before its first
   large allocation): a process predicting the 1 mm head twice took 0.19 M page faults against

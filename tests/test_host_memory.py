@@ -149,3 +149,51 @@ def test_cpu_memory_budget_counts_the_free_memory_the_process_keeps(monkeypatch)
     with_kept = inference.memory_budget_bytes("cpu")
     # MemAvailable is read twice and may move a little between the reads
     assert abs((with_kept - without) - inference.MEMORY_FRACTION * 10 * 2**30) < 512 * 2**20
+
+
+def test_predict_asks_for_huge_pages_for_one_scan_and_one_model_and_retains_memory_otherwise():
+    from pipelines.predict import cpu_memory_policy
+
+    assert cpu_memory_policy(1) == cpu_memory_policy(1, 1) == "huge-pages"
+    assert cpu_memory_policy(2) == cpu_memory_policy(1, 3) == cpu_memory_policy(40, 5) == "retain"
+
+
+_PREDICT = """
+import json, sys
+from pathlib import Path
+import nibabel as nib, numpy as np, torch
+from planar3d.checkpoint import ModelCheckpoint
+from planar3d.networks import PlanarResUNet, PlanarResUNetConfig
+from pipelines.predict import predict_folder
+work = Path(sys.argv[1]); scans = work / "scans"
+if sys.argv[2] == "setup":  # in a process of its own: building a model allocates before predict would
+    scans.mkdir()
+    for i in range(2):
+        nib.save(nib.Nifti1Image(np.random.default_rng(i).random((24, 24, 16)).astype(np.float32) * 100, np.eye(4)),
+                 scans / f"s{i}.nii.gz")
+    config = PlanarResUNetConfig(width=0.0625)
+    ModelCheckpoint(PlanarResUNet(config).state_dict(), config).save(work / "best.pt")
+else:
+    inputs = scans if sys.argv[2] == "2" else scans / "s0.nii.gz"
+    summary = predict_folder(inputs, work / sys.argv[2], work / "best.pt", progress=False)
+    print(json.dumps(summary.provenance["settings"]["host_memory"]))
+"""
+
+
+@pytest.mark.slow
+@glibc
+def test_predict_records_the_policy_it_ran_under(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PLANAR3D_RETAIN_MEMORY", "PLANAR3D_HOST_MEMORY", "THP_MEM_ALLOC_ENABLE")}
+    env.update(PYTHONPATH=str(ROOT))
+    states = {}
+    for step in ("setup", "1", "2"):
+        done = subprocess.run([sys.executable, "-c", _PREDICT, str(tmp_path), step], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        states[step] = done.stdout.strip().splitlines()[-1] if step != "setup" else None
+    assert json.loads(states["2"]) == "retain"  # a folder of two
+    if _thp_mode() in ("always", "madvise"):
+        assert json.loads(states["1"]) == "huge-pages"  # one scan: nothing to reuse
+    else:
+        assert json.loads(states["1"]).startswith("retain (huge pages unavailable")
