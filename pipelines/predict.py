@@ -200,8 +200,9 @@ def cpu_memory_policy(scan_count: int, model_count: int = 1) -> str:
     reuses the memory the one before faulted in. ``huge-pages`` for one scan and one model, where
     there is nothing to reuse and faulting fresh memory 2 MiB at a time is what counts. Measured
     on the 1 mm head with the default config's network (docs/prediction.md, "The memory policy by
-    workload"): a first scan took 10.5-13.4 s with huge pages against 11.9-21.1 s retained (peak
-    RSS 6.2-6.5 against 8.7-9.5 GiB), a folder's later scans 12.1-12.8 s against 9.4-13.3 s.
+    workload"): a first scan took 10.5-16.7 s with huge pages (median 12.3) against 11.9-21.1 s
+    retained (median 14.5) at a peak RSS of 6.2-6.5 against 7.5-9.5 GiB; a folder's later scans
+    12.1-12.8 s against 9.4-13.3 s.
     """
     return "huge-pages" if scan_count == 1 and model_count == 1 else "retain"
 
