@@ -94,39 +94,33 @@ def test_light_masks_are_those_under_a_fifth_of_a_percent_of_the_mni_brain(tmp_p
     assert names == ["light.nii.gz"] and sorted(p.name for p in folder.iterdir()) == ["light.nii.gz"]
 
 
-def test_training_hosts_are_filled_and_the_left_out_host_is_not(tmp_path, capsys, monkeypatch):
-    """The default build fills the training hosts' own lesions; the test cases of a left-out host keep theirs."""
+def _dry_build(tmp_path, capsys, monkeypatch, *options):
+    """The ``planar3d synth`` command lines of a dry-run build with host_b left out: (training, test)."""
     real = tmp_path / "real"
     _touch(real, "host_a.nii.gz", "host_b.nii.gz")
     masks = tmp_path / "masks"
     _touch(masks, "patient01_lesions.nii.gz")
     args = bts.parse_args(["--out", str(tmp_path / "out"), "--real-dir", str(real), "--lesion-masks", str(masks),
-                           "--leave-out", "host_b", "--phantoms", "0", "--light-cases-per-host", "0", "--dry-run"])
-    assert args.host_lesions == "fill"
+                           "--leave-out", "host_b", "--phantoms", "0", "--dry-run", *options])
     # the light masks are chosen by reading the masks' loads: empty stand-in files here
     monkeypatch.setattr(bts, "light_masks_dir", lambda *a, **k: (masks, ["patient01_lesions.nii.gz"]))
     bts.build(args)
     synth = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ planar3d synth --out")]
-    train = [line for line in synth if "/parts/host_" in line]
-    test = [line for line in synth if "/parts/test_" in line]
+    return [line for line in synth if "/parts/host_" in line], [line for line in synth if "/parts/test_" in line]
+
+
+def test_training_hosts_are_filled_and_the_left_out_host_is_not(tmp_path, capsys, monkeypatch):
+    """The default build fills the training hosts' own lesions; the test cases of a left-out host keep theirs."""
+    assert bts.parse_args(["--out", str(tmp_path)]).host_lesions == "fill"
+    train, test = _dry_build(tmp_path, capsys, monkeypatch, "--light-cases-per-host", "0")
     assert train and all("--host-lesions fill" in line for line in train)
     assert test and not any("--host-lesions" in line for line in test)
-    assert not any("--grey-matter-contrast" in line for line in synth)
+    assert not any("--grey-matter-contrast" in line for line in train + test)
 
 
 def test_grey_matter_contrast_varies_the_training_hosts_only(tmp_path, capsys, monkeypatch):
-    real = tmp_path / "real"
-    _touch(real, "host_a.nii.gz", "host_b.nii.gz")
-    masks = tmp_path / "masks"
-    _touch(masks, "patient01_lesions.nii.gz")
-    args = bts.parse_args(["--out", str(tmp_path / "out"), "--real-dir", str(real), "--lesion-masks", str(masks),
-                           "--leave-out", "host_b", "--phantoms", "0", "--grey-matter-contrast", "0.95,1.15", "--dry-run"])
-    assert args.grey_matter_contrast == (0.95, 1.15)
-    monkeypatch.setattr(bts, "light_masks_dir", lambda *a, **k: (masks, ["patient01_lesions.nii.gz"]))
-    bts.build(args)
-    synth = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ planar3d synth --out")]
-    train = [line for line in synth if "/parts/host_" in line]
-    test = [line for line in synth if "/parts/test_" in line]
+    assert bts.parse_args(["--out", str(tmp_path), "--grey-matter-contrast", "0.95,1.15"]).grey_matter_contrast == (0.95, 1.15)
+    train, test = _dry_build(tmp_path, capsys, monkeypatch, "--grey-matter-contrast", "0.95,1.15")
     assert len(train) == 2 and all(line.endswith("--grey-matter-contrast 0.95 1.15") for line in train)  # and its light part
     assert test and not any("--grey-matter-contrast" in line for line in test)
     for bad in ("1.2,1.1", "0,1.1", "1.1", "a,b"):
