@@ -91,7 +91,7 @@ def grey_matter_path(image: str | Path) -> Path:
     host lie in that host's cortex and deep grey matter (docs/training.md, "Issue 9, eleventh
     session"). For injected cases it is the ICBM152 grey-matter template (cortex and deep grey
     nuclei) mapped through the host's registration, for phantoms their own cortex and deep grey
-    fractions. Percent in uint8 keeps the sidecar a fifth of float32's size; the reader divides.
+    fractions. Percent in uint8 takes a quarter of float32's bytes; the reader divides by 100.
     """
     image = Path(image)
     return image.parent.parent / GREY_MATTER_FOLDER / image.name
