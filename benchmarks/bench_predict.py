@@ -289,17 +289,13 @@ def table(name: str, result: dict) -> str:
 
 
 def gemm_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
-    """Best rate of an n x n fp32 matrix product (the GEMM rate the model rows are compared to)."""
+    """The fp32 GEMM rate the model rows are compared to (:func:`bench_model.matmul_peak`: the
+    better of MKL's and oneDNN's n x n x n product)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best
+    from bench_model import matmul_peak
+
+    return matmul_peak(torch.device("cpu"), torch.float32, n, repeats)
 
 
 def head_rows(scan: Path, width: float, bf16: bool = False, copies: int = 1, network: str = "published") -> None:

@@ -72,3 +72,18 @@ def test_gpu_diagnostics_smoke_run_on_cpu():
     assert len(variants) == 8 and all("largest logit difference from eager " in line for line in variants), variants
     assert out.count("  pass 0 ") == out.count("  pass 1 ") == 5        # the five real scans, twice
     assert "matrix product" in out and "cudnn_convolution_relu not available" in out  # CPU: no cuDNN
+
+
+def test_the_cpu_matmul_peak_also_times_the_product_through_onednn():
+    """bench_model.matmul_peak runs a @ b as a 1x1x1 convolution too (oneDNN, what the network's
+    convolutions use), because MKL's torch.mm is not the CPU's peak on every vendor's CPU."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_model import matmul_peak, pointwise_conv_operands
+
+    a, b = torch.randn(48, 40, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64)
+    rows, weight = pointwise_conv_operands(a, b)
+    product = torch.nn.functional.conv3d(rows, weight).reshape(24, 48).t()
+    assert torch.allclose(product, a @ b, rtol=1e-12, atol=1e-12)
+    assert matmul_peak(torch.device("cpu"), torch.float32, 64, 1) > 0
