@@ -67,12 +67,33 @@ class ScanClaims:
         return self.folder / claim_name(key)
 
     def _create(self, path: Path, key: str) -> bool:
+        """Create the claim with its whole record, or return False if it exists.
+
+        The record is written to a file of this process's own first and hard-linked to the claim's
+        name (``link`` is atomic and fails if the name exists, on NFS too), so a claim is never
+        seen without its record: an exclusively created claim file that its writer was killed
+        before filling reads as nobody's, and was kept for ``stale_after`` (6 h) as if from
+        another machine. Where the disk has no hard links, exclusive create is the fallback.
+        """
+        text = json.dumps({**self.owner, "key": key, "time": time.time()}, allow_nan=False) + "\n"
+        draft = path.with_name(f".{path.name}.p{self.owner['pid']}@{self.owner['host']}.new")
+        try:
+            draft.write_text(text, encoding="utf-8")
+            try:
+                os.link(draft, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links on this disk
+                pass
+        finally:
+            draft.unlink(missing_ok=True)
         try:
             handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(json.dumps({**self.owner, "key": key, "time": time.time()}, allow_nan=False) + "\n")
+            stream.write(text)
         return True
 
     @staticmethod

@@ -506,6 +506,30 @@ def test_claims_are_exclusive_and_stale_ones_reclaimed(tmp_path):
         claims.path(k).name for k in ("b_mask.nii.gz", "c_mask.nii.gz"))
 
 
+def test_a_claim_is_never_visible_without_its_record(tmp_path, monkeypatch):
+    """A worker killed while claiming leaves no empty claim: one would read as nobody's and block
+    the scan for 6 hours (seen as a flaky kill-and-rerun test)."""
+    claims = ScanClaims(tmp_path / "claims")
+
+    def killed(*args):
+        raise SystemExit("killed between writing the record and linking it")
+
+    monkeypatch.setattr(os, "link", killed)
+    with pytest.raises(SystemExit):
+        claims.acquire("a_mask.nii.gz")
+    assert not claims.path("a_mask.nii.gz").exists()
+    monkeypatch.undo()
+    assert claims.acquire("a_mask.nii.gz") and claims.read(claims.path("a_mask.nii.gz"))["key"] == "a_mask.nii.gz"
+
+    def no_links(*args):
+        raise PermissionError("this disk has no hard links")
+
+    monkeypatch.setattr(os, "link", no_links)  # exclusive create instead, with the same record
+    assert claims.acquire("b_mask.nii.gz") and claims.read(claims.path("b_mask.nii.gz"))["pid"] == os.getpid()
+    assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == sorted(
+        claims.path(k).name for k in ("a_mask.nii.gz", "b_mask.nii.gz"))  # no drafts left
+
+
 def test_leftover_temporary_files_are_cleaned_on_the_next_run(tmp_path, tiny_run):
     folder = tmp_path / "in"
     _write(folder / "scan.nii.gz", _nifti_bytes(_good_data()))
