@@ -11,9 +11,11 @@ contrasts of other scanners and sequences.
 What is scaled: the ICBM152 grey-matter prior mapped into the host (``planar3d synth`` writes it
 as the case's ``grey_matter/`` sidecar), times a ramp that leaves dark voxels alone (below 0.6x
 white matter: CSF, sulci, which the affine fit of the prior overlaps) and reaches 1 at 0.8x.
-White matter, where MS lesions are injected, has a grey-matter prior near 0 and keeps its level,
-so the white-matter normalisation and the injected lesions' intensity (1.3-1.8x white matter)
-do not change.
+White matter, where MS lesions are injected, has a grey-matter prior near 0 and keeps its
+intensities. The white-matter *level estimate* can still move: on thick-slice hosts, where grey
+and white matter share one histogram peak, a factor of 1.131 moved it from 69.9 to 76.0
+(docs/training.md, "Issue 9, twelfth session"), and with it the injected lesions' intensity
+(1.3-1.8x that level) and the normalisation, as on a real scan of that contrast.
 
 Example:
     >>> host = np.array([100.0, 70.0, 50.0, 110.0]); grey = np.array([0.0, 1.0, 1.0, 1.0])
