@@ -197,6 +197,19 @@ def _estimated_steps(loader, config: TrainConfig) -> Optional[int]:
 #: Files that make a folder a run folder: training into it again needs --resume or --overwrite.
 RUN_FILES = ("run.json", "last.pt", "best.pt")
 
+#: Wider networks than this are slow to train on a CPU (the default's full width took 97 min for
+#: 24 epochs of shrunk patches on 2 cores; docs/training.md, "Issue 9, seventh session").
+CPU_WIDTH_HINT_ABOVE = 0.25
+
+
+def cpu_budget_hint(device_type: str, width: float) -> Optional[str]:
+    """A warning for a wide network trained on the CPU, naming the packaged config made for it."""
+    if device_type != "cpu" or width <= CPU_WIDTH_HINT_ABOVE:
+        return None
+    return (f"training a width-{width:g} network on the CPU takes hours (full width: about 4 min an epoch on 2 cores "
+            "with 64x64x32 patches); --config cpu is the recommended recipe at a CPU budget (width 1/8, 144 epochs, "
+            "about 30 min on 2 cores; docs/training.md)")
+
 
 def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to start a new run over an existing one (its best.pt would be silently replaced).
@@ -224,6 +237,9 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
     host_memory = configure_host_memory("retain") if dev.type == "cpu" else "unchanged (not a CPU run)"
     dist = setup_distributed(dev)
     setup_logging(out_dir, dist.main)
+    hint = cpu_budget_hint(dev.type, config.network.width)
+    if hint and dist.main:
+        log.warning(hint)
     set_determinism(config.seed, config.deterministic)
     if resume and not (out_dir / "last.pt").is_file():
         raise InputError(out_dir, "nothing to resume: no last.pt in the run folder")

@@ -63,6 +63,25 @@ def test_train_writes_loadable_outputs(tiny_manifest, tmp_path):
     assert len(info["data"]) == 3 and all(len(d["image_sha256"]) == 64 for d in info["data"])
     assert (run / "tensorboard").is_dir()
     assert (run / "training_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "--config cpu" not in (run / "train.log").read_text()  # a narrow network: no CPU-budget hint
+
+
+def test_a_wide_network_on_the_cpu_is_pointed_to_the_cpu_config(tiny_manifest, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_manifest, 0, run, tiny_config("optim.epochs=1", "network.width=0.5"), device="cpu")
+    warnings = [line for line in (run / "train.log").read_text().splitlines() if " WARNING " in line]
+    assert any("width-0.5 network on the CPU" in line and "--config cpu" in line for line in warnings)
+
+
+@pytest.mark.parametrize(("device_type", "width", "hinted"), [
+    ("cpu", 1.0, True), ("cpu", 0.5, True), ("cpu", 0.25, False), ("cpu", 0.125, False), ("cuda", 1.0, False),
+])
+def test_cpu_budget_hint(device_type, width, hinted):
+    from pipelines.train import cpu_budget_hint
+
+    hint = cpu_budget_hint(device_type, width)
+    assert (hint is not None) == hinted
+    assert hint is None or "--config cpu" in hint
 
 
 @pytest.mark.parametrize("recipe", [
