@@ -237,14 +237,14 @@ def setup_run(manifest_path, fold: int, out_dir: Path, config: TrainConfig, root
     host_memory = configure_host_memory("retain") if dev.type == "cpu" else "unchanged (not a CPU run)"
     dist = setup_distributed(dev)
     setup_logging(out_dir, dist.main)
-    hint = cpu_budget_hint(dev.type, config.network.width)
-    if hint and dist.main:
-        log.warning(hint)
     set_determinism(config.seed, config.deterministic)
     if resume and not (out_dir / "last.pt").is_file():
         raise InputError(out_dir, "nothing to resume: no last.pt in the run folder")
 
     split = prepare_cases(manifest_path, fold, root, config)
+    hint = cpu_budget_hint(dev.type, config.network.width)  # after the data check: a bad input's error comes alone
+    if hint and dist.main:
+        log.warning(hint)
     manifest, train_cases, val_cases = split.manifest, split.train, split.validation
     plane_axis, pools = data_module.resolve_geometry(config, train_cases)
     shapes = [data_module.case_shape(c) for c in train_cases]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -85,11 +86,17 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 def setup_logging(out_dir: Path, main: bool) -> None:
     """Log INFO to stderr and (rank 0) to ``out_dir/train.log``."""
     log.setLevel(logging.INFO)
-    if not any(getattr(h, "_planar3d", False) for h in log.handlers):
+    console = [h for h in log.handlers if getattr(h, "_planar3d", False)]
+    if not console:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler._planar3d = True  # type: ignore[attr-defined]
         log.addHandler(handler)
+    else:
+        # the stderr of this run: a second run in one process (a test runner, a notebook) may
+        # have replaced sys.stderr, and the first run's may be closed (so not setStream, which
+        # flushes the old stream first)
+        console[0].stream = sys.stderr
     for handler in list(log.handlers):
         if isinstance(handler, logging.FileHandler):
             log.removeHandler(handler)

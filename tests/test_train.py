@@ -73,6 +73,29 @@ def test_a_wide_network_on_the_cpu_is_pointed_to_the_cpu_config(tiny_manifest, t
     assert any("width-0.5 network on the CPU" in line and "--config cpu" in line for line in warnings)
 
 
+def test_a_second_run_in_one_process_logs_to_its_own_stderr(tmp_path, monkeypatch):
+    # A test runner or a notebook replaces sys.stderr between runs and may close the old one;
+    # the console handler of the first run must not write to it ("I/O operation on closed file").
+    import io
+    import logging
+
+    from pipelines.train_process import log, setup_logging
+
+    # text over bytes, as click's test runner gives: flushing it once closed raises
+    first, second = io.TextIOWrapper(io.BytesIO()), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    setup_logging(tmp_path / "a", main=True)
+    first.close()
+    monkeypatch.setattr("sys.stderr", second)
+    setup_logging(tmp_path / "b", main=True)
+    errors = []
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    monkeypatch.setattr(logging.Handler, "handleError", lambda self, record: errors.append(record))
+    log.warning("second run")
+    assert not errors and "second run" in second.getvalue()
+    assert "second run" in (tmp_path / "b" / "train.log").read_text()
+
+
 @pytest.mark.parametrize(("device_type", "width", "hinted"), [
     ("cpu", 1.0, True), ("cpu", 0.5, True), ("cpu", 0.25, False), ("cpu", 0.125, False), ("cuda", 1.0, False),
 ])
