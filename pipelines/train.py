@@ -206,9 +206,10 @@ def cpu_budget_hint(device_type: str, width: float) -> Optional[str]:
     """A warning for a wide network trained on the CPU, naming the packaged config made for it."""
     if device_type != "cpu" or width <= CPU_WIDTH_HINT_ABOVE:
         return None
-    return (f"training a width-{width:g} network on the CPU takes hours (full width: about 4 min an epoch on 2 cores "
-            "with 64x64x32 patches); --config cpu is the recommended recipe at a CPU budget (width 1/8, 144 epochs, "
-            "about 30 min on 2 cores; docs/training.md)")
+    # the cpu config's settings are in its file only; the times are measured (docs/training.md)
+    return (f"training a width-{width:g} network on the CPU takes hours (full width: 97 min for 24 epochs of "
+            "64x64x32 patches on 2 cores); --config cpu is the recommended recipe at a CPU budget (about 30 min a "
+            "run on 2 cores; docs/training.md)")
 
 
 def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:

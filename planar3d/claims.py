@@ -3,7 +3,8 @@
 A worker that wants to process an item creates ``<folder>/<key>.claim`` atomically, with its
 record (process id, host, start time) already in it: written to a draft, then hard-linked to the
 claim's name (``link`` fails if the name exists; atomic on local disks and on NFS/Lustre/GPFS),
-or by exclusive create (``O_CREAT | O_EXCL``) where a disk has no hard links. Whoever creates it owns the item; any other worker skips it.
+or by exclusive create (``O_CREAT | O_EXCL``) where a disk has no hard links. Whoever creates it
+owns the item; any other worker skips it.
 The owner removes the claim when the item is finished (its outputs are then on disk).
 
 A claim is *stale*, and may be taken over, when its owner is a process on this machine that no

@@ -92,6 +92,9 @@ def test_a_second_run_in_one_process_logs_to_its_own_stderr(tmp_path, monkeypatc
     monkeypatch.setattr(logging, "raiseExceptions", True)
     monkeypatch.setattr(logging.Handler, "handleError", lambda self, record: errors.append(record))
     log.warning("second run")
+    for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(handler)  # later tests' logs stay out of this test's folder
+        handler.close()
     assert not errors and "second run" in second.getvalue()
     assert "second run" in (tmp_path / "b" / "train.log").read_text()
 
