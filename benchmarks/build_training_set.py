@@ -40,7 +40,7 @@ Usage:
     python benchmarks/build_training_set.py --out DIR [--cases-per-host 8] [--phantoms 16] [--seed 0]
         [--hosts NAME,NAME] [--light-cases-per-host 3] [--leave-out HOST --test-cases 3 --test-pool 24]
         [--template mni152|PATH] [--brain-extracted 0.3] [--phantom-size full] [--host-lesions fill|keep]
-        [--grey-matter-contrast LOW,HIGH] [--dry-run]
+        [--grey-matter-contrast LOW,HIGH] [--lesion-contrast LOW,HIGH] [--dry-run]
 
 Outputs: ``DIR/parts/<part>/`` (one ``planar3d synth`` folder per host and for the phantoms),
 ``DIR/train_manifest.json``, with ``--leave-out`` ``DIR/test_manifest.json``, and
@@ -215,12 +215,14 @@ def case_loads(manifest: Path) -> Dict[str, float]:
 
 
 def synth_host(out: Path, host: Path, masks: Path, cases: int, seed: int, args, dry_run: bool, max_masks: int = 4,
-               host_lesions: str = "keep", grey_matter_contrast: Optional[Tuple[float, float]] = None) -> Path:
+               host_lesions: str = "keep", grey_matter_contrast: Optional[Tuple[float, float]] = None,
+               lesion_contrast: Optional[Tuple[float, float]] = None) -> Path:
     run_cli(["synth", "--out", out, "--cases", cases, "--seed", seed, "--host", host, "--lesion-masks", masks,
              "--template", args.template, "--brain-extracted", args.brain_extracted]
             + (["--max-masks-per-case", max_masks] if max_masks != 4 else [])
             + (["--host-lesions", host_lesions] if host_lesions != "keep" else [])
-            + (["--grey-matter-contrast", *grey_matter_contrast] if grey_matter_contrast else []), dry_run)
+            + (["--grey-matter-contrast", *grey_matter_contrast] if grey_matter_contrast else [])
+            + (["--lesion-contrast", *lesion_contrast] if lesion_contrast else []), dry_run)
     return out / "manifest.json"
 
 
@@ -239,6 +241,7 @@ def build(args) -> dict:
                          "pass --host-lesions keep with another template")
     record: dict = {"hosts": {}, "masks": mask_names, "template": args.template, "leave_out": args.leave_out,
                     "host_lesions": args.host_lesions, "grey_matter_contrast": args.grey_matter_contrast,
+                    "lesion_contrast": args.lesion_contrast,
                     "seed": args.seed, "cli": "pipelines.cli"}
     parts = []
     needs_light = args.light_cases_per_host > 0 or args.leave_out is not None
@@ -248,7 +251,8 @@ def build(args) -> dict:
             continue
         seed = args.seed + 101 * (index + 1)
         manifest = synth_host(out / "parts" / f"host_{name}", path, masks, args.cases_per_host, seed, args, args.dry_run,
-                              host_lesions=args.host_lesions, grey_matter_contrast=args.grey_matter_contrast)
+                              host_lesions=args.host_lesions, grey_matter_contrast=args.grey_matter_contrast,
+                              lesion_contrast=args.lesion_contrast)
         if not args.dry_run:
             relabel_part(manifest, name, name)
         record["hosts"][name] = {"path": str(path), "cases": args.cases_per_host, "seed": seed}
@@ -258,7 +262,7 @@ def build(args) -> dict:
             # host then also scores its false positives on scans with few lesions
             light = synth_host(out / "parts" / f"host_{name}_light", path, light_masks, args.light_cases_per_host,
                                seed + 50, args, args.dry_run, max_masks=1, host_lesions=args.host_lesions,
-                               grey_matter_contrast=args.grey_matter_contrast)
+                               grey_matter_contrast=args.grey_matter_contrast, lesion_contrast=args.lesion_contrast)
             if not args.dry_run:
                 relabel_part(light, f"{name}_light", name)
             record["hosts"][name]["light"] = {"cases": args.light_cases_per_host, "seed": seed + 50, "masks": light_names}
@@ -334,6 +338,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--grey-matter-contrast", default=None, type=_contrast_range, metavar="LOW,HIGH",
                         help="training hosts' grey matter scaled per case by a factor drawn in [LOW, HIGH] (planar3d "
                              "synth --grey-matter-contrast; needs --template mni152); test cases keep the host's own")
+    parser.add_argument("--lesion-contrast", default=None, type=_contrast_range, metavar="LOW,HIGH",
+                        help="training hosts' injected lesions at a level drawn in [LOW, HIGH] times white matter "
+                             "(planar3d synth --lesion-contrast; default 1.3,1.8); test cases keep the default")
     parser.add_argument("--leave-out", default=None, help="host left out of training; its test set is written")
     parser.add_argument("--test-cases", type=int, default=3, help="light and heavy test cases each (with --leave-out)")
     parser.add_argument("--test-pool", type=int, default=24, help="injected cases drawn to choose each kind of test case from")

@@ -233,6 +233,8 @@ def synth(
                                      help="With --host: its own unlabelled lesions (bright white-matter blobs): 'keep' them as background, 'fill' them with white matter before injection, or 'label' them in every case; fill and label need --template mni152 and write the voxels they changed to host_lesions.nii.gz."),
     grey_matter_contrast: Optional[Tuple[float, float]] = typer.Option(
         None, "--grey-matter-contrast", help="With --host and --template mni152: LOW HIGH; each case's grey matter is scaled by a factor drawn in [LOW, HIGH] (other scanners' grey/white contrast); the factors go to grey_matter_contrast.json."),
+    lesion_contrast: Optional[Tuple[float, float]] = typer.Option(
+        None, "--lesion-contrast", help="With --host: LOW HIGH; each case's injected lesions get a level drawn in [LOW, HIGH] times the host's white-matter level (default 1.3 1.8)."),
 ) -> None:
     """Write synthetic FLAIR cases with lesion labels and a manifest; print the manifest path."""
     from planar3d.data.synth import write_synthetic_dataset
@@ -243,7 +245,7 @@ def synth(
         orientations=tuple(o.strip() for o in orientation.split(",") if o.strip()),
         host=host, host_label=host_label, lesion_masks_dir=lesion_masks, brain_extracted=brain_extracted,
         template=template, max_masks_per_case=max_masks_per_case, host_lesions=host_lesions,
-        grey_matter_contrast=grey_matter_contrast,
+        grey_matter_contrast=grey_matter_contrast, lesion_contrast=lesion_contrast,
     )
     typer.echo(str(manifest))
 

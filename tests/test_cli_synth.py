@@ -142,3 +142,7 @@ def test_synth_errors_exit_1_with_message(tmp_path):
     assert result.exit_code == 1 and "grey_matter_contrast needs a host FLAIR and template 'mni152'" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert _run("--out", tmp_path, "--cases", 1, "--grey-matter-contrast", 0.9).exit_code != 0
+    # --lesion-contrast: needs a host, and low <= high
+    result = _run("--out", tmp_path, "--cases", 1, "--lesion-contrast", 1.2, 1.6)
+    assert result.exit_code == 1 and "lesion_contrast needs a host FLAIR" in result.output
+    assert len(result.output.strip().splitlines()) == 1

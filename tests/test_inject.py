@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from planar3d.data.inject import head_mask, inject_lesions, lesion_masks_from_folder, white_matter_level
+from planar3d.data.inject import LESION_CONTRAST, head_mask, inject_lesions, lesion_masks_from_folder, white_matter_level
 from planar3d.data.phantom import make_phantom_parts
 from planar3d.errors import InputError
 
@@ -45,6 +45,27 @@ def test_auto_intensity_from_white_matter(host):
     core[29:31, 27:29, 25:27] = True
     assert 1.2 * wm < flair[core].mean() < 2.0 * wm
     np.testing.assert_array_equal(flair[label == 0], p.flair[label == 0])
+
+
+def test_contrast_sets_the_range_of_the_drawn_level(host):
+    """The level is drawn in ``contrast`` times white matter, with one draw whatever the range:
+    the same generator state gives the same texture, so two ranges' lesions differ by the level only."""
+    p, masks = host
+    wm, _ = white_matter_level(p.flair)
+    core = np.zeros(p.flair.shape, bool)
+    core[29:31, 27:29, 25:27] = True
+    low_flair, _ = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(5), contrast=(1.1, 1.1))
+    high_flair, _ = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(5), contrast=(2.2, 2.2))
+    assert 0.95 * 1.1 * wm < low_flair[core].mean() < 1.05 * 1.1 * wm
+    assert 0.95 * 2.2 * wm < high_flair[core].mean() < 1.05 * 2.2 * wm
+    # the default range is LESION_CONTRAST, drawn exactly as an explicit (1.3, 1.8)
+    default, _ = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(6))
+    explicit, _ = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(6), contrast=LESION_CONTRAST)
+    assert LESION_CONTRAST == (1.3, 1.8)
+    np.testing.assert_array_equal(default, explicit)
+    for bad in [(1.8, 1.3), (0.0, 1.5), (-1.0, 1.0)]:
+        with pytest.raises(ValueError, match="0 < low <= high"):
+            inject_lesions(p.flair, p.affine, masks, np.random.default_rng(0), contrast=bad)
 
 
 def test_deterministic_per_seed(host):

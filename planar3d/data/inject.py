@@ -22,6 +22,9 @@ from planar3d.errors import InputError
 from planar3d.io import read_volume
 from planar3d.preprocess import otsu_threshold, white_matter_level
 
+LESION_CONTRAST = (1.3, 1.8)
+"""Default range of an injected lesion's level, as a factor of the host's white-matter level."""
+
 
 def head_mask(flair: np.ndarray) -> np.ndarray:
     """Foreground (head or brain) of a FLAIR: above half the Otsu threshold, holes filled."""
@@ -40,12 +43,14 @@ def inject_lesions(
     rng: np.random.Generator,
     host_label: np.ndarray | None = None,
     intensity: str | float = "auto",
+    contrast: tuple[float, float] = LESION_CONTRAST,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paint lesion masks (already on the host grid) into a host FLAIR.
 
     The lesion intensity is drawn from the host's own lesions when ``host_label`` has any
     (their mean times 0.9-1.1, texture from their spread), else it is the white-matter level
-    times a factor drawn in 1.3-1.8 (``intensity="auto"``) or times ``intensity`` if a number.
+    times a factor drawn uniformly in ``contrast`` (``intensity="auto"``; :data:`LESION_CONTRAST`,
+    1.3-1.8, by default) or times ``intensity`` if a number.
     Voxels outside the host's head/brain mask are never changed; nor is any voxel outside the
     injected masks (exactly). Inside, the host is multiplied by a factor of at least 1.
 
@@ -57,13 +62,15 @@ def inject_lesions(
         rng: random generator; the same state gives the same result.
         host_label: the host's own lesion label, or None.
         intensity: ``"auto"`` or a factor of the white-matter level.
+        contrast: ``(low, high)``, ``0 < low <= high``: the range of the factor ``"auto"`` draws
+            (one draw whatever the range, so the other draws of ``rng`` do not change).
 
     Returns:
         ``(flair float32, label uint8)``; the label is the union of the placed masks and the
         host label.
 
     Raises:
-        ValueError: a mask or the host label does not have the host's shape, or a bad intensity.
+        ValueError: a mask or the host label does not have the host's shape, or a bad intensity or contrast.
     """
     host = np.asarray(host_flair, dtype=np.float32)
     if np.asarray(host_affine).shape != (4, 4):
@@ -75,6 +82,9 @@ def inject_lesions(
         raise ValueError(f"host label has shape {np.shape(host_label)}, the host has {host.shape}")
     if intensity != "auto" and not (isinstance(intensity, (int, float)) and intensity > 0):
         raise ValueError(f"intensity must be 'auto' or a positive factor, got {intensity!r}")
+    low, high = (float(v) for v in contrast)
+    if not 0 < low <= high:
+        raise ValueError(f"contrast must be (low, high) with 0 < low <= high, got {contrast!r}")
 
     foreground = head_mask(host)
     injected = np.zeros(host.shape, bool)
@@ -90,7 +100,7 @@ def inject_lesions(
         cv = float(own_values.std() / max(own_values.mean(), 1e-6))
     else:
         wm, spread = white_matter_level(np.where(foreground, host, 0))
-        factor = rng.uniform(1.3, 1.8) if intensity == "auto" else float(intensity)
+        factor = rng.uniform(low, high) if intensity == "auto" else float(intensity)
         level = wm * factor
         cv = min(0.15, spread / max(wm, 1e-6))
     texture_cv = 0.5 * cv

@@ -157,6 +157,7 @@ def write_synthetic_dataset(
     max_masks_per_case: int = 4,
     host_lesions: str = "keep",
     grey_matter_contrast: tuple[float, float] | None = None,
+    lesion_contrast: tuple[float, float] | None = None,
 ) -> Path:
     """Generate ``cases`` cases into ``out_dir`` and return the path of its ``manifest.json``.
 
@@ -202,6 +203,10 @@ def write_synthetic_dataset(
             (:func:`planar3d.data.tissue_contrast.scale_grey_matter`, from
             ``default_rng([seed, i, 2])``, so the cases are otherwise those of the same seed
             without it), and the factors are written to :data:`GREY_MATTER_CONTRAST_FILE`.
+        lesion_contrast: with ``host``: ``(low, high)``, the range in which each case's injected
+            lesion level is drawn, as a factor of the host's white-matter level (None: 1.3-1.8,
+            :data:`planar3d.data.inject.LESION_CONTRAST`); other scanners' lesion contrast. The
+            other draws of a case do not change with it.
 
     Raises:
         InputError: bad arguments (named after ``out_dir``) or unreadable host/mask files.
@@ -248,6 +253,13 @@ def write_synthetic_dataset(
         if not 0 < low <= high:
             raise InputError(out_dir, f"grey_matter_contrast must be 0 < low <= high, got {grey_matter_contrast}")
 
+    if lesion_contrast is not None:
+        if host is None:
+            raise InputError(out_dir, "lesion_contrast needs a host FLAIR (phantoms draw their own lesions)")
+        if not 0 < float(lesion_contrast[0]) <= float(lesion_contrast[1]):
+            raise InputError(out_dir, f"lesion_contrast must be 0 < low <= high, got {lesion_contrast}")
+        lesion_contrast = (float(lesion_contrast[0]), float(lesion_contrast[1]))
+
     images, labels = out_dir / "images", out_dir / "labels"
     make_folder(images)
     make_folder(labels)
@@ -257,7 +269,7 @@ def write_synthetic_dataset(
         from scipy import ndimage
 
         from planar3d.data.atlas import MNI152, mni152_placement
-        from planar3d.data.inject import inject_lesions, lesion_masks_from_folder, resample_to_host
+        from planar3d.data.inject import LESION_CONTRAST, inject_lesions, lesion_masks_from_folder, resample_to_host
         from planar3d.data.register import MAX_BRAIN_ON_AIR, MIN_BRAIN_COVERAGE, brain_coverage, register_to_host, share_on_air
 
         host_data, host_img = read_volume(host)
@@ -316,6 +328,7 @@ def write_synthetic_dataset(
             + (f" max_masks_per_case={max_masks_per_case}" if max_masks_per_case != 4 else "")
             + (f" host_lesions={host_lesions} ({found.count} lesions, {found.volume_mm3 / 1000:.2f} ml)" if found is not None else "")
             + (f" grey_matter_contrast={low:g}-{high:g}" if grey_matter_contrast is not None else "")
+            + (f" lesion_contrast={lesion_contrast[0]:g}-{lesion_contrast[1]:g}" if lesion_contrast is not None else "")
         )
         if grey_matter_contrast is not None:
             from planar3d.preprocess import white_matter_level
@@ -359,7 +372,8 @@ def write_synthetic_dataset(
                 factor = float(np.random.default_rng([seed, i, 2]).uniform(low, high))
                 contrast_factors[case_id] = round(factor, 6)
                 case_host = scale_grey_matter(host_data, grey_fraction, factor, host_white_matter)
-            flair, label = inject_lesions(case_host, host_img.affine, [masks[c] for c in chosen], rng, host_label=own)
+            flair, label = inject_lesions(case_host, host_img.affine, [masks[c] for c in chosen], rng, host_label=own,
+                                          contrast=lesion_contrast or LESION_CONTRAST)
             if added_label is not None:
                 label = label | added_label.astype(np.uint8)
             if stripped:
