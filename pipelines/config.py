@@ -183,6 +183,10 @@ class LossSection(_Section):
     name: Literal["bce_dice", "dice", "dice_ce", "dice_focal", "tversky", "generalized_dice"] = "dice_ce"
     batch_dice: bool = True
     options: Dict[str, Any] = {}
+    # the network's output probability before training (its head's bias, logit of this): near the
+    # share of lesion voxels in the training patches, so the loss does not first drive every output
+    # to background (PlanarResUNet.set_initial_probability); null = PyTorch's default bias
+    initial_probability: Optional[float] = Field(None, gt=0, lt=1)
 
 
 class ValidationSection(_Section):

@@ -68,6 +68,9 @@ def build_model(config: TrainConfig, net_config, weights: str) -> Tuple[nn.Modul
     model = PlanarResUNet(net_config)
     # CUDA's max-pool backward is non-deterministic; the network swaps in an exact equivalent.
     model.use_deterministic_pooling(config.deterministic)
+    if config.loss.initial_probability is not None:
+        model.set_initial_probability(config.loss.initial_probability)
+        log.info("output bias: initial lesion probability %g (loss.initial_probability)", config.loss.initial_probability)
     if str(weights) == "none":
         log.warning("encoder weights: none -- random initialisation, no transfer learning")
         return model, "none (random initialisation)"

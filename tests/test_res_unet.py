@@ -103,3 +103,24 @@ def test_deterministic_pooling_path_equals_max_pool():
     assert all(pool.deterministic for pool in net.encoder.pools)
     scripted = torch.jit.script(net)  # the flag keeps the network scriptable
     assert scripted(torch.randn(1, 1, 8, 8, 8)).shape == (1, 1, 8, 8, 8)
+
+
+def test_set_initial_probability_sets_the_head_bias_only():
+    torch.manual_seed(0)
+    plain = PlanarResUNet(PlanarResUNetConfig(width=0.0625))
+    torch.manual_seed(0)
+    primed = PlanarResUNet(PlanarResUNetConfig(width=0.0625))
+    primed.set_initial_probability(0.01)
+    # logit(0.01), and every other parameter the same seed's (no random number is drawn)
+    assert torch.equal(primed.head.bias, torch.full_like(primed.head.bias, -4.59511985013459))
+    for (name, a), (_, b) in zip(plain.named_parameters(), primed.named_parameters()):
+        if name != "head.bias":
+            assert torch.equal(a, b), name
+    # the untrained network's output moves towards 1 %: the head's input is the same, its bias lower
+    x = torch.randn(1, 1, 16, 16, 8)
+    with torch.no_grad():
+        shift = primed(x) - plain(x)
+    assert torch.allclose(shift, (primed.head.bias - plain.head.bias).view(1, -1, 1, 1, 1).expand_as(shift), atol=1e-5)
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"probability must be in \(0, 1\)"):
+            primed.set_initial_probability(bad)

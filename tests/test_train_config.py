@@ -104,6 +104,14 @@ def test_cpu_config_is_the_default_with_the_measured_cpu_budget():
     assert load_config("cpu") != load_config("default")
 
 
+def test_initial_probability_is_a_probability():
+    assert load_config("default", ["loss.initial_probability=0.02"]).loss.initial_probability == 0.02
+    assert load_config("default", ["loss.initial_probability=null"]).loss.initial_probability is None
+    for bad in ("0", "1", "-0.5", "two"):
+        with pytest.raises(ConfigError, match=r"loss\.initial_probability"):
+            load_config("default", [f"loss.initial_probability={bad}"])
+
+
 def test_train_help_names_every_packaged_config():
     # The CLI does not import the config module at start-up, so its help lists the names itself.
     import pipelines.cli

