@@ -70,7 +70,8 @@ def inject_lesions(
         host label.
 
     Raises:
-        ValueError: a mask or the host label does not have the host's shape, or a bad intensity or contrast.
+        ValueError: a mask or the host label does not have the host's shape, or a bad intensity
+            or contrast.
     """
     host = np.asarray(host_flair, dtype=np.float32)
     if np.asarray(host_affine).shape != (4, 4):
