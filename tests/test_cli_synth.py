@@ -146,3 +146,7 @@ def test_synth_errors_exit_1_with_message(tmp_path):
     result = _run("--out", tmp_path, "--cases", 1, "--lesion-contrast", 1.2, 1.6)
     assert result.exit_code == 1 and "lesion_contrast needs a host FLAIR" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    host = tmp_path / "host.nii.gz"
+    host.write_bytes(b"")  # the range is checked before the host is read
+    result = _run("--out", tmp_path, "--cases", 1, "--host", host, "--lesion-masks", tmp_path, "--lesion-contrast", 1.6, 1.2)
+    assert result.exit_code == 1 and "lesion_contrast must be 0 < low <= high, got (1.6, 1.2)" in result.output

@@ -48,8 +48,8 @@ def test_auto_intensity_from_white_matter(host):
 
 
 def test_contrast_sets_the_range_of_the_drawn_level(host):
-    """The level is drawn in ``contrast`` times white matter, with one draw whatever the range:
-    the same generator state gives the same texture, so two ranges' lesions differ by the level only."""
+    """The lesion level is ``contrast`` times white matter; the default range is LESION_CONTRAST,
+    drawn exactly as the same range given explicitly; a range outside 0 < low <= high is refused."""
     p, masks = host
     wm, _ = white_matter_level(p.flair)
     core = np.zeros(p.flair.shape, bool)

@@ -283,7 +283,7 @@ class PlanarResUNet(nn.Module):
 
         Why: with the bias at its default (near 0) a new network calls half of every patch lesion;
         a loss with a cross-entropy term then drives all outputs to background within a few
-        epochs, and the runs of issue 9 predicted nothing for 8-25 epochs before they learnt
+        epochs, and the cpu config's runs of issue 9 predicted nothing for 8-22 epochs before they learnt
         (docs/training.md, "Issue 9, fourteenth session"). Only the bias changes: no random
         number is drawn, so the other weights are those of the same seed without it.
         """
