@@ -121,6 +121,14 @@ HOST_LESIONS_FILE = "host_lesions.nii.gz"
 host voxels it filled or labelled (0/1)."""
 
 
+def _factor_range(out_dir: Path, name: str, value) -> tuple[float, float]:
+    """``value`` as ``(low, high)`` floats with ``0 < low <= high``, else an InputError naming ``name``."""
+    low, high = (float(v) for v in value)
+    if not 0 < low <= high:
+        raise InputError(out_dir, f"{name} must be 0 < low <= high, got {value}")
+    return low, high
+
+
 def _treat_host_lesions(mode: str, host_data: np.ndarray, host_img: nib.Nifti1Image, brain: np.ndarray,
                         host_to_mni: np.ndarray, own_label: np.ndarray | None, seed: int):
     """``(host, added label or None, what was found, the voxels changed)`` for ``mode`` "fill" or "label"
@@ -247,18 +255,14 @@ def write_synthetic_dataset(
                                   f"prior tells lesions from cortex)")
 
     if grey_matter_contrast is not None:
-        low, high = (float(v) for v in grey_matter_contrast)
         if host is None or str(template) != "mni152":
             raise InputError(out_dir, "grey_matter_contrast needs a host FLAIR and template 'mni152' (its grey-matter prior)")
-        if not 0 < low <= high:
-            raise InputError(out_dir, f"grey_matter_contrast must be 0 < low <= high, got {grey_matter_contrast}")
+        low, high = _factor_range(out_dir, "grey_matter_contrast", grey_matter_contrast)
 
     if lesion_contrast is not None:
         if host is None:
             raise InputError(out_dir, "lesion_contrast needs a host FLAIR (phantoms draw their own lesions)")
-        if not 0 < float(lesion_contrast[0]) <= float(lesion_contrast[1]):
-            raise InputError(out_dir, f"lesion_contrast must be 0 < low <= high, got {lesion_contrast}")
-        lesion_contrast = (float(lesion_contrast[0]), float(lesion_contrast[1]))
+        lesion_contrast = _factor_range(out_dir, "lesion_contrast", lesion_contrast)
 
     images, labels = out_dir / "images", out_dir / "labels"
     make_folder(images)
