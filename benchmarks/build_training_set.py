@@ -216,13 +216,15 @@ def case_loads(manifest: Path) -> Dict[str, float]:
 
 def synth_host(out: Path, host: Path, masks: Path, cases: int, seed: int, args, dry_run: bool, max_masks: int = 4,
                host_lesions: str = "keep", grey_matter_contrast: Optional[Tuple[float, float]] = None,
-               lesion_contrast: Optional[Tuple[float, float]] = None) -> Path:
+               lesion_contrast: Optional[Tuple[float, float]] = None,
+               lesion_edge: Optional[Tuple[float, float]] = None) -> Path:
     run_cli(["synth", "--out", out, "--cases", cases, "--seed", seed, "--host", host, "--lesion-masks", masks,
              "--template", args.template, "--brain-extracted", args.brain_extracted]
             + (["--max-masks-per-case", max_masks] if max_masks != 4 else [])
             + (["--host-lesions", host_lesions] if host_lesions != "keep" else [])
             + (["--grey-matter-contrast", *grey_matter_contrast] if grey_matter_contrast else [])
-            + (["--lesion-contrast", *lesion_contrast] if lesion_contrast else []), dry_run)
+            + (["--lesion-contrast", *lesion_contrast] if lesion_contrast else [])
+            + (["--lesion-edge", *lesion_edge] if lesion_edge else []), dry_run)
     return out / "manifest.json"
 
 
@@ -241,7 +243,7 @@ def build(args) -> dict:
                          "pass --host-lesions keep with another template")
     record: dict = {"hosts": {}, "masks": mask_names, "template": args.template, "leave_out": args.leave_out,
                     "host_lesions": args.host_lesions, "grey_matter_contrast": args.grey_matter_contrast,
-                    "lesion_contrast": args.lesion_contrast,
+                    "lesion_contrast": args.lesion_contrast, "lesion_edge": args.lesion_edge,
                     "seed": args.seed, "cli": "pipelines.cli"}
     parts = []
     needs_light = args.light_cases_per_host > 0 or args.leave_out is not None
@@ -252,7 +254,7 @@ def build(args) -> dict:
         seed = args.seed + 101 * (index + 1)
         manifest = synth_host(out / "parts" / f"host_{name}", path, masks, args.cases_per_host, seed, args, args.dry_run,
                               host_lesions=args.host_lesions, grey_matter_contrast=args.grey_matter_contrast,
-                              lesion_contrast=args.lesion_contrast)
+                              lesion_contrast=args.lesion_contrast, lesion_edge=args.lesion_edge)
         if not args.dry_run:
             relabel_part(manifest, name, name)
         record["hosts"][name] = {"path": str(path), "cases": args.cases_per_host, "seed": seed}
@@ -262,7 +264,8 @@ def build(args) -> dict:
             # host then also scores its false positives on scans with few lesions
             light = synth_host(out / "parts" / f"host_{name}_light", path, light_masks, args.light_cases_per_host,
                                seed + 50, args, args.dry_run, max_masks=1, host_lesions=args.host_lesions,
-                               grey_matter_contrast=args.grey_matter_contrast, lesion_contrast=args.lesion_contrast)
+                               grey_matter_contrast=args.grey_matter_contrast, lesion_contrast=args.lesion_contrast,
+                               lesion_edge=args.lesion_edge)
             if not args.dry_run:
                 relabel_part(light, f"{name}_light", name)
             record["hosts"][name]["light"] = {"cases": args.light_cases_per_host, "seed": seed + 50, "masks": light_names}
@@ -305,14 +308,28 @@ def build(args) -> dict:
     return record
 
 
-def _contrast_range(text: str) -> Tuple[float, float]:
-    """``"LOW,HIGH"`` -> ``(low, high)`` with ``0 < low <= high``."""
+def _number_pair(text: str) -> Tuple[float, float]:
+    """``"LOW,HIGH"`` -> ``(low, high)`` floats, else an argparse error."""
     try:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two numbers), got {text!r}") from None
+    return low, high
+
+
+def _contrast_range(text: str) -> Tuple[float, float]:
+    """``"LOW,HIGH"`` -> ``(low, high)`` with ``0 < low <= high``."""
+    low, high = _number_pair(text)
     if not 0 < low <= high:
         raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def _share_range(text: str) -> Tuple[float, float]:
+    """``"LOW,HIGH"`` -> ``(low, high)`` with ``0 <= low <= high <= 1``."""
+    low, high = _number_pair(text)
+    if not 0 <= low <= high <= 1:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LOW <= HIGH <= 1, got {text!r}")
     return low, high
 
 
@@ -341,6 +358,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--lesion-contrast", default=None, type=_contrast_range, metavar="LOW,HIGH",
                         help="training hosts' injected lesions at a level drawn in [LOW, HIGH] times white matter "
                              "(planar3d synth --lesion-contrast; default 1.3,1.8); test cases keep the default")
+    parser.add_argument("--lesion-edge", default=None, type=_share_range, metavar="LOW,HIGH",
+                        help="training hosts' injected lesions graded, their edges at a share of the lesion's contrast "
+                             "drawn in [LOW, HIGH] (planar3d synth --lesion-edge; default flat); test cases stay flat")
     parser.add_argument("--leave-out", default=None, help="host left out of training; its test set is written")
     parser.add_argument("--test-cases", type=int, default=3, help="light and heavy test cases each (with --leave-out)")
     parser.add_argument("--test-pool", type=int, default=24, help="injected cases drawn to choose each kind of test case from")

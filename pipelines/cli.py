@@ -235,6 +235,8 @@ def synth(
         None, "--grey-matter-contrast", help="With --host and --template mni152: LOW HIGH; each case's grey matter is scaled by a factor drawn in [LOW, HIGH] (other scanners' grey/white contrast); the factors go to grey_matter_contrast.json."),
     lesion_contrast: Optional[Tuple[float, float]] = typer.Option(
         None, "--lesion-contrast", help="With --host: LOW HIGH; each case's injected lesions get a level drawn in [LOW, HIGH] times the host's white-matter level (default 1.3 1.8)."),
+    lesion_edge: Optional[Tuple[float, float]] = typer.Option(
+        None, "--lesion-edge", help="With --host: LOW HIGH in [0, 1]; graded lesions: each case's lesion edges get a share of the lesion's contrast drawn in [LOW, HIGH], rising to the full level 2 mm inside (default: flat lesions)."),
 ) -> None:
     """Write synthetic FLAIR cases with lesion labels and a manifest; print the manifest path."""
     from planar3d.data.synth import write_synthetic_dataset
@@ -245,7 +247,7 @@ def synth(
         orientations=tuple(o.strip() for o in orientation.split(",") if o.strip()),
         host=host, host_label=host_label, lesion_masks_dir=lesion_masks, brain_extracted=brain_extracted,
         template=template, max_masks_per_case=max_masks_per_case, host_lesions=host_lesions,
-        grey_matter_contrast=grey_matter_contrast, lesion_contrast=lesion_contrast,
+        grey_matter_contrast=grey_matter_contrast, lesion_contrast=lesion_contrast, lesion_edge=lesion_edge,
     )
     typer.echo(str(manifest))
 

@@ -115,7 +115,8 @@ def test_training_hosts_are_filled_and_the_left_out_host_is_not(tmp_path, capsys
     train, test = _dry_build(tmp_path, capsys, monkeypatch, "--light-cases-per-host", "0")
     assert train and all("--host-lesions fill" in line for line in train)
     assert test and not any("--host-lesions" in line for line in test)
-    assert not any("--grey-matter-contrast" in line or "--lesion-contrast" in line for line in train + test)
+    assert not any("--grey-matter-contrast" in line or "--lesion-contrast" in line or "--lesion-edge" in line
+                   for line in train + test)
 
 
 def test_lesion_contrast_varies_the_training_hosts_only(tmp_path, capsys, monkeypatch):
@@ -126,6 +127,17 @@ def test_lesion_contrast_varies_the_training_hosts_only(tmp_path, capsys, monkey
     for bad in ("1.8,1.15", "0,1.1", "1.1"):
         with pytest.raises(SystemExit):
             bts.parse_args(["--out", str(tmp_path / "x"), "--lesion-contrast", bad])
+
+
+def test_lesion_edge_grades_the_training_hosts_only(tmp_path, capsys, monkeypatch):
+    """Test cases keep flat lesions, so builds that differ in it share one yardstick."""
+    train, test = _dry_build(tmp_path, capsys, monkeypatch, "--lesion-edge", "0.3,0.7")
+    assert len(train) == 2 and all(line.endswith("--lesion-edge 0.3 0.7") for line in train)  # and its light part
+    assert test and not any("--lesion-edge" in line for line in test)
+    assert bts.parse_args(["--out", str(tmp_path), "--lesion-edge", "0,1"]).lesion_edge == (0.0, 1.0)
+    for bad in ("0.7,0.3", "-0.1,0.5", "0.5,1.2", "0.5", "a,b"):
+        with pytest.raises(SystemExit):
+            bts.parse_args(["--out", str(tmp_path / "x"), "--lesion-edge", bad])
 
 
 def test_grey_matter_contrast_varies_the_training_hosts_only(tmp_path, capsys, monkeypatch):

@@ -74,7 +74,8 @@ def test_synth_brain_extracted_fraction_leaves_other_cases_unchanged(tmp_path):
     assert _run("--out", tmp_path / "bad", "--cases", 1, "--brain-extracted", 1.5).exit_code != 0
 
 
-def test_synth_with_host_injects_mask_subsets(tmp_path):
+def _host_and_masks(tmp_path):
+    """A small phantom host (LAS) with its lesion label, and a folder of three 4x4x4 masks."""
     p = make_phantom_parts(np.random.default_rng(5), size="small", orientation="LAS", lesion_load=0.002)
     host, label = tmp_path / "host.nii.gz", tmp_path / "host_lesions.nii.gz"
     nib.save(nib.Nifti1Image(p.flair, p.affine), host)
@@ -85,6 +86,11 @@ def test_synth_with_host_injects_mask_subsets(tmp_path):
         m = np.zeros(p.flair.shape, np.uint8)
         m[tuple(slice(c - 2, c + 2) for c in center)] = 1
         nib.save(nib.Nifti1Image(m, p.affine), masks / f"p{n}_lesions.nii.gz")
+    return p, host, label, masks
+
+
+def test_synth_with_host_injects_mask_subsets(tmp_path):
+    p, host, label, masks = _host_and_masks(tmp_path)
     out = tmp_path / "out"
     result = _run("--out", out, "--cases", 3, "--seed", 1, "--host", host, "--host-label", label, "--lesion-masks", masks)
     assert result.exit_code == 0, result.output
@@ -103,6 +109,26 @@ def test_synth_with_host_injects_mask_subsets(tmp_path):
     for entry in manifest["cases"]:
         lab = np.asarray(nib.load(str(single / entry["label"])).dataobj)
         assert lab.sum() == 4 ** 3  # one 4x4x4 mask, no host label
+
+
+def test_lesion_edge_grades_the_injected_lesions_only(tmp_path):
+    """--lesion-edge changes no label and no voxel outside the lesions; inside, the graded cases
+    are dimmer than the flat ones of the same seed (whose cases are otherwise the same), and the
+    manifest records the range."""
+    p, host, _, masks = _host_and_masks(tmp_path)
+    common = ("--cases", 2, "--seed", 3, "--host", host, "--lesion-masks", masks)
+    assert _run("--out", tmp_path / "flat", *common).exit_code == 0
+    result = _run("--out", tmp_path / "graded", *common, "--lesion-edge", 0.3, 0.3)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "graded" / "manifest.json").read_text())
+    assert "lesion_edge=0.3-0.3" in manifest["description"]
+    for entry in manifest["cases"]:
+        flat_label, graded_label = (np.asarray(nib.load(str(tmp_path / d / entry["label"])).dataobj) for d in ("flat", "graded"))
+        np.testing.assert_array_equal(graded_label, flat_label)
+        flat, graded = (np.asarray(nib.load(str(tmp_path / d / entry["image"])).dataobj) for d in ("flat", "graded"))
+        inside = graded_label > 0
+        np.testing.assert_array_equal(graded[~inside], flat[~inside])
+        assert np.all(graded[inside] <= flat[inside]) and np.any(graded[inside] < flat[inside])
 
 
 def test_case_lesion_load_is_over_the_brain_mask_sidecar_else_the_non_zero_image(tmp_path):
@@ -150,3 +176,10 @@ def test_synth_errors_exit_1_with_message(tmp_path):
     host.write_bytes(b"")  # the range is checked before the host is read
     result = _run("--out", tmp_path, "--cases", 1, "--host", host, "--lesion-masks", tmp_path, "--lesion-contrast", 1.6, 1.2)
     assert result.exit_code == 1 and "lesion_contrast must be 0 < low <= high, got (1.6, 1.2)" in result.output
+    # --lesion-edge: needs a host, and 0 <= low <= high <= 1
+    result = _run("--out", tmp_path, "--cases", 1, "--lesion-edge", 0.3, 0.6)
+    assert result.exit_code == 1 and "lesion_edge needs a host FLAIR" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    for bad in ((0.6, 0.3), (0.5, 1.5), (-0.1, 0.5)):
+        result = _run("--out", tmp_path, "--cases", 1, "--host", host, "--lesion-masks", tmp_path, "--lesion-edge", *bad)
+        assert result.exit_code == 1 and f"lesion_edge must be 0 <= low <= high <= 1, got {bad}" in result.output

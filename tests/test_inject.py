@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from planar3d.data.inject import LESION_CONTRAST, head_mask, inject_lesions, lesion_masks_from_folder, white_matter_level
+from planar3d.data.inject import EDGE_RAMP_MM, LESION_CONTRAST, head_mask, inject_lesions, lesion_masks_from_folder, white_matter_level
 from planar3d.data.phantom import make_phantom_parts
 from planar3d.errors import InputError
 
@@ -66,6 +66,32 @@ def test_contrast_sets_the_range_of_the_drawn_level(host):
     for bad in [(1.8, 1.3), (0.0, 1.5), (-1.0, 1.0)]:
         with pytest.raises(ValueError, match="0 < low <= high"):
             inject_lesions(p.flair, p.affine, masks, np.random.default_rng(0), contrast=bad)
+
+
+def test_edge_contrast_grades_the_lesion_from_its_edge(host):
+    """A graded lesion: its label and the voxels outside it do not change; its outermost voxels
+    get the edge's share of the flat lesion's contrast, the share rises with depth, and full
+    contrast at the edge (1.0) is exactly the flat lesion; out-of-range shares are refused."""
+    p, masks = host
+    flat, flat_label = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(7))
+    graded, label = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(7), edge_contrast=0.25)
+    np.testing.assert_array_equal(label, flat_label)
+    np.testing.assert_array_equal(graded[label == 0], p.flair[label == 0])
+    full, _ = inject_lesions(p.flair, p.affine, masks, np.random.default_rng(7), edge_contrast=1.0)
+    np.testing.assert_array_equal(full, flat)
+    # the first mask is a 4-voxel cube at spacing p.affine: its corner voxel is on the edge
+    spacing = np.sqrt((p.affine[:3, :3] ** 2).sum(axis=0))
+    assert spacing.min() + EDGE_RAMP_MM > 1.0  # the cube's inner voxels lie on the ramp
+    corner, inner = (28, 26, 24), (29, 27, 25)
+    flat_excess = flat[corner] - p.flair[corner]
+    assert flat_excess > 0
+    assert graded[corner] - p.flair[corner] == pytest.approx(0.25 * flat_excess, rel=1e-5)
+    ratio_corner = (graded[corner] - p.flair[corner]) / flat_excess
+    ratio_inner = (graded[inner] - p.flair[inner]) / (flat[inner] - p.flair[inner])
+    assert 0.25 < ratio_inner <= 1.0 and ratio_inner > ratio_corner
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"edge_contrast must be in \[0, 1\]"):
+            inject_lesions(p.flair, p.affine, masks, np.random.default_rng(0), edge_contrast=bad)
 
 
 def test_deterministic_per_seed(host):

@@ -25,6 +25,10 @@ from planar3d.preprocess import otsu_threshold, white_matter_level
 LESION_CONTRAST = (1.3, 1.8)
 """Default range of an injected lesion's level, as a factor of the host's white-matter level."""
 
+EDGE_RAMP_MM = 2.0
+"""With ``edge_contrast``: depth (mm beyond the outermost voxels) over which a lesion's contrast
+rises from its edge's share to the full level."""
+
 
 def head_mask(flair: np.ndarray) -> np.ndarray:
     """Foreground (head or brain) of a FLAIR: above half the Otsu threshold, holes filled."""
@@ -44,6 +48,7 @@ def inject_lesions(
     host_label: np.ndarray | None = None,
     intensity: str | float = "auto",
     contrast: tuple[float, float] = LESION_CONTRAST,
+    edge_contrast: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paint lesion masks (already on the host grid) into a host FLAIR.
 
@@ -64,6 +69,11 @@ def inject_lesions(
         intensity: ``"auto"`` or a factor of the white-matter level.
         contrast: ``(low, high)``, ``0 < low <= high``: the range of the factor ``"auto"`` draws
             (one draw whatever the range, so the other draws of ``rng`` do not change).
+        edge_contrast: None (the default: full contrast up to a soft one-voxel edge), or the
+            share in ``[0, 1]`` of the lesion's contrast that its outermost voxels get, rising
+            linearly to the full level over :data:`EDGE_RAMP_MM` of depth: a graded lesion, whose
+            labelled rim is dimmer than its core as in expert masks of real lesions. No random
+            number is drawn for it.
 
     Returns:
         ``(flair float32, label uint8)``; the label is the union of the placed masks and the
@@ -71,7 +81,7 @@ def inject_lesions(
 
     Raises:
         ValueError: a mask or the host label does not have the host's shape, or a bad intensity
-            or contrast.
+            or contrast, or an edge_contrast outside [0, 1].
     """
     host = np.asarray(host_flair, dtype=np.float32)
     if np.asarray(host_affine).shape != (4, 4):
@@ -86,6 +96,8 @@ def inject_lesions(
     low, high = (float(v) for v in contrast)
     if not 0 < low <= high:
         raise ValueError(f"contrast must be (low, high) with 0 < low <= high, got {contrast!r}")
+    if edge_contrast is not None and not 0.0 <= float(edge_contrast) <= 1.0:
+        raise ValueError(f"edge_contrast must be in [0, 1], got {edge_contrast!r}")
 
     foreground = head_mask(host)
     injected = np.zeros(host.shape, bool)
@@ -122,6 +134,11 @@ def inject_lesions(
     texture *= np.float32(texture_cv / max(float(texture.std()), 1e-6))
     target = np.float32(level) * (1 + texture)
     ratio = np.maximum(target / np.maximum(local, np.float32(1e-3 * max(level, 1e-6))), 1.0)
+    if edge_contrast is not None:
+        spacing = np.sqrt((np.asarray(host_affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+        depth = ndimage.distance_transform_edt(region, sampling=spacing)  # mm to the nearest voxel outside
+        ramp = np.clip((depth - spacing.min()) / EDGE_RAMP_MM, 0.0, 1.0)
+        soft = soft * (np.float32(edge_contrast) + np.float32(1.0 - edge_contrast) * ramp.astype(np.float32))
     factor = 1 + soft * (ratio - 1)
     # Negative host values (interpolation undershoot in processed scans) are left as they are.
     out[box] = np.where(region & (host[box] > 0), host[box] * factor, host[box])

@@ -166,6 +166,7 @@ def write_synthetic_dataset(
     host_lesions: str = "keep",
     grey_matter_contrast: tuple[float, float] | None = None,
     lesion_contrast: tuple[float, float] | None = None,
+    lesion_edge: tuple[float, float] | None = None,
 ) -> Path:
     """Generate ``cases`` cases into ``out_dir`` and return the path of its ``manifest.json``.
 
@@ -215,6 +216,11 @@ def write_synthetic_dataset(
             lesion level is drawn, as a factor of the host's white-matter level (None: 1.3-1.8,
             :data:`planar3d.data.inject.LESION_CONTRAST`); other scanners' lesion contrast. The
             other draws of a case do not change with it.
+        lesion_edge: with ``host``: ``(low, high)`` in ``[0, 1]``; each case's injected lesions are
+            graded, their outermost voxels at a share of the lesion's contrast drawn uniformly in
+            that range (``default_rng([seed, i, 3])``), rising to the full level inside
+            (:func:`planar3d.data.inject.inject_lesions` ``edge_contrast``). None: the flat lesions
+            of before. The other draws of a case do not change with it.
 
     Raises:
         InputError: bad arguments (named after ``out_dir``) or unreadable host/mask files.
@@ -263,6 +269,12 @@ def write_synthetic_dataset(
         if host is None:
             raise InputError(out_dir, "lesion_contrast needs a host FLAIR (phantoms draw their own lesions)")
         lesion_contrast = _factor_range(out_dir, "lesion_contrast", lesion_contrast)
+    if lesion_edge is not None:
+        if host is None:
+            raise InputError(out_dir, "lesion_edge needs a host FLAIR (phantoms draw their own lesions)")
+        edge_low, edge_high = (float(v) for v in lesion_edge)
+        if not 0.0 <= edge_low <= edge_high <= 1.0:
+            raise InputError(out_dir, f"lesion_edge must be 0 <= low <= high <= 1, got {lesion_edge}")
 
     images, labels = out_dir / "images", out_dir / "labels"
     make_folder(images)
@@ -333,6 +345,7 @@ def write_synthetic_dataset(
             + (f" host_lesions={host_lesions} ({found.count} lesions, {found.volume_mm3 / 1000:.2f} ml)" if found is not None else "")
             + (f" grey_matter_contrast={low:g}-{high:g}" if grey_matter_contrast is not None else "")
             + (f" lesion_contrast={lesion_contrast[0]:g}-{lesion_contrast[1]:g}" if lesion_contrast is not None else "")
+            + (f" lesion_edge={edge_low:g}-{edge_high:g}" if lesion_edge is not None else "")
         )
         if grey_matter_contrast is not None:
             from planar3d.preprocess import white_matter_level
@@ -376,8 +389,9 @@ def write_synthetic_dataset(
                 factor = float(np.random.default_rng([seed, i, 2]).uniform(low, high))
                 contrast_factors[case_id] = round(factor, 6)
                 case_host = scale_grey_matter(host_data, grey_fraction, factor, host_white_matter)
+            edge = None if lesion_edge is None else float(np.random.default_rng([seed, i, 3]).uniform(edge_low, edge_high))
             flair, label = inject_lesions(case_host, host_img.affine, [masks[c] for c in chosen], rng, host_label=own,
-                                          contrast=lesion_contrast or LESION_CONTRAST)
+                                          contrast=lesion_contrast or LESION_CONTRAST, edge_contrast=edge)
             if added_label is not None:
                 label = label | added_label.astype(np.uint8)
             if stripped:
