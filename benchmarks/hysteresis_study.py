@@ -14,12 +14,16 @@ not. For each trained run this study:
 3. scores the test cases with each choice: per manifest, mean Dice and lesion F1, lesion PPV of
    its light cases (< 0.2 % load) and lesion F1 of its heavy ones (>= 1 %).
 
+``--criteria lesion_f1,dice_and_f1`` adds a hysteresis row for each further criterion of
+:data:`planar3d.thresholds.CRITERIA` (``validation.criterion``): the same checkpoint, its
+post-processing chosen by that criterion instead (its best epoch was chosen by the run's own).
+
 Validation can always fall back to no core threshold, so any change on the test cases is what
 the choice transfers to new scans. Measured effect: docs/training.md, "Issue 9, sixth session".
 
 Usage:
     python benchmarks/hysteresis_study.py --run RUN [--run RUN2 ...] --manifest TEST.json [--manifest ...]
-        [--cache DIR] [--cores 0.5,0.6,0.7,0.8,0.9,0.95]
+        [--cache DIR] [--cores 0.5,0.6,0.7,0.8,0.9,0.95] [--criteria lesion_f1,dice_and_f1]
 """
 
 from __future__ import annotations
@@ -91,12 +95,12 @@ def score(mask: np.ndarray, case: dict) -> dict:
             "lesion_ppv": float(lesions["lesion_ppv"]), "n_pred": float(lesions["n_pred"]), "load": case["load"]}
 
 
-def choose(validation: Sequence[dict], thresholds, sizes, cores) -> tuple:
-    """``(t, m, h, mean lesion F1)`` as training chooses them (:func:`planar3d.thresholds.choose_threshold`)."""
+def choose(validation: Sequence[dict], thresholds, sizes, cores, criterion: str = "lesion_f1") -> tuple:
+    """``(t, m, h, criterion's score)`` as training chooses them (:func:`planar3d.thresholds.choose_threshold`)."""
     from planar3d.thresholds import choose_threshold
 
     choice = choose_threshold([c["prob"] for c in validation], [c["label"] for c in validation],
-                              [c["spacing"] for c in validation], thresholds, "lesion_f1",
+                              [c["spacing"] for c in validation], thresholds, criterion,
                               min_lesion_sizes=sizes, core_thresholds=cores)
     return choice.threshold, choice.min_lesion_size, choice.core_threshold, choice.score
 
@@ -111,19 +115,28 @@ def main() -> None:
     parser.add_argument("--cores", default="0.5,0.6,0.7,0.8,0.9,0.95", help="core thresholds to choose from")
     parser.add_argument("--thresholds", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
     parser.add_argument("--sizes", default="3,6,10,15,20,30", help="minimum lesion sizes, mm³")
+    parser.add_argument("--criteria", default="lesion_f1",
+                        help="validation criteria (planar3d.thresholds.CRITERIA); each after the first adds a hysteresis row")
     args = parser.parse_args()
+    from planar3d.thresholds import CRITERIA
+
+    criteria = [c for c in args.criteria.split(",") if c]
+    if not criteria or any(c not in CRITERIA for c in criteria):
+        parser.error(f"--criteria: a comma-separated subset of {', '.join(CRITERIA)}, got {args.criteria!r}")
     thresholds = [float(v) for v in args.thresholds.split(",")]
     sizes = [float(v) for v in args.sizes.split(",")]
     cores = [float(v) for v in args.cores.split(",") if v]
+    rules = [("base", criteria[0], []), ("hysteresis", criteria[0], cores)]
+    rules += [(f"hysteresis, {c}", c, cores) for c in criteria[1:]]
     with tempfile.TemporaryDirectory(prefix="hysteresis_") as tmp:
         cache = args.cache or Path(tmp)
-        print("| run | rule | t | min mm³ | core | validation F1 | " + " | ".join(
+        print("| run | rule | t | min mm³ | core | validation score | " + " | ".join(
             f"{m.stem}: Dice / F1 / light PPV / heavy F1 / lesions" for m in args.manifest) + " |")
         print("|---|---|---|---|---|---|" + "---|" * len(args.manifest))
         for run in args.run:
             cases = cache_probabilities(run, args.manifest, cache)
-            for rule, allowed in (("base", []), ("hysteresis", cores)):
-                t, m, h, validation_f1 = choose(cases["validation"], thresholds, sizes, allowed)
+            for rule, criterion, allowed in rules:
+                t, m, h, validation_score = choose(cases["validation"], thresholds, sizes, allowed, criterion)
                 cells = []
                 for manifest in args.manifest:
                     rows = [score(mask(c, t, m, h), c) for c in cases[str(manifest)]]
@@ -132,7 +145,7 @@ def main() -> None:
                     cells.append(f"{np.mean([r['dice'] for r in rows]):.3f} / {np.mean([r['lesion_f1'] for r in rows]):.3f} / "
                                  f"{np.nanmean(light) if light else float('nan'):.3f} / {np.mean(heavy) if heavy else float('nan'):.3f} / "
                                  f"{sum(r['n_pred'] for r in rows):.0f}")
-                print(f"| {run.name} | {rule} | {t:g} | {m:g} | {'-' if h is None else f'{h:g}'} | {validation_f1:.3f} | "
+                print(f"| {run.name} | {rule} | {t:g} | {m:g} | {'-' if h is None else f'{h:g}'} | {validation_score:.3f} | "
                       + " | ".join(cells) + " |", flush=True)
 
 
