@@ -71,9 +71,9 @@ def inject_lesions(
             (one draw whatever the range, so the other draws of ``rng`` do not change).
         edge_contrast: None (the default: full contrast up to a soft one-voxel edge), or the
             share in ``[0, 1]`` of the lesion's contrast that its outermost voxels get, rising
-            linearly to the full level over :data:`EDGE_RAMP_MM` of depth: a graded lesion, whose
-            labelled rim is dimmer than its core as in expert masks of real lesions. No random
-            number is drawn for it.
+            linearly to the full level over :data:`EDGE_RAMP_MM` of depth (in mm, so on thick
+            slices the in-plane rim is graded): a graded lesion, its labelled rim dimmer than its
+            core, with the same label. No random number is drawn for it.
 
     Returns:
         ``(flair float32, label uint8)``; the label is the union of the placed masks and the
