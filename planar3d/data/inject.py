@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from planar3d.errors import InputError
-from planar3d.io import read_volume
+from planar3d.io import read_volume, voxel_size
 from planar3d.preprocess import otsu_threshold, white_matter_level
 
 LESION_CONTRAST = (1.3, 1.8)
@@ -135,7 +135,7 @@ def inject_lesions(
     target = np.float32(level) * (1 + texture)
     ratio = np.maximum(target / np.maximum(local, np.float32(1e-3 * max(level, 1e-6))), 1.0)
     if edge_contrast is not None:
-        spacing = np.sqrt((np.asarray(host_affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+        spacing = np.asarray(voxel_size(host_affine))
         depth = ndimage.distance_transform_edt(region, sampling=spacing)  # mm to the nearest voxel outside
         ramp = np.clip((depth - spacing.min()) / EDGE_RAMP_MM, 0.0, 1.0)
         soft = soft * (np.float32(edge_contrast) + np.float32(1.0 - edge_contrast) * ramp.astype(np.float32))
