@@ -18,6 +18,7 @@ Usage:
     python benchmarks/score_cases.py --model RUN/best.pt --manifest M.json [--cases ID,ID] [--min-lesion-size MM3]
     python benchmarks/score_cases.py --model A/best.pt --model B/best.pt --manifest M.json   # an ensemble
     python benchmarks/score_cases.py --model RUN/best.pt --manifest M.json --brain-mask both  # with and without predict --brain-mask
+    python benchmarks/score_cases.py --model RUN/best.pt --manifest M.json --brain-mask both --grey-matter-max 0.5
 """
 
 from __future__ import annotations
@@ -52,10 +53,15 @@ def score_case(model, settings, case, brain_masks=(False,)) -> list:
     rows = []
     for with_brain in brain_masks:
         mask, _ = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size, settings.core_threshold,
-                              prepared.brain if with_brain else None)
+                              prepared.brain if with_brain else None,
+                              prepared.below_grey_matter_max if with_brain else None)
         lesions = lesion_metrics(mask, label, spacing)
         voxel_ppv = float(np.count_nonzero(mask & label)) / max(int(np.count_nonzero(mask)), 1)
-        rows.append({"case": case.id, "brain_mask": settings.brain_mask if with_brain else None, "load": load,
+        template_rules = None
+        if with_brain:
+            template_rules = settings.brain_mask + (f", grey matter <= {settings.grey_matter_max:g}"
+                                                    if settings.grey_matter_max is not None else "")
+        rows.append({"case": case.id, "brain_mask": template_rules, "load": load,
                      "dice": float(dice(mask, label)), "voxel_ppv": voxel_ppv,
                      **{k: float(lesions[k]) for k in ("lesion_f1", "lesion_ppv", "lesion_sensitivity", "n_ref", "n_pred")}})
     return rows
@@ -70,6 +76,8 @@ def main() -> None:
     parser.add_argument("--min-lesion-size", type=float, default=None, help="mm³ (default: the checkpoint's)")
     parser.add_argument("--brain-mask", choices=("none", "mni152", "both"), default="none",
                         help="score as predict --brain-mask does; both: each case without and with it (one model pass)")
+    parser.add_argument("--grey-matter-max", type=float, default=None,
+                        help="with --brain-mask mni152 or both: score as predict --grey-matter-max does (on the rows with the brain mask)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
 
@@ -77,7 +85,8 @@ def main() -> None:
     from pipelines.predict import load_models
 
     model, settings, _ = load_models(args.model, "cpu", min_lesion_size=args.min_lesion_size,
-                                     brain_mask=None if args.brain_mask == "none" else "mni152")
+                                     brain_mask=None if args.brain_mask == "none" else "mni152",
+                                     grey_matter_max=args.grey_matter_max)
     variants = {"none": (False,), "mni152": (True,), "both": (False, True)}[args.brain_mask]
     wanted = set(filter(None, args.cases.split(",")))
     cases = [c for c in load_manifest(args.manifest).cases if c.label is not None and (not wanted or c.id in wanted)]
@@ -98,7 +107,7 @@ def main() -> None:
                              ("heavy (>= 1 %)", [r for r in scored if r["load"] >= HEAVY_MIN])):
             if chosen:
                 means = {k: float(np.nanmean([r[k] for r in chosen])) for k in ("dice", "lesion_f1", "lesion_ppv")}
-                print(f"mean over {name} ({len(chosen)}){', brain mask' if with_brain else ''}: Dice {means['dice']:.3f}, "
+                print(f"mean over {name} ({len(chosen)}){', ' + chosen[0]['brain_mask'] if with_brain else ''}: Dice {means['dice']:.3f}, "
                       f"lesion F1 {means['lesion_f1']:.3f}, lesion PPV {means['lesion_ppv']:.3f}")
     if args.json:
         from planar3d.io import json_safe, write_json

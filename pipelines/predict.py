@@ -16,8 +16,9 @@ Each scan goes through the steps training used, recorded in the ``planar3d-model
    its threshold, or ``min_lesion_size``; the components are those of
    :func:`planar3d.metrics.lesion.label_lesions`, so evaluation counts exactly the lesions kept),
    and, with a core threshold (the checkpoint's, or ``core_threshold``), of those whose highest
-   probability is at most it, and with ``brain_mask`` of those mostly outside the brain
-   (:mod:`planar3d.brain_mask`, made while the scan is prepared);
+   probability is at most it, with ``brain_mask`` of those mostly outside the brain, and with
+   ``grey_matter_max`` of those mostly in grey matter (:mod:`planar3d.brain_mask`, made while the
+   scan is prepared);
 5. **write**: back to the scan's own voxel order and written with :func:`planar3d.io.write_like`:
    the mask has the input's shape, affine, qform/sform and codes, voxel for voxel (uint8, 0/1).
 
@@ -116,6 +117,7 @@ def predict_folder(
     precision: str = "auto",
     core_threshold: Optional[float] = None,
     brain_mask: Optional[str] = None,
+    grey_matter_max: Optional[float] = None,
 ) -> PredictionSummary:
     """Predict lesion masks for every scan of ``inputs`` (see the module docstring).
 
@@ -153,6 +155,10 @@ def predict_folder(
         compile_model: ``torch.compile`` the network (:func:`planar3d.inference.prepare_for_inference`).
         precision: ``auto`` (bf16 on CUDA, fp32 on the CPU), ``fp32`` or ``bf16``
             (:func:`planar3d.inference.resolve_precision`); recorded and compared on reuse.
+        brain_mask: ``"mni152"``: remove predicted lesions mostly outside the registered
+            template's brain (:mod:`planar3d.brain_mask`); None: no brain mask.
+        grey_matter_max: with ``brain_mask``: also remove those mostly where the template's
+            grey-matter probability exceeds it; recorded and compared on reuse.
 
     Returns:
         The :class:`PredictionSummary` of this worker (its part summary is in ``.planar3d/parts``;
@@ -183,7 +189,7 @@ def predict_folder(
         model_paths, device,
         threshold=threshold, roi_size=roi_size, overlap=overlap, tta=tta, min_lesion_size=min_lesion_size,
         sw_batch_size=sw_batch_size, layout=layout, compile_model=compile_model, precision=precision,
-        core_threshold=core_threshold, brain_mask=brain_mask)
+        core_threshold=core_threshold, brain_mask=brain_mask, grey_matter_max=grey_matter_max)
     settings = replace(settings, max_image_bytes=int(max_image_bytes))
     record["settings"]["host_memory"] = host_memory  # kept for the reader, not compared
     return predict_with_model(

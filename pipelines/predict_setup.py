@@ -57,6 +57,9 @@ class InferenceSettings:
         max_image_bytes: largest image accepted (see :func:`planar3d.io.load_image`).
         brain_mask: ``None``, or how each scan's brain mask is made (:data:`planar3d.brain_mask.BRAIN_MASK_SOURCES`):
             predicted lesions mostly outside it are removed.
+        grey_matter_max: ``None``, or (with ``brain_mask``) the grey-matter probability above
+            which a voxel counts as grey matter: predicted lesions mostly in grey matter are
+            removed (:mod:`planar3d.brain_mask`).
     """
 
     normalization: NormalizationConfig = NormalizationConfig()
@@ -73,6 +76,7 @@ class InferenceSettings:
     precision: str = "fp32"
     max_image_bytes: int = MAX_IMAGE_BYTES
     brain_mask: Optional[str] = None
+    grey_matter_max: Optional[float] = None
 
     @classmethod
     def from_checkpoint(
@@ -88,6 +92,7 @@ class InferenceSettings:
         precision: str = "auto",
         core_threshold: Optional[float] = None,
         brain_mask: Optional[str] = None,
+        grey_matter_max: Optional[float] = None,
     ) -> "InferenceSettings":
         """Settings of a :class:`planar3d.checkpoint.ModelCheckpoint`; arguments not None override it.
 
@@ -121,6 +126,14 @@ class InferenceSettings:
 
         if brain_mask is not None and brain_mask not in BRAIN_MASK_SOURCES:
             raise ConfigError(f"brain_mask must be one of {', '.join(BRAIN_MASK_SOURCES)} (or none), got {brain_mask!r}")
+        from planar3d.brain_mask import check_grey_matter_max
+
+        try:
+            grey_matter_max = check_grey_matter_max(grey_matter_max)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if grey_matter_max is not None and brain_mask is None:
+            raise ConfigError("grey_matter_max needs brain_mask mni152: the grey matter comes from the same registered template")
         from planar3d.inference import resolve_precision
 
         try:
@@ -141,6 +154,7 @@ class InferenceSettings:
             device=str(device),
             precision=precision,
             brain_mask=brain_mask,
+            grey_matter_max=grey_matter_max,
         )
 
 

@@ -37,12 +37,15 @@ STEPS = ("load", "preprocess", "brain_mask", "model", "postprocess", "write")
 
 def lesion_mask(probability: np.ndarray, threshold: float, spacing: Sequence[float],
                 min_lesion_size: float = MIN_LESION_SIZE_MM3,
-                core_threshold: Optional[float] = None, brain: Optional[np.ndarray] = None) -> Tuple[np.ndarray, int]:
+                core_threshold: Optional[float] = None, brain: Optional[np.ndarray] = None,
+                below_grey_matter_max: Optional[np.ndarray] = None) -> Tuple[np.ndarray, int]:
     """Step 4, the one post-processing rule: voxels above ``threshold``, without the 6-connected
     components of volume ≤ ``min_lesion_size`` mm³ (0: keep all), with ``core_threshold``
     without those whose highest probability is at most it (hysteresis), and with a ``brain``
     mask (same grid) without those of which less than
-    :data:`planar3d.brain_mask.MIN_INSIDE_FRACTION` lies in it; returns ``(mask, lesions kept)``.
+    :data:`planar3d.brain_mask.MIN_INSIDE_FRACTION` lies in it, and likewise with
+    ``below_grey_matter_max`` (:attr:`planar3d.brain_mask.TemplateMasks.below_grey_matter_max`):
+    without those lying mostly in grey matter; returns ``(mask, lesions kept)``.
 
     The components are those of :func:`planar3d.metrics.lesion.label_lesions` (the MSSEG rule),
     so evaluation counts exactly the lesions kept. Only voxel volume matters, so ``spacing`` may
@@ -51,10 +54,11 @@ def lesion_mask(probability: np.ndarray, threshold: float, spacing: Sequence[flo
     probability = np.asarray(probability)
     labels, lesions = label_lesions(probability > threshold, spacing, max(float(min_lesion_size), 0.0))
     labels, lesions = drop_unconfident_components(labels, lesions, probability, core_threshold)
-    if brain is not None:
-        from planar3d.brain_mask import MIN_INSIDE_FRACTION
+    from planar3d.brain_mask import MIN_INSIDE_FRACTION
 
-        labels, lesions = drop_components_outside(labels, lesions, brain, MIN_INSIDE_FRACTION)
+    for inside in (brain, below_grey_matter_max):
+        if inside is not None:
+            labels, lesions = drop_components_outside(labels, lesions, inside, MIN_INSIDE_FRACTION)
     return labels > 0, lesions
 
 
@@ -83,13 +87,15 @@ class PreparedScan:
     warnings: List[str] = field(default_factory=list)  # planar3d.qc_page.scan_warnings
     brain: Optional[np.ndarray] = None  # brain mask in RAS order (settings.brain_mask), else None
     brain_fit: Dict[str, Any] = field(default_factory=dict)  # the registration behind it (planar3d.brain_mask)
+    below_grey_matter_max: Optional[np.ndarray] = None  # RAS order, with settings.grey_matter_max, else None
     passes: Dict[str, Any] = field(default_factory=dict)  # how the model ran (planar3d.inference.predict_probabilities)
 
 
 def prepare_scan(scan: ScanInput, settings: InferenceSettings, keep_raw: bool = False) -> PreparedScan:
     """Steps 1-2 (:func:`planar3d.preprocess.load_preprocessed`): read with input checks,
-    reorient to RAS, normalise; with ``settings.brain_mask``, the brain mask
-    (:func:`planar3d.brain_mask.mni152_brain_mask`, registered on the raw RAS intensities).
+    reorient to RAS, normalise; with ``settings.brain_mask``, the brain mask, and with
+    ``settings.grey_matter_max`` the voxels below it (:func:`planar3d.brain_mask.mni152_masks`,
+    one fit on the raw RAS intensities).
 
     Raises:
         InputError: the file cannot be used (unreadable, truncated, not 3D, NaN, constant), or
@@ -101,15 +107,16 @@ def prepare_scan(scan: ScanInput, settings: InferenceSettings, keep_raw: bool = 
     if settings.brain_mask is not None:
         import nibabel as nib
 
-        from planar3d.brain_mask import mni152_brain_mask
+        from planar3d.brain_mask import mni152_masks
         from planar3d.errors import InputError
 
         start = time.perf_counter()
         try:
-            prepared.brain = mni152_brain_mask(nib.Nifti1Image(loaded.raw, loaded.reorientation.affine), loaded.raw,
-                                               fit=prepared.brain_fit)
+            masks = mni152_masks(nib.Nifti1Image(loaded.raw, loaded.reorientation.affine), loaded.raw,
+                                 fit=prepared.brain_fit, grey_matter_max=settings.grey_matter_max)
         except ValueError as error:
             raise InputError(scan.path, f"brain mask: {error}") from None
+        prepared.brain, prepared.below_grey_matter_max = masks.brain, masks.below_grey_matter_max
         prepared.timings["brain_mask"] = time.perf_counter() - start
         if not keep_raw:
             prepared.raw_ras = None
@@ -238,7 +245,7 @@ def finish_scan(
     record = record if record is not None else prediction_record([], asdict(settings))
     spacing = voxel_spacing(prepared.image)
     mask_ras, lesions = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size,
-                                    settings.core_threshold, prepared.brain)
+                                    settings.core_threshold, prepared.brain, prepared.below_grey_matter_max)
     mask = prepared.reorientation.inverse(mask_ras)
     probability_scan = prepared.reorientation.inverse(probability)
     brain = None if prepared.brain is None else prepared.reorientation.inverse(prepared.brain)

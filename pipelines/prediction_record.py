@@ -38,7 +38,7 @@ MASK_INTENT_NAME = "planar3d-mask"
 #: Settings that change the output, compared by :func:`reuse_problem`. The device and batch size are
 #: not: a device changes the mask only through its precision (bf16 or fp32), which is compared.
 COMPARED_SETTINGS = ("threshold", "min_lesion_size", "core_threshold", "tta", "roi_size", "overlap", "precision", "layout",
-                     "brain_mask")
+                     "brain_mask", "grey_matter_max")
 
 
 def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str, Any], layout: str = "suffix",
@@ -48,7 +48,8 @@ def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str
     Args:
         models: one ``{"path", "sha256", "threshold"}`` per model (several: an ensemble).
         settings: the inference settings (``threshold``, ``min_lesion_size``, ``core_threshold``,
-            ``flip_axes``, ``roi_size``, ``overlap``, ``precision``, ``brain_mask``; others are kept
+            ``flip_axes``, ``roi_size``, ``overlap``, ``precision``, ``brain_mask``,
+            ``grey_matter_max``; others are kept
             but not compared).
         layout: the output layout (:data:`planar3d.naming.LAYOUTS`).
         version: planar3d's version (default: this package's).
@@ -69,6 +70,7 @@ def prediction_record(models: Sequence[Mapping[str, Any]], settings: Mapping[str
             "precision": str(settings.get("precision", "fp32")),
             "layout": layout,
             "brain_mask": settings.get("brain_mask"),
+            "grey_matter_max": None if settings.get("grey_matter_max") is None else float(settings["grey_matter_max"]),
         },
     }
 

@@ -1,4 +1,5 @@
-"""A brain mask at prediction: the ICBM152 brain registered into the scan, and the rule that uses it.
+"""Template masks at prediction: the ICBM152 brain and grey matter registered into the scan, and
+the rules that use them.
 
 Raw clinical FLAIR holds the scalp, the eyes and the skull base, whose bright tissue and flow
 artefacts a network calls lesions. LST-AI skull-strips with HD-BET; planar3d has no stripping
@@ -7,8 +8,16 @@ scan through the 12-parameter fit of the T1 template that ``planar3d synth`` alr
 lesion placement and hard-negative priors (:mod:`planar3d.data.atlas`), and drops the predicted
 lesions that lie mostly outside it (:data:`MIN_INSIDE_FRACTION`).
 
-An affine fit does not follow one brain's folds, so the mask is only trusted for *where the
-brain is*, never to cut a lesion's voxels: a lesion is kept or dropped whole.
+The same fit maps the template's grey-matter probability (``predict --grey-matter-max G``): a
+predicted lesion is dropped when less than :data:`MIN_INSIDE_FRACTION` of its voxels have a
+grey-matter probability of at most G, i.e. when it lies mostly in cortex or deep grey matter.
+The models' confident false positives on 3D FLAIR sit there (bright cortex), while MS lesions
+visible on FLAIR are mostly in white matter: of patient26's lesion voxels 6 % have a grey-matter
+probability above 0.5. It also drops true cortical and some juxtacortical lesions, so it is a
+choice, not a default (measured effect: docs/prediction.md, "The grey-matter rule").
+
+An affine fit does not follow one brain's folds, so the masks are only trusted for *where the
+brain and the cortex are*, never to cut a lesion's voxels: a lesion is kept or dropped whole.
 
 Measured on cached probabilities of twelve width-0.125 runs (docs/training.md, "Issue 9, eighth
 session"): on the left-out host's light-load cases the lesion PPV rose from 0.080 to 0.104 and on
@@ -18,11 +27,13 @@ project's 2-core CPU.
 
 Example:
     >>> brain = mni152_brain_mask(image)                    # doctest: +SKIP
+    >>> masks = mni152_masks(image, grey_matter_max=0.5)    # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 import nibabel as nib
@@ -38,6 +49,33 @@ BRAIN_MASK_SOURCES = ("mni152",)
 #: optimistic; patient26 moved under none of the rules): the best Dice at an equal sensitivity.
 MIN_INSIDE_FRACTION = 0.5
 
+@dataclass(frozen=True)
+class TemplateMasks:
+    """The template's masks on a scan's grid (bool arrays of its shape).
+
+    Attributes:
+        brain: the ICBM152 brain mask, holes filled.
+        below_grey_matter_max: voxels whose template grey-matter probability is at most the
+            ``grey_matter_max`` asked for; None when none was.
+    """
+
+    brain: np.ndarray
+    below_grey_matter_max: Optional[np.ndarray] = None
+
+
+def check_grey_matter_max(value: Optional[float]) -> Optional[float]:
+    """``value`` as a float when it is a usable grey-matter probability limit, in (0, 1); None stays None.
+
+    Raises:
+        ValueError: outside (0, 1) or not a number.
+    """
+    if value is None:
+        return None
+    if not 0.0 < float(value) < 1.0:  # NaN fails too
+        raise ValueError(f"grey_matter_max must be a grey-matter probability in (0, 1), got {value}")
+    return float(value)
+
+
 #: Registration seeds tried in turn until a fit keeps the brain in the head.
 SEEDS = (0, 1, 2)
 
@@ -48,7 +86,14 @@ _REGISTRATION = threading.Lock()
 
 def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
                       seeds: Sequence[int] = SEEDS, fit: Optional[Dict[str, Any]] = None) -> np.ndarray:
-    """The ICBM152 brain mask on ``image``'s grid (bool), holes filled.
+    """The ICBM152 brain mask on ``image``'s grid (bool), holes filled: :func:`mni152_masks`' brain."""
+    return mni152_masks(image, data, seeds, fit).brain
+
+
+def mni152_masks(image: nib.Nifti1Image, data: Optional[np.ndarray] = None, seeds: Sequence[int] = SEEDS,
+                 fit: Optional[Dict[str, Any]] = None, grey_matter_max: Optional[float] = None) -> TemplateMasks:
+    """The ICBM152 brain mask on ``image``'s grid, and with ``grey_matter_max`` the voxels whose
+    grey-matter probability is at most it, both through one fit of the template.
 
     The template is registered with each of ``seeds`` in turn until the mapped brain lies in the
     head (at most :data:`planar3d.data.register.MAX_BRAIN_ON_AIR` of it on air,
@@ -60,6 +105,8 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
         seeds: seeds of the registration metric's sampling, tried in order.
         fit: a dict that, when given, receives the fit used: ``seed``, ``tries`` and
             ``share_on_air`` (for the prediction's record).
+        grey_matter_max: when given, also map the template's grey-matter probability
+            (trilinear, :func:`planar3d.data.atlas.prior_in_host`) and keep the voxels at most it.
 
     Raises:
         ValueError: no fit was usable: the registration failed or gave implausible scales, less
@@ -72,11 +119,12 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
     from planar3d.data.atlas import load_mni152, prior_in_host, register_mni152_to_host
     from planar3d.data.register import MAX_BRAIN_ON_AIR, MIN_BRAIN_COVERAGE, brain_coverage, share_on_air
 
+    grey_matter_max = check_grey_matter_max(grey_matter_max)
     data = np.asarray(image.dataobj, dtype=np.float32) if data is None else np.asarray(data, dtype=np.float32)
     template = load_mni152().brain_mask
     template_mm3 = float(np.count_nonzero(np.asarray(template.dataobj))) * abs(float(np.linalg.det(template.affine[:3, :3])))
     voxel_mm3 = abs(float(np.linalg.det(image.affine[:3, :3])))
-    best_on_air, best_brain, best_seed, reason = np.inf, None, None, "no seed given"
+    best_on_air, best_brain, best_seed, best_fit, reason = np.inf, None, None, None, "no seed given"
     for tries, seed in enumerate(seeds, start=1):
         with _REGISTRATION:
             try:
@@ -92,7 +140,7 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
             continue
         on_air = share_on_air(brain, data)
         if on_air < best_on_air:
-            best_on_air, best_brain, best_seed = on_air, brain, seed
+            best_on_air, best_brain, best_seed, best_fit = on_air, brain, seed, host_to_mni
         if on_air <= MAX_BRAIN_ON_AIR:
             break
     if best_brain is None:
@@ -102,4 +150,5 @@ def mni152_brain_mask(image: nib.Nifti1Image, data: Optional[np.ndarray] = None,
                          f"{MAX_BRAIN_ON_AIR:.0%} allowed) after {len(seeds)} tries: a misplaced fit")
     if fit is not None:
         fit.update(seed=int(best_seed), tries=tries, share_on_air=round(best_on_air, 4))
-    return ndimage.binary_fill_holes(best_brain)
+    below = None if grey_matter_max is None else prior_in_host(load_mni152().gm, image, best_fit) <= grey_matter_max
+    return TemplateMasks(ndimage.binary_fill_holes(best_brain), below)

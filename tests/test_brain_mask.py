@@ -1,5 +1,5 @@
-"""The brain mask at prediction (planar3d.brain_mask, predict --brain-mask): the component rule,
-the registered ICBM152 mask on a real head, the record and reuse, and failures."""
+"""The template masks at prediction (planar3d.brain_mask, predict --brain-mask, --grey-matter-max):
+the component rules, the registered ICBM152 masks on a real head, the record and reuse, and failures."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from planar3d.brain_mask import MIN_INSIDE_FRACTION, mni152_brain_mask
+from planar3d.brain_mask import MIN_INSIDE_FRACTION, TemplateMasks, mni152_brain_mask, mni152_masks
 from planar3d.checkpoint import ModelCheckpoint
 from planar3d.metrics.lesion import components, drop_components_outside
 from planar3d.networks import PlanarResUNetConfig
@@ -39,6 +39,22 @@ def test_components_mostly_outside_are_dropped_exactly():
     probability = mask.astype(np.float32)[..., None] * 0.9
     assert lesion_mask(probability, 0.5, (1, 1, 1), 0.0, brain=brain[..., None])[1] == 2
     assert lesion_mask(probability, 0.5, (1, 1, 1), 0.0)[1] == 3
+
+
+def test_components_mostly_in_grey_matter_are_dropped_and_the_two_rules_add_up():
+    mask = np.zeros((1, 30, 1), bool)
+    mask[0, 0:4] = mask[0, 6:10] = mask[0, 12:20] = True      # components of 4, 4 and 8 voxels
+    probability = mask.astype(np.float32) * 0.9
+    below = np.ones_like(mask)
+    below[0, 6:9] = False     # 3 of 4 voxels in grey matter: dropped
+    below[0, 12:16] = False   # 4 of 8: exactly half below the limit, kept
+    mask_kept, kept = lesion_mask(probability, 0.5, (1, 1, 1), 0.0, below_grey_matter_max=below)
+    assert kept == 2
+    np.testing.assert_array_equal(mask_kept[0, :, 0], mask[0, :, 0] & ~np.isin(np.arange(30), range(6, 10)))
+    brain = np.ones_like(mask)
+    brain[0, 0:4] = False     # the first lesion off the brain: the brain rule drops it, the grey-matter rule the second
+    mask_kept, kept = lesion_mask(probability, 0.5, (1, 1, 1), 0.0, brain=brain, below_grey_matter_max=below)
+    assert kept == 1 and mask_kept[0, :, 0].tolist() == [i in range(12, 20) for i in range(30)]
 
 
 @pytest.mark.slow
@@ -104,6 +120,14 @@ def test_a_fit_that_puts_the_brain_on_air_is_retried_with_the_next_seed(monkeypa
     np.testing.assert_array_equal(mni152_brain_mask(head, fit=fit), expected)
     assert tried == [0, 1] and SEEDS == (0, 1, 2) and MAX_BRAIN_ON_AIR == 0.05
     assert fit["seed"] == 1 and fit["tries"] == 2 and fit["share_on_air"] < 0.01
+    # the grey matter comes through the fit that was kept (seed 1's), not the first one tried
+    tried.clear()
+    masks = mni152_masks(head, grey_matter_max=0.5)
+    grey = atlas.prior_in_host(atlas.load_mni152().gm, head, good)
+    np.testing.assert_array_equal(masks.brain, expected)
+    np.testing.assert_array_equal(masks.below_grey_matter_max, grey <= 0.5)
+    assert tried == [0, 1] and 0.02 < 1 - masks.below_grey_matter_max[expected].mean() < 0.6  # some of the brain is grey
+    assert mni152_masks(head).below_grey_matter_max is None
     monkeypatch.setattr(atlas, "register_mni152_to_host", fits({0: moved, 1: moved, 2: RuntimeError("no points.")}))
     with pytest.raises(ValueError, match=r"lies at best 30% on air \(at most 5% allowed\) after 3 tries"):
         mni152_brain_mask(head)
@@ -116,7 +140,8 @@ def test_folder_records_the_brain_mask_and_a_rerun_without_it_redoes_the_scans(f
     import planar3d.brain_mask as brain_mask
 
     # registration is tested above on a real head; here every voxel is "brain", 2 mm³ each
-    monkeypatch.setattr(brain_mask, "mni152_brain_mask", lambda image, data=None, fit=None: np.ones(image.shape, bool))
+    monkeypatch.setattr(brain_mask, "mni152_masks",
+                        lambda image, data=None, fit=None, grey_matter_max=None: TemplateMasks(np.ones(image.shape, bool)))
     out = tmp_path / "out"
     first = predict_folder(folder, out, checkpoint, brain_mask="mni152", progress=False)
     assert len(first.done) == 5
@@ -136,6 +161,31 @@ def test_folder_records_the_brain_mask_and_a_rerun_without_it_redoes_the_scans(f
     without = predict_folder(folder, out, checkpoint, progress=False)
     assert len(without.done) == 5 and all("brain mask mni152, now None" in r.redone for r in without.done)
     assert json.loads((out / "z_mask.json").read_text())["settings"]["brain_mask"] is None
+
+
+def test_the_grey_matter_rule_is_applied_recorded_and_a_rerun_with_another_limit_redoes_the_scans(
+        folder, checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    import planar3d.brain_mask as brain_mask
+
+    asked = []
+
+    def masks(image, data=None, fit=None, grey_matter_max=None):
+        asked.append(grey_matter_max)  # all brain, and all grey matter: every lesion goes
+        return TemplateMasks(np.ones(image.shape, bool), None if grey_matter_max is None else np.zeros(image.shape, bool))
+
+    monkeypatch.setattr(brain_mask, "mni152_masks", masks)
+    out = tmp_path / "out"
+    brain_only = predict_folder(folder, out, checkpoint, brain_mask="mni152", progress=False)
+    assert sum(r.lesions for r in brain_only.done) > 0 and set(asked) == {None}
+    grey = predict_folder(folder, out, checkpoint, brain_mask="mni152", grey_matter_max=0.5, progress=False)
+    assert len(grey.done) == 5 and all("grey matter max None, now 0.5" in r.redone for r in grey.done)
+    assert [r.lesions for r in grey.done] == [0] * 5 and asked[-5:] == [0.5] * 5
+    record = json.loads((out / "z_mask.json").read_text())
+    assert record["settings"]["grey_matter_max"] == 0.5 and record["settings"]["brain_mask"] == "mni152"
+    assert [r.status for r in predict_folder(folder, out, checkpoint, brain_mask="mni152", grey_matter_max=0.5,
+                                             progress=False).results] == ["skipped"] * 5
+    other = predict_folder(folder, out, checkpoint, brain_mask="mni152", grey_matter_max=0.6, progress=False)
+    assert all("grey matter max 0.5, now 0.6" in r.redone for r in other.done)
 
 
 def test_a_scan_the_template_cannot_register_fails_alone_with_its_reason(tmp_path, checkpoint):  # noqa: F811
@@ -158,3 +208,19 @@ def test_bad_brain_mask_values(tmp_path, checkpoint):  # noqa: F811
     assert result.exit_code != 0 and "--brain-mask must be none or mni152, got 'hd-bet'" in result.output
     with pytest.raises(ConfigError, match="brain_mask must be one of mni152"):
         InferenceSettings.from_checkpoint(ModelCheckpoint({}, PlanarResUNetConfig()), brain_mask="hd-bet")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--grey-matter-max", "0.5"], "grey_matter_max needs brain_mask mni152: the grey matter comes from the same registered template"),
+    (["--brain-mask", "mni152", "--grey-matter-max", "1.5"], "grey_matter_max must be a grey-matter probability in (0, 1), got 1.5"),
+    (["--brain-mask", "mni152", "--grey-matter-max", "0"], "grey_matter_max must be a grey-matter probability in (0, 1), got 0.0"),
+    (["--brain-mask", "mni152", "--grey-matter-max", "nan"], "grey_matter_max must be a grey-matter probability in (0, 1), got nan"),
+])
+def test_bad_grey_matter_max_is_refused_in_one_line_before_any_scan(folder, checkpoint, tmp_path, arguments, message):  # noqa: F811
+    from pipelines.cli import app
+
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["predict", "-i", str(folder), "-o", str(out), "-m", str(checkpoint), *arguments])
+    assert result.exit_code == 1 and message in result.output
+    assert len([line for line in result.output.splitlines() if message in line]) == 1
+    assert not list(out.rglob("*_mask.nii.gz"))

@@ -87,7 +87,8 @@ def test_provenance_in_header_sidecar_and_summary(scans, runs, tmp_path):
     assert record["models"] == [{"path": str(runs[0] / "best.pt"), "sha256": sha, "threshold": 0.4}]
     assert record["planar3d_version"] == __version__
     assert {k: v for k, v in record["settings"].items() if k not in ("device", "host_memory")} == {"threshold": 0.4, "min_lesion_size": 3.0, "core_threshold": None, "tta": False, "roi_size": [-1, -1, -1],
-                                  "overlap": 0.25, "precision": "fp32", "layout": "suffix", "brain_mask": None}
+                                  "overlap": 0.25, "precision": "fp32", "layout": "suffix", "brain_mask": None,
+                                  "grey_matter_max": None}
     assert record["scan"]["name"] == "s1.nii.gz"
     summary = json.loads((out / "predictions.json").read_text())
     assert summary["provenance"]["models"][0]["sha256"] == sha
