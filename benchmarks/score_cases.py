@@ -31,40 +31,51 @@ import numpy as np
 from planar3d.data.synth import HEAVY_LOAD_MIN as HEAVY_MIN, LIGHT_LOAD_MAX as LIGHT_MAX, case_lesion_load
 
 
-def score_case(model, settings, case, brain_masks=(False,)) -> list:
-    """One case scored with ``model`` and ``settings`` from :func:`pipelines.predict.load_models`:
-    one row for each of ``brain_masks`` (without, with the brain-mask rule: ``settings.brain_mask``
-    made the mask), from one probability map."""
+def predicted_case(model, settings, case) -> dict:
+    """One labeled case through ``predict``'s steps up to the probability (one model pass):
+    ``probability``, ``label`` and ``spacing`` (RAS order), the ``prepared`` scan (its template
+    masks when ``settings.brain_mask``) and the lesion ``load``."""
     from pathlib import PurePosixPath
 
     from planar3d.io import read_volume
-    from planar3d.metrics.lesion import lesion_metrics
-    from planar3d.metrics.voxel import dice
-    from pipelines.predict import lesion_mask
     from pipelines.predict_setup import ScanInput
     from pipelines.predict_steps import Ensemble, prepare_scan, run_model
 
     keep_raw = isinstance(model, Ensemble) and model.needs_raw(settings)
     prepared = prepare_scan(ScanInput(Path(case.image), PurePosixPath(Path(case.image).name)), settings, keep_raw=keep_raw)
-    label = prepared.reorientation.forward(read_volume(case.label)[0]) > 0
-    spacing = prepared.reorientation.spacing
-    probability = run_model(model, prepared, settings)
-    load = case_lesion_load(case.image, case.label)
-    rows = []
-    for with_brain in brain_masks:
-        mask, _ = lesion_mask(probability, settings.threshold, spacing, settings.min_lesion_size, settings.core_threshold,
-                              prepared.brain if with_brain else None,
-                              prepared.below_grey_matter_max if with_brain else None)
-        lesions = lesion_metrics(mask, label, spacing)
-        voxel_ppv = float(np.count_nonzero(mask & label)) / max(int(np.count_nonzero(mask)), 1)
-        template_rules = None
-        if with_brain:
-            template_rules = settings.brain_mask + (f", grey matter <= {settings.grey_matter_max:g}"
-                                                    if settings.grey_matter_max is not None else "")
-        rows.append({"case": case.id, "brain_mask": template_rules, "load": load,
-                     "dice": float(dice(mask, label)), "voxel_ppv": voxel_ppv,
-                     **{k: float(lesions[k]) for k in ("lesion_f1", "lesion_ppv", "lesion_sensitivity", "n_ref", "n_pred")}})
-    return rows
+    return {"id": case.id, "prepared": prepared, "spacing": prepared.reorientation.spacing,
+            "label": prepared.reorientation.forward(read_volume(case.label)[0]) > 0,
+            "probability": run_model(model, prepared, settings), "load": case_lesion_load(case.image, case.label)}
+
+
+def case_row(predicted: dict, settings, threshold: float, with_brain: bool) -> dict:
+    """The scores of :func:`predicted_case`'s case masked as ``predict`` would at ``threshold``
+    (the settings' size and core rules; with ``with_brain``, its template rules too)."""
+    from planar3d.metrics.lesion import lesion_metrics
+    from planar3d.metrics.voxel import dice
+    from pipelines.predict import lesion_mask
+
+    prepared, label, spacing = predicted["prepared"], predicted["label"], predicted["spacing"]
+    mask, _ = lesion_mask(predicted["probability"], threshold, spacing, settings.min_lesion_size, settings.core_threshold,
+                          prepared.brain if with_brain else None,
+                          prepared.below_grey_matter_max if with_brain else None)
+    lesions = lesion_metrics(mask, label, spacing)
+    voxel_ppv = float(np.count_nonzero(mask & label)) / max(int(np.count_nonzero(mask)), 1)
+    template_rules = None
+    if with_brain:
+        template_rules = settings.brain_mask + (f", grey matter <= {settings.grey_matter_max:g}"
+                                                if settings.grey_matter_max is not None else "")
+    return {"case": predicted["id"], "brain_mask": template_rules, "load": predicted["load"], "threshold": float(threshold),
+            "dice": float(dice(mask, label)), "voxel_ppv": voxel_ppv,
+            **{k: float(lesions[k]) for k in ("lesion_f1", "lesion_ppv", "lesion_sensitivity", "n_ref", "n_pred")}}
+
+
+def score_case(model, settings, case, brain_masks=(False,)) -> list:
+    """One case scored with ``model`` and ``settings`` from :func:`pipelines.predict.load_models`:
+    one row for each of ``brain_masks`` (without, with the template rules: ``settings.brain_mask``
+    made the mask, ``settings.grey_matter_max`` the grey-matter limit), from one probability map."""
+    predicted = predicted_case(model, settings, case)
+    return [case_row(predicted, settings, settings.threshold, with_brain) for with_brain in brain_masks]
 
 
 def main() -> None:
@@ -74,6 +85,8 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--cases", default="", help="comma-separated case ids (default: every labeled case)")
     parser.add_argument("--min-lesion-size", type=float, default=None, help="mm³ (default: the checkpoint's)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="as predict --threshold (default: the checkpoint's; an ensemble: its members' mean)")
     parser.add_argument("--brain-mask", choices=("none", "mni152", "both"), default="none",
                         help="score as predict --brain-mask does; both: each case without and with it (one model pass)")
     parser.add_argument("--grey-matter-max", type=float, default=None,
@@ -84,7 +97,7 @@ def main() -> None:
     from planar3d.data.manifest import load_manifest
     from pipelines.predict import load_models
 
-    model, settings, _ = load_models(args.model, "cpu", min_lesion_size=args.min_lesion_size,
+    model, settings, _ = load_models(args.model, "cpu", threshold=args.threshold, min_lesion_size=args.min_lesion_size,
                                      brain_mask=None if args.brain_mask == "none" else "mni152",
                                      grey_matter_max=args.grey_matter_max)
     variants = {"none": (False,), "mni152": (True,), "both": (False, True)}[args.brain_mask]
