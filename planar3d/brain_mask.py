@@ -19,10 +19,10 @@ choice, not a default (measured effect: docs/prediction.md, "The grey-matter rul
 An affine fit does not follow one brain's folds, so the masks are only trusted for *where the
 brain and the cortex are*, never to cut a lesion's voxels: a lesion is kept or dropped whole.
 
-Measured on cached probabilities of twelve width-0.125 runs (docs/training.md, "Issue 9, eighth
-session"): on the left-out host's light-load cases the lesion PPV rose from 0.080 to 0.104 and on
-its heavy cases from 0.204 to 0.258 (Dice 0.301 to 0.357), with lesion sensitivity unchanged
-(0.144; 0.060); on the skull-stripped patient26 nothing changed. One fit takes 11-19 s on this
+The brain rule, measured on cached probabilities of twelve width-0.125 runs (docs/training.md,
+"Issue 9, eighth session"): on the left-out host's light-load cases the lesion PPV rose from
+0.080 to 0.104 and on its heavy cases from 0.204 to 0.258 (Dice 0.301 to 0.357), with lesion
+sensitivity unchanged (0.144; 0.060); on the skull-stripped patient26 nothing changed. One fit takes 11-19 s on this
 project's 2-core CPU.
 
 Example:
@@ -48,6 +48,7 @@ BRAIN_MASK_SOURCES = ("mni152",)
 #: cached probabilities of the left-out host's cases (test data, so its figures there are a little
 #: optimistic; patient26 moved under none of the rules): the best Dice at an equal sensitivity.
 MIN_INSIDE_FRACTION = 0.5
+
 
 @dataclass(frozen=True)
 class TemplateMasks:
