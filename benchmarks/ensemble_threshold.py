@@ -33,7 +33,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from score_cases import LIGHT_MAX, case_row, predicted_case  # noqa: E402
+from score_cases import LIGHT_MAX, case_row, check_template_options, predicted_case  # noqa: E402
 
 GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> float:
     grid = parse_grid(args.grid)
     if any(len(group) < 2 for group in args.group):
         parser.error("each --group needs a manifest and at least one model")
+    check_template_options(parser, args.brain_mask, args.grey_matter_max)
 
     from planar3d.data.manifest import load_manifest
     from pipelines.predict import load_models
@@ -119,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> float:
         print(f"group {manifest}: {len(models)} model(s), their threshold {settings.threshold:g}, {len(cases)} labeled case(s)", flush=True)
         for case in cases:
             predicted = predicted_case(model, settings, case)
-            rows += [case_row(predicted, settings, t, args.brain_mask != "none") for t in grid]
+            # case ids may repeat across manifests: each row names its group
+            rows += [{"group": manifest, **case_row(predicted, settings, t, args.brain_mask != "none")} for t in grid]
     table = threshold_means(rows, grid)
     print("| threshold | cases | Dice | lesion F1 | lesion PPV | light-case lesion PPV |")
     print("|---|---|---|---|---|---|")

@@ -7,7 +7,7 @@ window ``predict`` derives from the checkpoint: validation's whole-plane slabs b
 whole-volume pass; until 2026-11-26's fourth session this script used the slabs themselves, and
 with instance norm that moved patient26 Dice by 0.001-0.08 across the runs re-scored), and the
 one post-processing rule,
-:func:`pipelines.predict.lesion_mask` (the checkpoint's threshold; components of <=
+:func:`pipelines.predict.lesion_mask` (the checkpoint's threshold, or ``--threshold``; components of <=
 ``--min-lesion-size`` mm³ removed, default the checkpoint's). Then voxel Dice and the
 lesion-wise scores of :mod:`planar3d.metrics` (MSSEG 2016 detection rule). The lesion load is
 the lesion volume over the case's brain: its ``brain_masks/`` sidecar when ``planar3d synth``
@@ -78,6 +78,19 @@ def score_case(model, settings, case, brain_masks=(False,)) -> list:
     return [case_row(predicted, settings, settings.threshold, with_brain) for with_brain in brain_masks]
 
 
+def check_template_options(parser: argparse.ArgumentParser, brain_mask: str, grey_matter_max) -> None:
+    """``--grey-matter-max`` needs the brain mask's template fit and a value in (0, 1), as
+    ``predict`` requires: a usage error (exit 2) here instead of a traceback later."""
+    from planar3d.brain_mask import check_grey_matter_max
+
+    try:
+        check_grey_matter_max(grey_matter_max)
+    except ValueError as error:
+        parser.error(str(error))
+    if grey_matter_max is not None and brain_mask == "none":
+        parser.error("--grey-matter-max needs --brain-mask mni152: the grey matter comes from the same registered template")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, action="append",
@@ -93,6 +106,7 @@ def main() -> None:
                         help="with --brain-mask mni152 or both: score as predict --grey-matter-max does (on the rows with the brain mask)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
+    check_template_options(parser, args.brain_mask, args.grey_matter_max)
 
     from planar3d.data.manifest import load_manifest
     from pipelines.predict import load_models

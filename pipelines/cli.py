@@ -139,7 +139,7 @@ def predict(
     min_lesion_size: Optional[float] = typer.Option(None, "--min-lesion-size", help="Remove 6-connected components of at most this many mm³ (0: keep all; default: the checkpoint's, chosen on validation with its threshold, 3 for older checkpoints; an ensemble: the mean of its members')."),
     core_threshold: Optional[float] = typer.Option(None, "--core-threshold", help="Remove components whose highest probability is at most this (hysteresis; 0: none; default: the checkpoint's, chosen on validation with its threshold, none for older checkpoints; an ensemble: the mean of its members' when every member has one)."),
     brain_mask: str = typer.Option("none", "--brain-mask", help="none, or mni152: register nilearn's ICBM152 template into each scan (11-19 s a fit on a 2-core CPU, retried when misplaced) and remove predicted lesions that lie mostly outside its brain mask (scalp, eyes, skull base of raw scans); brain volume and lesion load then go into the report."),
-    grey_matter_max: Optional[float] = typer.Option(None, "--grey-matter-max", help="With --brain-mask mni152: also remove predicted lesions that lie mostly where the registered ICBM152 grey-matter probability exceeds this (0-1; 0.5: cortex and deep grey matter). Removes the confident false positives on bright cortex, and true cortical or juxtacortical lesions with them; measured in docs/prediction.md, 'The grey-matter rule'."),
+    grey_matter_max: Optional[float] = typer.Option(None, "--grey-matter-max", help="With --brain-mask mni152: also remove predicted lesions that lie mostly where the registered ICBM152 grey-matter probability exceeds this (in (0, 1); 0.5: cortex and deep grey matter). Removes the confident false positives on bright cortex, and true cortical or juxtacortical lesions with them; measured in docs/prediction.md, 'The grey-matter rule'."),
     tta: bool = typer.Option(False, "--tta", help="Average with flips of the two in-plane axes (3x the time)."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write <name>_prob.nii.gz (float32)."),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap (default: the checkpoint's)."),
@@ -172,6 +172,8 @@ def predict(
         fail(f"--part-id must be below --num-parts ({num_parts}), got {part_id}")
     if brain_mask not in ("none", "mni152"):
         fail(f"--brain-mask must be none or mni152, got {brain_mask!r}")
+    if grey_matter_max is not None and brain_mask == "none":
+        fail("--grey-matter-max needs --brain-mask mni152: the grey matter comes from the same registered template")
     roi: Optional[List[int]] = None
     if roi_size is not None:
         try:

@@ -117,7 +117,7 @@ def mni152_masks(image: nib.Nifti1Image, data: Optional[np.ndarray] = None, seed
     """
     from scipy import ndimage
 
-    from planar3d.data.atlas import load_mni152, prior_in_host, register_mni152_to_host
+    from planar3d.data.atlas import grey_matter_prior_in_host, load_mni152, prior_in_host, register_mni152_to_host
     from planar3d.data.register import MAX_BRAIN_ON_AIR, MIN_BRAIN_COVERAGE, brain_coverage, share_on_air
 
     grey_matter_max = check_grey_matter_max(grey_matter_max)
@@ -151,5 +151,5 @@ def mni152_masks(image: nib.Nifti1Image, data: Optional[np.ndarray] = None, seed
                          f"{MAX_BRAIN_ON_AIR:.0%} allowed) after {len(seeds)} tries: a misplaced fit")
     if fit is not None:
         fit.update(seed=int(best_seed), tries=tries, share_on_air=round(best_on_air, 4))
-    below = None if grey_matter_max is None else prior_in_host(load_mni152().gm, image, best_fit) <= grey_matter_max
+    below = None if grey_matter_max is None else grey_matter_prior_in_host(image, best_fit) <= grey_matter_max
     return TemplateMasks(ndimage.binary_fill_holes(best_brain), below)

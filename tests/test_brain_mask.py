@@ -211,7 +211,7 @@ def test_bad_brain_mask_values(tmp_path, checkpoint):  # noqa: F811
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--grey-matter-max", "0.5"], "grey_matter_max needs brain_mask mni152: the grey matter comes from the same registered template"),
+    (["--grey-matter-max", "0.5"], "--grey-matter-max needs --brain-mask mni152: the grey matter comes from the same registered template"),
     (["--brain-mask", "mni152", "--grey-matter-max", "1.5"], "grey_matter_max must be a grey-matter probability in (0, 1), got 1.5"),
     (["--brain-mask", "mni152", "--grey-matter-max", "0"], "grey_matter_max must be a grey-matter probability in (0, 1), got 0.0"),
     (["--brain-mask", "mni152", "--grey-matter-max", "nan"], "grey_matter_max must be a grey-matter probability in (0, 1), got nan"),
@@ -224,3 +224,38 @@ def test_bad_grey_matter_max_is_refused_in_one_line_before_any_scan(folder, chec
     assert result.exit_code == 1 and message in result.output
     assert len([line for line in result.output.splitlines() if message in line]) == 1
     assert not list(out.rglob("*_mask.nii.gz"))
+
+
+def test_settings_refuse_a_grey_matter_limit_without_the_brain_mask():
+    from planar3d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="grey_matter_max needs brain_mask mni152"):
+        InferenceSettings.from_checkpoint(ModelCheckpoint({}, PlanarResUNetConfig()), grey_matter_max=0.5)
+
+
+def test_the_grey_matter_mask_is_applied_in_ras_order_and_the_mask_written_in_the_scans(tmp_path, monkeypatch):
+    """The scan's first axis runs right to left (affine x flipped); grey matter is the RAS left half
+    (RAS x index < 8). A lesion at RAS x 2-3 is in it and goes; one at RAS x 12-13 stays, and is
+    written at the scan's own x 2-3."""
+    import planar3d.brain_mask as brain_mask
+
+    def masks(image, data=None, fit=None, grey_matter_max=None):
+        assert np.allclose(np.diag(image.affine)[:3], [1.0, 1.0, 2.0])  # the RAS image, not the scan's order
+        below = np.ones(image.shape, bool)
+        below[:8] = False
+        return TemplateMasks(np.ones(image.shape, bool), below)
+
+    monkeypatch.setattr(brain_mask, "mni152_masks", masks)
+    path = _scan(tmp_path / "scan.nii.gz")
+    settings = InferenceSettings(threshold=0.5, min_lesion_size=0.0, brain_mask="mni152", grey_matter_max=0.5)
+    prepared = prepare_scan(ScanInput(path, path.relative_to(tmp_path)), settings)
+    logits = np.full(prepared.volume.shape, -5.0, np.float32)
+    logits[2:4, 5:7, 3:5] = 5.0     # RAS left: grey matter
+    logits[12:14, 5:7, 3:5] = 5.0   # RAS right: kept
+    outputs = OutputPaths(tmp_path / "out" / "scan_mask.nii.gz")
+    stats = finish_scan(prepared, run_model(FixedLogits(logits), prepared, settings), outputs, settings)
+    assert stats["lesions"] == 1
+    written = np.asarray(nib.load(outputs.mask).dataobj)
+    expected = np.zeros(written.shape, np.uint8)
+    expected[2:4, 5:7, 3:5] = 1     # the scan's x = 15 - RAS x
+    np.testing.assert_array_equal(written, expected)

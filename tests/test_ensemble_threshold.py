@@ -37,6 +37,15 @@ def test_a_bad_grid_is_refused(grid):
         ensemble_threshold.parse_grid(grid)
 
 
+def test_template_options_are_checked_before_any_model_loads(capsys):
+    with pytest.raises(SystemExit):
+        ensemble_threshold.main(["--group", "m.json", "a.pt", "--grey-matter-max", "0.5"])
+    assert "--grey-matter-max needs --brain-mask mni152" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ensemble_threshold.main(["--group", "m.json", "a.pt", "--brain-mask", "mni152", "--grey-matter-max", "2"])
+    assert "grey_matter_max must be a grey-matter probability in (0, 1), got 2.0" in capsys.readouterr().err
+
+
 def test_grid_rows_equal_score_cases_rows_at_each_threshold(tmp_path):
     from planar3d.checkpoint import ModelCheckpoint
     from planar3d.data.manifest import load_manifest
@@ -51,15 +60,27 @@ def test_grid_rows_equal_score_cases_rows_at_each_threshold(tmp_path):
     checkpoint = tmp_path / "model.pt"
     ModelCheckpoint(PlanarResUNet(config).state_dict(), config, NormalizationConfig(), threshold=0.5,
                     roi_size=None, overlap=0.25).save(checkpoint)
+    torch.manual_seed(1)
+    second = tmp_path / "model2.pt"
+    ModelCheckpoint(PlanarResUNet(config).state_dict(), config, NormalizationConfig(), threshold=0.3,
+                    roi_size=None, overlap=0.25).save(second)
     rows_path = tmp_path / "rows.json"
-    chosen = ensemble_threshold.main(["--group", str(manifest), str(checkpoint), "--grid", "0.5,0.3", "--json", str(rows_path)])
+    # two groups on the same cases: one model, and an ensemble of two
+    chosen = ensemble_threshold.main(["--group", str(manifest), str(checkpoint), "--group", str(manifest), str(checkpoint),
+                                      str(second), "--grid", "0.5,0.3", "--json", str(rows_path)])
     rows = json.loads(rows_path.read_text())
     cases = load_manifest(manifest).cases
-    assert len(rows) == 2 * len(cases) and chosen in (0.3, 0.5)
-    assert [r["threshold"] for r in rows] == [0.3, 0.5] * len(cases)
-    model, settings, _ = load_models([checkpoint], "cpu")
-    for case in cases:
-        for threshold in (0.3, 0.5):
-            (expected,) = score_cases.score_case(model, replace(settings, threshold=threshold), case)
-            (got,) = [r for r in rows if r["case"] == case.id and r["threshold"] == threshold]
-            assert got == pytest.approx(json.loads(json.dumps(expected)), nan_ok=True)
+    half = 2 * len(cases)
+    assert len(rows) == 2 * half and {r["group"] for r in rows} == {str(manifest)}
+    assert [r["threshold"] for r in rows] == [0.3, 0.5] * 2 * len(cases)
+    assert chosen == ensemble_threshold.best_threshold(ensemble_threshold.threshold_means(rows, [0.3, 0.5]))
+    for members, group_rows in (([checkpoint], rows[:half]), ([checkpoint, second], rows[half:])):
+        model, settings, _ = load_models(members, "cpu")
+        for case in cases:
+            for threshold in (0.3, 0.5):
+                (expected,) = score_cases.score_case(model, replace(settings, threshold=threshold), case)
+                (got,) = [r for r in group_rows if r["case"] == case.id and r["threshold"] == threshold]
+                got.pop("group")
+                assert got == pytest.approx(json.loads(json.dumps(expected)), nan_ok=True)
+    # the ensemble's rows are its own (averaged probabilities), not the single model's
+    assert [r["dice"] for r in rows[:half]] != [r["dice"] for r in rows[half:]]
