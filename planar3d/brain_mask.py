@@ -22,8 +22,8 @@ brain and the cortex are*, never to cut a lesion's voxels: a lesion is kept or d
 The brain rule, measured on cached probabilities of twelve width-0.125 runs (docs/training.md,
 "Issue 9, eighth session"): on the left-out host's light-load cases the lesion PPV rose from
 0.080 to 0.104 and on its heavy cases from 0.204 to 0.258 (Dice 0.301 to 0.357), with lesion
-sensitivity unchanged (0.144; 0.060); on the skull-stripped patient26 nothing changed. One fit takes 11-19 s on this
-project's 2-core CPU.
+sensitivity unchanged (0.144; 0.060); on the skull-stripped patient26 nothing changed. One fit
+takes 11-19 s on this project's 2-core CPU.
 
 Example:
     >>> brain = mni152_brain_mask(image)                    # doctest: +SKIP
